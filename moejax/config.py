@@ -1,0 +1,372 @@
+"""Typed, frozen run configuration, validated on construction.
+
+Every dataclass checks its own fields in ``__post_init__``; ``Config`` checks the cross-field
+constraints (batch vs mesh, sequence length vs model, sharded dims vs mesh axes). An invalid value
+raises ``ConfigError`` naming the dotted field and the fix. Dotted overrides (``train.lr=3e-4``) go
+through ``tyro``, which type-checks values and re-runs the validation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import math
+import types
+import typing
+from typing import Any, Literal, Sequence
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names the field and the fix."""
+
+
+def _fail(field: str, value: Any, fix: str) -> None:
+    raise ConfigError(f"{field}={value!r} is invalid: {fix}")
+
+
+def _check_choice(field: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        _fail(field, value, f"choose one of {tuple(choices)}")
+
+
+def _check_positive(field: str, value: float) -> None:
+    if not value > 0:
+        _fail(field, value, "must be > 0")
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    """Grouped-query attention with optional QK-norm and (partial) RoPE."""
+
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 64
+    qk_norm: bool = True
+    rope_theta: float = 10_000.0
+    rope_fraction: float = 1.0  # share of head_dim that is rotated (partial RoPE < 1)
+    impl: Literal["xla", "cudnn"] = "xla"  # kernels.attention backend
+
+    def __post_init__(self):
+        _check_positive("model.attention.num_heads", self.num_heads)
+        _check_positive("model.attention.num_kv_heads", self.num_kv_heads)
+        _check_positive("model.attention.head_dim", self.head_dim)
+        if self.num_heads % self.num_kv_heads:
+            _fail("model.attention.num_kv_heads", self.num_kv_heads,
+                  f"must divide num_heads={self.num_heads} (grouped-query attention)")
+        if not 0.0 < self.rope_fraction <= 1.0:
+            _fail("model.attention.rope_fraction", self.rope_fraction, "must lie in (0, 1]")
+        if self.rotary_dim % 2:
+            _fail("model.attention.rope_fraction", self.rope_fraction,
+                  f"head_dim*rope_fraction={self.head_dim * self.rope_fraction:g} must be an even "
+                  "integer (RoPE rotates pairs of channels)")
+        _check_positive("model.attention.rope_theta", self.rope_theta)
+        _check_choice("model.attention.impl", self.impl, ("xla", "cudnn"))
+
+    @property
+    def rotary_dim(self) -> int:
+        rot = self.head_dim * self.rope_fraction
+        return int(rot) if float(rot).is_integer() else -1
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A Qwen3-style decoder: pre-norm blocks of GQA attention and a SwiGLU MLP."""
+
+    vocab_size: int = 512
+    d_model: int = 256
+    num_layers: int = 4
+    d_ff: int = 768
+    attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
+    norm: Literal["rms", "rms_zero_centered"] = "rms"
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    max_seq_len: int = 2048  # KV-cache capacity and RoPE range checked at decode time
+    init_std: float = 0.02
+    dtype: str = "bfloat16"  # compute dtype
+    param_dtype: str = "float32"
+    scan_layers: bool = False  # stack layers with nnx.vmap and apply with nnx.scan
+    remat: Literal["none", "full", "dots"] = "none"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "num_layers", "d_ff", "max_seq_len"):
+            _check_positive(f"model.{name}", getattr(self, name))
+        _check_positive("model.norm_eps", self.norm_eps)
+        _check_positive("model.init_std", self.init_std)
+        _check_choice("model.norm", self.norm, ("rms", "rms_zero_centered"))
+        _check_choice("model.dtype", self.dtype, DTYPES)
+        _check_choice("model.param_dtype", self.param_dtype, ("float32", "bfloat16"))
+        _check_choice("model.remat", self.remat, ("none", "full", "dots"))
+
+    @property
+    def head_dim(self) -> int:
+        return self.attention.head_dim
+
+    def num_params(self, *, include_embeddings: bool = True) -> int:
+        """Parameter count (used for MFU and reports)."""
+        a = self.attention
+        attn = self.d_model * a.head_dim * (a.num_heads * 2 + a.num_kv_heads * 2)
+        attn += 2 * a.head_dim if a.qk_norm else 0
+        mlp = 3 * self.d_model * self.d_ff
+        block = attn + mlp + 2 * self.d_model
+        emb = self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
+        return self.num_layers * block + self.d_model + (emb if include_embeddings else 0)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward = 3x forward), attention included."""
+        matmul_params = self.num_params(include_embeddings=False) + self.vocab_size * self.d_model
+        attn = 2 * self.num_layers * seq_len * self.attention.num_heads * self.head_dim  # QK^T + PV, causal/2
+        return 3.0 * (2.0 * matmul_params + attn)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes; at most one axis may be -1 (takes the remaining devices)."""
+
+    data: int = -1
+    fsdp: int = 1
+    expert: int = 1
+    tensor: int = 1
+    rules: Literal["default"] = "default"  # logical-axis rule table, see moejax.mesh.RULES
+
+    AXES = ("data", "fsdp", "expert", "tensor")
+
+    def __post_init__(self):
+        sizes = self.sizes
+        if sum(s == -1 for s in sizes) > 1:
+            _fail("mesh", dict(zip(self.AXES, sizes)), "at most one axis may be -1")
+        for axis, s in zip(self.AXES, sizes):
+            if s == 0 or s < -1:
+                _fail(f"mesh.{axis}", s, "must be a positive size or -1 (fill with remaining devices)")
+        _check_choice("mesh.rules", self.rules, ("default",))
+
+    @property
+    def sizes(self) -> tuple[int, int, int, int]:
+        return (self.data, self.fsdp, self.expert, self.tensor)
+
+    def resolve(self, num_devices: int) -> dict[str, int]:
+        """Axis sizes for ``num_devices`` devices; raises if the product does not match."""
+        known = math.prod(s for s in self.sizes if s != -1)
+        sizes = list(self.sizes)
+        if -1 in sizes:
+            if num_devices % known:
+                _fail("mesh", dict(zip(self.AXES, self.sizes)),
+                      f"the fixed axes multiply to {known}, which does not divide the "
+                      f"{num_devices} available devices")
+            sizes[sizes.index(-1)] = num_devices // known
+        if math.prod(sizes) != num_devices:
+            _fail("mesh", dict(zip(self.AXES, self.sizes)),
+                  f"axis sizes multiply to {math.prod(sizes)} but {num_devices} devices are "
+                  "available; set one axis to -1 or match the device count")
+        return dict(zip(self.AXES, sizes))
+
+
+DOMAINS = ("code", "prose", "math")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Token data: the embedded corpus (or a local text dir), tokenizer, packing and mixture."""
+
+    corpus: str = "embedded"  # "embedded" or a local directory of <domain>/*.txt files
+    cache_dir: str = "~/.cache/moejax"  # corpus text and token shards are built once and cached here
+    tokenizer: str = "byte"  # "byte", "bpe" (trained locally) or a path to a tokenizer.json
+    bpe_vocab_size: int = 512
+    seq_len: int = 256
+    domains: tuple[str, ...] = DOMAINS
+    mixture: tuple[float, ...] = (1.0, 1.0, 1.0)  # sampling weight per domain
+    val_fraction: float = 0.02  # held-out share of every domain
+    corpus_bytes_per_domain: int = 4_000_000  # cap per domain on the embedded corpus
+    seed: int = 0
+    prefetch_threads: int = 0
+
+    def __post_init__(self):
+        _check_positive("data.seq_len", self.seq_len)
+        if not self.domains or len(set(self.domains)) != len(self.domains):
+            _fail("data.domains", self.domains, "list each domain once")
+        if len(self.mixture) != len(self.domains):
+            _fail("data.mixture", self.mixture,
+                  f"give one weight per domain ({len(self.domains)}: {self.domains})")
+        if any(w < 0 for w in self.mixture) or sum(self.mixture) <= 0:
+            _fail("data.mixture", self.mixture, "weights must be >= 0 and not all zero")
+        if not 0.0 < self.val_fraction < 0.5:
+            _fail("data.val_fraction", self.val_fraction, "must lie in (0, 0.5)")
+        if self.tokenizer == "bpe" and self.bpe_vocab_size < 260:
+            _fail("data.bpe_vocab_size", self.bpe_vocab_size, "must be >= 260 (256 bytes + specials)")
+        _check_positive("data.corpus_bytes_per_domain", self.corpus_bytes_per_domain)
+        if self.prefetch_threads < 0:
+            _fail("data.prefetch_threads", self.prefetch_threads, "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, logging, evaluation and checkpoint cadence."""
+
+    steps: int = 1000
+    batch_size: int = 16  # global, in sequences per optimizer step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0  # 0 disables clipping
+    seed: int = 0
+    nan_policy: Literal["skip", "stop"] = "skip"
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 4
+    ckpt_every: int = 200
+    keep_ckpts: int = 2
+    async_ckpt: bool = True
+    peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = look up the device kind
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum", "lr", "log_every", "eval_every",
+                     "eval_batches", "ckpt_every", "keep_ckpts"):
+            _check_positive(f"train.{name}", getattr(self, name))
+        if self.batch_size % self.grad_accum:
+            _fail("train.grad_accum", self.grad_accum,
+                  f"must divide train.batch_size={self.batch_size}")
+        if not 0 <= self.warmup_steps <= self.steps:
+            _fail("train.warmup_steps", self.warmup_steps, f"must lie in [0, train.steps={self.steps}]")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            _fail("train.min_lr_ratio", self.min_lr_ratio, "must lie in [0, 1]")
+        if self.weight_decay < 0:
+            _fail("train.weight_decay", self.weight_decay, "must be >= 0")
+        for name in ("b1", "b2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                _fail(f"train.{name}", getattr(self, name), "must lie in [0, 1)")
+        if self.clip_norm < 0:
+            _fail("train.clip_norm", self.clip_norm, "must be >= 0 (0 disables clipping)")
+        _check_choice("train.nan_policy", self.nan_policy, ("skip", "stop"))
+        if self.peak_flops < 0:
+            _fail("train.peak_flops", self.peak_flops, "must be >= 0 (0 = look up the device)")
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // self.grad_accum
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A whole run: model, mesh, data and training."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if self.data.seq_len > self.model.max_seq_len:
+            _fail("data.seq_len", self.data.seq_len,
+                  f"exceeds model.max_seq_len={self.model.max_seq_len}; raise it or shorten sequences")
+        if self.data.tokenizer == "bpe" and self.data.bpe_vocab_size > self.model.vocab_size:
+            _fail("model.vocab_size", self.model.vocab_size,
+                  f"must be >= data.bpe_vocab_size={self.data.bpe_vocab_size}")
+        if self.data.tokenizer == "byte" and self.model.vocab_size < 259:
+            _fail("model.vocab_size", self.model.vocab_size,
+                  "must be >= 259 for the byte tokenizer (256 bytes + pad/bos/eos)")
+        m = self.mesh
+        batch_axes = [s for s in (m.data, m.fsdp, m.expert) if s != -1]
+        shards = math.prod(batch_axes)
+        if -1 not in (m.data, m.fsdp, m.expert) and self.train.micro_batch_size % shards:
+            _fail("train.batch_size", self.train.batch_size,
+                  f"the micro-batch ({self.train.micro_batch_size} sequences) must be divisible by "
+                  f"mesh data*fsdp*expert={shards}")
+        self.check_mesh_divisibility({k: v for k, v in zip(m.AXES, m.sizes) if v != -1})
+
+    def check_mesh_divisibility(self, sizes: dict[str, int]) -> None:
+        """Sharded dimensions must divide by their mesh axes (call again once -1 is resolved)."""
+        a, md = self.model.attention, self.model
+        batch = math.prod(sizes.get(k, 1) for k in ("data", "fsdp", "expert"))
+        if self.train.micro_batch_size % batch:
+            _fail("train.batch_size", self.train.batch_size,
+                  f"the micro-batch ({self.train.micro_batch_size} sequences) must be divisible by "
+                  f"mesh data*fsdp*expert={batch}")
+        t, f = sizes.get("tensor", 1), sizes.get("fsdp", 1)
+        for field, dim in (("model.attention.num_heads", a.num_heads),
+                           ("model.attention.num_kv_heads", a.num_kv_heads),
+                           ("model.d_ff", md.d_ff), ("model.vocab_size", md.vocab_size)):
+            if dim % t:
+                _fail(field, dim, f"must be divisible by mesh.tensor={t}")
+        if md.d_model % f:
+            _fail("model.d_model", md.d_model, f"must be divisible by mesh.fsdp={f}")
+
+    # -- serialisation ------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        return _from_dict(cls, d)
+
+
+def _from_dict(cls, d: dict):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in d:
+            continue
+        v, t = d[f.name], hints[f.name]
+        if dataclasses.is_dataclass(t):
+            v = _from_dict(t, v)
+        elif typing.get_origin(t) is tuple and isinstance(v, list):
+            v = tuple(v)
+        kwargs[f.name] = v
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ConfigError(f"unknown config fields {sorted(unknown)} for {cls.__name__}")
+    return cls(**kwargs)
+
+
+def _field_type(cls, dotted: str):
+    """The annotated type of a dotted field, or raise ConfigError naming the bad part."""
+    t = cls
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(t):
+            raise ConfigError(f"--set {dotted}: {part!r} is not a config section")
+        hints = typing.get_type_hints(t)
+        if part not in hints or part.isupper():
+            raise ConfigError(f"--set {dotted}: {t.__name__} has no field {part!r}; "
+                              f"fields: {[f.name for f in dataclasses.fields(t)]}")
+        t = hints[part]
+    return t
+
+
+def apply_overrides(cfg, overrides: Sequence[str]):
+    """Apply dotted ``key=value`` overrides (``train.lr=3e-4``, ``data.mixture=1,2,1``) via tyro.
+
+    Values are parsed and type-checked by tyro against the dataclass annotations, and the result
+    is validated again on construction. Tuple fields take comma-separated values.
+    """
+    import tyro
+
+    if not overrides:
+        return cfg
+    args: list[str] = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.lr=3e-4")
+        key, value = item.split("=", 1)
+        t = _field_type(type(cfg), key)
+        is_tuple = typing.get_origin(t) is tuple or (
+            isinstance(t, types.UnionType) and any(typing.get_origin(a) is tuple for a in t.__args__))
+        args += [f"--{key}", *(value.split(",") if is_tuple else [value])]
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buf), contextlib.redirect_stdout(buf):
+            return tyro.cli(type(cfg), default=cfg, args=args)
+    except SystemExit as e:  # tyro printed why; keep its words (boxes stripped) in the error
+        lines = [ln.strip(" │╭╮╰╯─-") for ln in buf.getvalue().splitlines()]
+        why = " ".join(ln for ln in lines if ln and "helptext" not in ln)
+        raise ConfigError(f"invalid override {list(overrides)}: {why}") from e

@@ -1,0 +1,38 @@
+"""Shared test helpers: tiny fixed-shape configs and tolerance table (tests reuse compiled programs)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from moejax.config import AttentionConfig, Config, DataConfig, MeshConfig, ModelConfig, TrainConfig
+
+# fp32 tolerances: (rtol, atol)
+TOL_FP32 = (1e-5, 1e-5)
+TOL_SHARDED_FP32 = (2e-5, 2e-5)  # reduction order differs across shardings
+
+BATCH, SEQ = 8, 64
+
+
+def tiny_model(**kw) -> ModelConfig:
+    """2 layers, d=64, 4 query heads over 2 kv heads, fp32 compute: fast and exact enough to compare."""
+    attn = dict(num_heads=4, num_kv_heads=2, head_dim=16)
+    attn.update(kw.pop("attention", {}))
+    base = dict(vocab_size=288, d_model=64, num_layers=2, d_ff=128, max_seq_len=128,
+                dtype="float32", attention=AttentionConfig(**attn))
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def tiny_config(mesh: MeshConfig | None = None, **sections) -> Config:
+    """A whole tiny run; ``sections`` may override model/data/train with dicts of fields."""
+    model = tiny_model(**sections.pop("model", {}))
+    data = DataConfig(**{"seq_len": SEQ, "corpus_bytes_per_domain": 300_000, **sections.pop("data", {})})
+    train = TrainConfig(**{"steps": 20, "batch_size": BATCH, "warmup_steps": 2, "lr": 3e-3,
+                           "log_every": 1, "eval_every": 10, "eval_batches": 1, "ckpt_every": 10,
+                           "async_ckpt": False, **sections.pop("train", {})})
+    assert not sections, f"unknown sections {list(sections)}"
+    return Config(model=model, mesh=mesh or MeshConfig(), data=data, train=train)
+
+
+def replace(cfg, **kw):
+    return dataclasses.replace(cfg, **kw)
