@@ -365,7 +365,8 @@ def apply_overrides(cfg, overrides: Sequence[str]):
     buf = io.StringIO()
     try:
         with contextlib.redirect_stderr(buf), contextlib.redirect_stdout(buf):
-            return tyro.cli(type(cfg), default=cfg, args=args)
+            return tyro.cli(type(cfg), default=cfg, args=args, prog="--set",
+                            config=(tyro.conf.FlagConversionOff,))
     except SystemExit as e:  # tyro printed why; keep its words (boxes stripped) in the error
         lines = [ln.strip(" │╭╮╰╯─-") for ln in buf.getvalue().splitlines()]
         why = " ".join(ln for ln in lines if ln and "helptext" not in ln)

@@ -1,0 +1,38 @@
+"""Matplotlib plots for run reports (headless: the Agg backend, PNG files)."""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from moejax.metrics import read_metrics  # noqa: E402
+
+
+def plot_curves(runs: dict[str, str], keys: Sequence[str], out_png: str, *,
+                x: str = "step", title: str = "", logy: bool = False) -> str:
+    """One panel per metric key, one line per run; ``runs`` maps a label to a workdir."""
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.5), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for label, workdir in runs.items():
+            recs = [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if key in r]
+            if recs:
+                ax.plot([r[x] for r in recs], [r[key] for r in recs], label=label, marker=".")
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel(x)
+        if logy:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(out_png) or ".", exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png

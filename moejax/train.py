@@ -1,0 +1,246 @@
+"""Abstract init, optimizer, and the jitted train / eval steps.
+
+The train state is a plain pytree ``TrainState(step, params, rest, opt_state, rng)`` of sharded
+arrays (``params``/``rest`` are NNX ``State``s split from the model), so one jitted step with
+explicit in/out shardings and donation serves every mesh, and Orbax saves it as is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from moejax.config import Config, TrainConfig
+from moejax.mesh import BATCH_AXES, use_mesh, rules_for
+from moejax.model import Model
+
+BATCH_KEYS_2D = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    """Everything a step reads and writes; checkpointed whole."""
+
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: nnx.State  # trainable parameters (nnx.Param)
+    rest: nnx.State  # other model variables (e.g. router bias state); may be empty
+    opt_state: Any
+    rng: jax.Array  # uint32 key data; per-step keys are fold_in(rng, step)
+
+
+def lr_schedule(t: TrainConfig) -> optax.Schedule:
+    """Linear warmup to ``lr`` then cosine decay to ``lr * min_lr_ratio`` at ``steps``."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=t.lr, warmup_steps=t.warmup_steps,
+        decay_steps=max(t.steps, t.warmup_steps + 1), end_value=t.lr * t.min_lr_ratio)
+
+
+def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
+    """AdamW (decay on matrices only) after global-norm clipping."""
+    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
+    adamw = optax.adamw(lr_schedule(t), b1=t.b1, b2=t.b2, eps=t.eps,
+                        weight_decay=t.weight_decay, mask=decay_mask)
+    return optax.chain(optax.clip_by_global_norm(t.clip_norm), adamw) if t.clip_norm > 0 else adamw
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Batch dim over every non-tensor axis, the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+@dataclasses.dataclass
+class Setup:
+    """The pieces a run needs, computed abstractly first and then created sharded."""
+
+    cfg: Config
+    mesh: Mesh
+    graphdef: nnx.GraphDef
+    tx: optax.GradientTransformation
+    state_shardings: TrainState
+    abstract_state: TrainState  # ShapeDtypeStructs with shardings: the Orbax restore target
+
+    def model(self, state: TrainState) -> Model:
+        return nnx.merge(self.graphdef, state.params, state.rest)
+
+
+def setup(cfg: Config, mesh: Mesh) -> Setup:
+    """Shapes and shardings of the whole train state, before allocating anything."""
+    rules = rules_for(cfg.mesh)
+    cfg.check_mesh_divisibility(dict(mesh.shape))
+    tx = make_optimizer(cfg.train)
+    with use_mesh(mesh, rules):
+        abstract_model = nnx.eval_shape(lambda: Model(cfg.model, rngs=nnx.Rngs(0)))
+        graphdef, params, rest = nnx.split(abstract_model, nnx.Param, ...)
+        p_sh = nnx.get_named_sharding(params, mesh)
+        r_sh = nnx.get_named_sharding(rest, mesh)
+    replicated = NamedSharding(mesh, P())
+    abstract_opt = jax.eval_shape(tx.init, params)
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, p_sh,
+                                   transform_non_params=lambda _: replicated)
+    shardings = TrainState(step=replicated, params=p_sh, rest=r_sh, opt_state=opt_sh, rng=replicated)
+    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, rest=rest,
+                          opt_state=abstract_opt,
+                          rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, shardings)
+    return Setup(cfg=cfg, mesh=mesh, graphdef=graphdef, tx=tx, state_shardings=shardings,
+                 abstract_state=abstract)
+
+
+def init_state(s: Setup) -> TrainState:
+    """Create the model and optimizer state directly sharded (one jit, no host copy)."""
+    cfg = s.cfg
+
+    def init() -> TrainState:
+        model = Model(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
+        _, params, rest = nnx.split(model, nnx.Param, ...)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
+                          opt_state=s.tx.init(params),
+                          rng=jax.random.key_data(jax.random.key(cfg.train.seed + 1)))
+
+    with use_mesh(s.mesh, rules_for(cfg.mesh)):
+        return jax.jit(init, out_shardings=s.state_shardings)()
+
+
+def _split_microbatches(batch: dict, accum: int) -> dict:
+    """[B, ...] -> [accum, B/accum, ...]: micro-step a takes rows a, a+accum, ... so every
+    micro-batch stays evenly sharded over the batch axes (no data movement)."""
+    def split(x):
+        x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+    return jax.tree.map(split, batch)
+
+
+def token_losses(model: Model, batch: dict) -> tuple[jax.Array, dict]:
+    """Per-token cross entropy [b, T] (fp32) and the model's aux statistics."""
+    logits, aux = model(batch["inputs"], segment_ids=batch["segment_ids"],
+                        positions=batch["positions"])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                         batch["targets"])
+    return ce, aux
+
+
+def _domain_sums(ce: jax.Array, batch: dict, num_domains: int) -> tuple[jax.Array, jax.Array]:
+    """Masked loss sum and token count per domain: [D], [D]."""
+    mask = batch["loss_mask"]
+    onehot = jax.nn.one_hot(batch["domain"], num_domains, dtype=jnp.float32)  # [b, D]
+    return jnp.einsum("bt,bd->d", ce * mask, onehot), jnp.einsum("bt,bd->d", mask, onehot)
+
+
+def make_train_step(s: Setup, num_domains: int) -> Callable[[TrainState, dict], tuple]:
+    """Jitted ``(state, batch) -> (state, metrics)`` with gradient accumulation over
+    ``train.grad_accum`` micro-steps. The loss is the masked token mean over the *whole* batch,
+    so accumulation is exact. A non-finite loss or gradient never reaches the parameters: the
+    update is dropped on device and ``metrics['nonfinite']`` tells the host to apply its policy."""
+    cfg, tx, graphdef = s.cfg, s.tx, s.graphdef
+    accum = cfg.train.grad_accum
+    schedule = lr_schedule(cfg.train)
+
+    def step_fn(state: TrainState, batch: dict):
+        total_tokens = jnp.maximum(batch["loss_mask"].sum(), 1.0)
+        micro = _split_microbatches(batch, accum)
+
+        def micro_loss(params, mb):
+            model = nnx.merge(graphdef, params, state.rest)
+            ce, aux = token_losses(model, mb)
+            loss_sum = (ce * mb["loss_mask"]).sum()
+            return loss_sum / total_tokens, (ce, aux)
+
+        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+        def body(carry, mb):
+            grads, loss, dsum, dcount = carry
+            (l, (ce, _aux)), g = grad_fn(state.params, mb)
+            ds, dc = _domain_sums(ce, mb, num_domains)
+            return (jax.tree.map(jnp.add, grads, g), loss + l, dsum + ds, dcount + dc), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        init = (zeros, jnp.zeros(()), jnp.zeros((num_domains,)), jnp.zeros((num_domains,)))
+        (grads, loss, dsum, dcount), _ = jax.lax.scan(body, init, micro)
+
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        new_state = TrainState(step=state.step + finite.astype(jnp.int32),
+                               params=keep(new_params, state.params), rest=state.rest,
+                               opt_state=keep(new_opt, state.opt_state), rng=state.rng)
+        metrics = {"train/loss": loss, "train/grad_norm": grad_norm,
+                   "train/lr": schedule(state.step), "nonfinite": ~finite,
+                   "train/tokens": batch["loss_mask"].sum(),
+                   "domain_loss_sum": dsum, "domain_tokens": dcount}
+        return new_state, metrics
+
+    batch_sh = {k: batch_sharding(s.mesh, 2) for k in BATCH_KEYS_2D}
+    batch_sh["domain"] = batch_sharding(s.mesh, 1)
+    return jax.jit(step_fn, in_shardings=(s.state_shardings, batch_sh),
+                   out_shardings=(s.state_shardings, None), donate_argnums=(0,))
+
+
+def make_eval_step(s: Setup, num_domains: int) -> Callable[[TrainState, dict], dict]:
+    """Jitted ``(state, batch) -> {loss_sum [D], tokens [D]}`` for validation."""
+    graphdef = s.graphdef
+
+    def eval_fn(state: TrainState, batch: dict):
+        model = nnx.merge(graphdef, state.params, state.rest)
+        ce, _ = token_losses(model, batch)
+        dsum, dcount = _domain_sums(ce, batch, num_domains)
+        return {"loss_sum": dsum, "tokens": dcount}
+
+    batch_sh = {k: batch_sharding(s.mesh, 2) for k in BATCH_KEYS_2D}
+    batch_sh["domain"] = batch_sharding(s.mesh, 1)
+    return jax.jit(eval_fn, in_shardings=(s.state_shardings, batch_sh))
+
+
+def global_batch(mesh: Mesh, local: dict) -> dict:
+    """Assemble this process's rows into global arrays sharded over the batch axes."""
+    out = {}
+    for k, v in local.items():
+        v = np.asarray(v)
+        out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
+    return out
+
+
+# Peak dense bf16 FLOP/s per device, for MFU (sources: vendor spec sheets).
+PEAK_FLOPS = {
+    "h100": 989e12, "h200": 989e12, "a100": 312e12, "b200": 2250e12,
+    "tpu v4": 275e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v5p": 459e12,
+    "tpu v6 lite": 918e12, "tpu v6e": 918e12,
+}
+
+
+def peak_flops_per_device(t: TrainConfig) -> float | None:
+    """Configured peak, else a lookup by device kind; None where unknown (CPU)."""
+    if t.peak_flops > 0:
+        return t.peak_flops
+    kind = jax.devices()[0].device_kind.lower()
+    for name, flops in PEAK_FLOPS.items():
+        if name in kind:
+            return flops
+    return None
+
+
+def mfu(cfg: Config, tokens_per_s: float) -> float | None:
+    peak = peak_flops_per_device(cfg.train)
+    if peak is None:
+        return None
+    return cfg.model.flops_per_token(cfg.data.seq_len) * tokens_per_s / (peak * jax.device_count())
+
+
+def step_key(state: TrainState) -> jax.Array:
+    """This step's PRNG key (deterministic in the saved rng and the step: resume-exact)."""
+    return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+
+def num_params(state: TrainState) -> int:
+    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)))

@@ -1,0 +1,113 @@
+"""Config validation: every invalid config fails at construction with its own clear message."""
+
+import dataclasses
+import json
+
+import pytest
+
+from moejax.config import (AttentionConfig, Config, ConfigError, DataConfig, MeshConfig,
+                           ModelConfig, TrainConfig, apply_overrides)
+from moejax.testing import tiny_config
+
+# (builder, substring that must appear in the message: the field and the fix)
+INVALID = {
+    "kv_heads_not_dividing": (lambda: AttentionConfig(num_heads=4, num_kv_heads=3),
+                              "model.attention.num_kv_heads=3"),
+    "zero_heads": (lambda: AttentionConfig(num_heads=0), "model.attention.num_heads=0"),
+    "zero_head_dim": (lambda: AttentionConfig(head_dim=0), "model.attention.head_dim=0"),
+    "rope_fraction_zero": (lambda: AttentionConfig(rope_fraction=0.0), "must lie in (0, 1]"),
+    "rope_odd_rotary_dim": (lambda: AttentionConfig(head_dim=10, rope_fraction=0.5),
+                            "must be an even integer"),
+    "rope_theta_negative": (lambda: AttentionConfig(rope_theta=-1.0), "model.attention.rope_theta"),
+    "attention_impl_unknown": (lambda: AttentionConfig(impl="flash3"), "model.attention.impl"),
+    "vocab_zero": (lambda: ModelConfig(vocab_size=0), "model.vocab_size=0"),
+    "layers_zero": (lambda: ModelConfig(num_layers=0), "model.num_layers=0"),
+    "d_ff_negative": (lambda: ModelConfig(d_ff=-4), "model.d_ff=-4"),
+    "norm_unknown": (lambda: ModelConfig(norm="layernorm"), "model.norm='layernorm'"),
+    "dtype_unknown": (lambda: ModelConfig(dtype="float8"), "model.dtype='float8'"),
+    "remat_unknown": (lambda: ModelConfig(remat="some"), "model.remat='some'"),
+    "eps_zero": (lambda: ModelConfig(norm_eps=0.0), "model.norm_eps=0.0"),
+    "mesh_two_fill_axes": (lambda: MeshConfig(data=-1, fsdp=-1), "at most one axis may be -1"),
+    "mesh_zero_axis": (lambda: MeshConfig(tensor=0), "mesh.tensor=0"),
+    "mixture_length": (lambda: DataConfig(mixture=(1.0, 1.0)), "give one weight per domain"),
+    "mixture_all_zero": (lambda: DataConfig(mixture=(0.0, 0.0, 0.0)), "not all zero"),
+    "val_fraction": (lambda: DataConfig(val_fraction=0.7), "data.val_fraction=0.7"),
+    "duplicate_domain": (lambda: DataConfig(domains=("code", "code", "math")), "each domain once"),
+    "bpe_vocab_small": (lambda: DataConfig(tokenizer="bpe", bpe_vocab_size=100),
+                        "data.bpe_vocab_size=100"),
+    "accum_not_dividing": (lambda: TrainConfig(batch_size=16, grad_accum=3), "train.grad_accum=3"),
+    "warmup_beyond_steps": (lambda: TrainConfig(steps=10, warmup_steps=20), "train.warmup_steps=20"),
+    "lr_zero": (lambda: TrainConfig(lr=0.0), "train.lr=0.0"),
+    "nan_policy_unknown": (lambda: TrainConfig(nan_policy="ignore"), "train.nan_policy='ignore'"),
+    "clip_negative": (lambda: TrainConfig(clip_norm=-1.0), "train.clip_norm=-1.0"),
+    "seq_beyond_max": (lambda: tiny_config(data={"seq_len": 256}), "data.seq_len=256"),
+    "vocab_too_small_for_bytes": (lambda: tiny_config(model={"vocab_size": 200}),
+                                  "must be >= 259 for the byte tokenizer"),
+    "batch_not_divisible_by_mesh": (lambda: tiny_config(mesh=MeshConfig(data=3, fsdp=1),
+                                                        train={"batch_size": 8}),
+                                    "divisible by mesh data*fsdp*expert=3"),
+    "heads_not_divisible_by_tensor": (lambda: tiny_config(
+        mesh=MeshConfig(data=1, tensor=8), model={"attention": {"num_heads": 4}}),
+        "model.attention.num_heads=4 is invalid: must be divisible by mesh.tensor=8"),
+    "d_model_not_divisible_by_fsdp": (lambda: tiny_config(
+        mesh=MeshConfig(data=1, fsdp=8), model={"d_model": 60}, train={"batch_size": 8}),
+        "model.d_model=60 is invalid: must be divisible by mesh.fsdp=8"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INVALID))
+def test_invalid_config_fails_with_named_field(name):
+    build, expected = INVALID[name]
+    with pytest.raises(ConfigError) as e:
+        build()
+    assert expected in str(e.value), str(e.value)
+
+
+def test_invalid_messages_are_distinct():
+    messages = set()
+    for build, _ in INVALID.values():
+        with pytest.raises(ConfigError) as e:
+            build()
+        messages.add(str(e.value))
+    assert len(messages) == len(INVALID) >= 20
+
+
+def test_mesh_resolve_fills_and_checks_device_count():
+    assert MeshConfig(data=-1, tensor=2).resolve(8) == {"data": 4, "fsdp": 1, "expert": 1, "tensor": 2}
+    with pytest.raises(ConfigError, match="multiply to 6 but 8 devices"):
+        MeshConfig(data=3, tensor=2).resolve(8)
+    with pytest.raises(ConfigError, match="does not divide the 8 available devices"):
+        MeshConfig(data=-1, tensor=3).resolve(8)
+
+
+def test_overrides_parse_types_and_revalidate():
+    cfg = tiny_config()
+    out = apply_overrides(cfg, ["train.lr=1e-4", "data.mixture=3,1,1", "model.attention.qk_norm=False",
+                                "train.nan_policy=stop"])
+    assert out.train.lr == 1e-4 and out.data.mixture == (3.0, 1.0, 1.0)
+    assert out.model.attention.qk_norm is False and out.train.nan_policy == "stop"
+    assert out.model.d_model == cfg.model.d_model  # untouched fields keep the preset's values
+    with pytest.raises(ConfigError, match="train.lr=-1.0 is invalid"):
+        apply_overrides(cfg, ["train.lr=-1"])
+    with pytest.raises(ConfigError, match="has no field 'nope'"):
+        apply_overrides(cfg, ["train.nope=1"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        apply_overrides(cfg, ["train.lr"])
+    with pytest.raises(ConfigError, match="invalid choice 'bogus'"):
+        apply_overrides(cfg, ["train.nan_policy=bogus"])
+
+
+def test_json_round_trip():
+    cfg = tiny_config(data={"mixture": (2.0, 1.0, 1.0)})
+    back = Config.from_dict(json.loads(cfg.to_json()))
+    assert back == cfg
+    bad = cfg.to_dict()
+    bad["train"]["not_a_field"] = 1
+    with pytest.raises(ConfigError, match="unknown config fields"):
+        Config.from_dict(bad)
+
+
+def test_configs_are_frozen():
+    cfg = tiny_config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.lr = 1.0  # type: ignore[misc]

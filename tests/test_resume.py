@@ -1,0 +1,137 @@
+"""Nothing is lost: exact resume after SIGTERM, restore onto another mesh, and two processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from moejax import train as T
+from moejax.ckpt import Checkpointer
+from moejax.config import MeshConfig
+from moejax.data import prepare_data
+from moejax.mesh import make_mesh
+from moejax.metrics import read_metrics
+from moejax.testing import tiny_config
+from moejax.trainer import Trainer
+
+STEPS = 20
+
+
+def _losses(workdir):
+    return {r["step"]: r["train/loss"] for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))
+            if "train/loss" in r}
+
+
+def _cfg(data_cache, **train):
+    return tiny_config(data={"cache_dir": data_cache},
+                       train={"steps": STEPS, "ckpt_every": 100, "eval_every": 10, **train})
+
+
+@pytest.fixture(scope="module")
+def straight_run(data_cache, tmp_path_factory):
+    wd = str(tmp_path_factory.mktemp("straight"))
+    summary = Trainer(_cfg(data_cache), wd, progress=False).run()
+    return wd, summary
+
+
+def test_resume_after_sigterm_is_exact(straight_run, data_cache, tmp_path):
+    """20 steps straight == 10 steps, SIGTERM (saves and returns), resume, 10 more steps."""
+    wd_ref, ref_summary = straight_run
+    wd = str(tmp_path / "run")
+
+    def kill_at_10(trainer, step, metrics):
+        if step == 10:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    first = Trainer(_cfg(data_cache), wd, on_step=kill_at_10, progress=False).run()
+    assert first["preempted"] and first["step"] == 10
+    second = Trainer(_cfg(data_cache), wd, progress=False).run()
+    assert not second["preempted"] and second["step"] == STEPS
+    ref, got = _losses(wd_ref), _losses(wd)
+    assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))  # one continuous file
+    np.testing.assert_array_equal([got[s] for s in sorted(got)], [ref[s] for s in sorted(ref)])
+    assert second["val/loss"] == ref_summary["val/loss"]
+    for f in ("config.json", "metrics.jsonl"):
+        assert os.path.exists(os.path.join(wd, f))
+    assert os.listdir(os.path.join(wd, "tb")), "tensorboard events written"
+
+
+def test_restore_onto_a_different_mesh(data_cache, tmp_path):
+    """A checkpoint written on (data=2, fsdp=4) restores onto (data=8) and training continues."""
+    wd = str(tmp_path / "run")
+    cfg_a = tiny_config(mesh=MeshConfig(data=2, fsdp=4), data={"cache_dir": data_cache},
+                        train={"steps": 4, "ckpt_every": 4})
+    Trainer(cfg_a, wd, progress=False).run()
+
+    mesh_a = make_mesh(cfg_a.mesh)
+    setup_a = T.setup(cfg_a, mesh_a)
+    data = prepare_data(cfg_a.data, vocab_size=cfg_a.model.vocab_size)
+    it = data.train_iterator(global_batch=8, process_index=0, process_count=1)
+    saved, _ = Checkpointer(os.path.join(wd, "ckpt")).restore(4, setup_a.abstract_state, it)
+
+    cfg_b = tiny_config(mesh=MeshConfig(data=8), data={"cache_dir": data_cache},
+                        train={"steps": 6, "ckpt_every": 4})
+    setup_b = T.setup(cfg_b, make_mesh(cfg_b.mesh))
+    it_b = data.train_iterator(global_batch=8, process_index=0, process_count=1)
+    moved, meta = Checkpointer(os.path.join(wd, "ckpt")).restore(4, setup_b.abstract_state, it_b)
+    assert meta["step"] == 4
+    for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(moved)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        if b.ndim == 2 and b.shape[0] % 2 == 0:
+            assert "fsdp" not in str(b.sharding.spec)  # now laid out for the new mesh
+    summary = Trainer(cfg_b, wd, progress=False).run()  # continues from step 4 on data=8
+    assert summary["step"] == 6 and np.isfinite(summary["train/loss"])
+    assert sorted(_losses(wd)) == list(range(1, 7))
+
+
+WORKER = r"""
+import json, os, sys
+import jax
+pid, port, workdir, cache, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+from moejax.mesh import initialize_distributed
+initialize_distributed(f"127.0.0.1:{port}", 2, pid, local_device_count=4, timeout_s=120)
+assert jax.device_count() == 8 and jax.local_device_count() == 4
+from moejax.testing import tiny_config
+from moejax.trainer import Trainer
+cfg = lambda steps: tiny_config(data={"cache_dir": cache},
+                                train={"steps": steps, "ckpt_every": 4, "eval_every": 4})
+first = Trainer(cfg(4), workdir, progress=False).run()
+second = Trainer(cfg(6), workdir, progress=False).run()  # restores step 4, trains 2 more
+with open(f"{out}.{pid}.json", "w") as f:
+    json.dump({"first": first, "second": second}, f)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_train_save_restore_and_match(data_cache, tmp_path):
+    import portpicker
+
+    single = str(tmp_path / "single")
+    cfg = lambda steps: tiny_config(data={"cache_dir": data_cache},  # noqa: E731
+                                    train={"steps": steps, "ckpt_every": 4, "eval_every": 4})
+    Trainer(cfg(4), single, progress=False).run()
+    ref = Trainer(cfg(6), single, progress=False).run()
+
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    port = portpicker.pick_unused_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    wd, out = str(tmp_path / "multi"), str(tmp_path / "out")
+    procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port), wd, data_cache, out],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    logs = [p.communicate(timeout=400)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n\n".join(x[-3000:] for x in logs)
+    results = [json.load(open(f"{out}.{i}.json")) for i in range(2)]
+    for r in results:
+        assert r["first"]["step"] == 4 and r["second"]["step"] == 6
+        np.testing.assert_allclose(r["second"]["train/loss"], ref["train/loss"], rtol=1e-5)
+        np.testing.assert_allclose(r["second"]["val/loss"], ref["val/loss"], rtol=1e-5)
+    np.testing.assert_allclose([_losses(wd)[s] for s in range(1, 7)],
+                               [_losses(single)[s] for s in range(1, 7)], rtol=1e-5)
