@@ -1,0 +1,12 @@
+"""Data: the embedded default corpus, tokenizers, tensorstore token streams and the grain pipeline.
+
+``prepare_data(cfg.data, vocab_size=...)`` is the entry point; see ``pipeline`` for the batch format.
+"""
+
+from moejax.data.corpus import EMBEDDED_DOMAINS, load_documents, split_documents
+from moejax.data.pipeline import Data, make_row, prepare_data
+from moejax.data.store import TokenStore
+from moejax.data.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, load_tokenizer
+
+__all__ = ["BPETokenizer", "ByteTokenizer", "Data", "EMBEDDED_DOMAINS", "TokenStore", "Tokenizer",
+           "load_documents", "load_tokenizer", "make_row", "prepare_data", "split_documents"]

@@ -1,0 +1,259 @@
+"""The grain input pipeline: cached token streams -> packed, per-process batches with a mixture.
+
+``prepare_data`` builds (once) and opens the corpus, tokenizer and token streams. Row ``i`` of the
+global training stream is a pure function of (seed, i): a domain drawn by the mixture weights and a
+window of ``seq_len + 1`` tokens at a uniform random offset of that domain's train stream
+(concat-then-split packing, so rows cross document boundaries). Global batch k is rows
+[k*B, (k+1)*B); process p of P reads only its contiguous B/P of them, so the global batch is the
+same for every P. Iterator state is grain's (``get_state``/``set_state``, orbax via
+``grain.checkpoint``).
+
+Row fields (T = seq_len): ``inputs``/``targets`` (targets = inputs shifted by one), ``segment_ids``
+(1, 2, 3, ... per document piece in the row; 0 on padding), ``positions`` (0 at every document
+start *and* at the row start: a row beginning mid-document starts at 0, not at its true offset, so
+positions stay < seq_len <= model.max_seq_len; RoPE only sees relative offsets, so nothing is lost),
+``loss_mask`` (0 where the target lies in another document than the input, or is padding) and
+``domain`` (index into ``cfg.domains``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from moejax.config import DataConfig
+from moejax.data import corpus as corpus_lib
+from moejax.data.store import TokenStore, write_stream
+from moejax.data.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, load_tokenizer
+
+DATA_VERSION = 1  # bump when the token-stream layout changes
+SPLITS = ("train", "val")
+_MAX_ROWS = 1 << 50  # the training stream is endless in practice
+
+
+# -- rows ---------------------------------------------------------------------------------------
+
+def make_row(store: TokenStore, start: int, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    """The packed row of ``seq_len + 1`` stream tokens from ``start`` (padded past the end)."""
+    toks = store.read(start, seq_len + 1)
+    n = len(toks)  # real tokens; n < seq_len + 1 only at the end of a (validation) stream
+    pos = start + np.arange(n)
+    doc = store.doc_index(pos)
+    seg = doc - (doc[0] if n else 0) + 1
+    position = pos - np.maximum(store.offsets[doc], start)
+    same_doc = (doc[1:] == doc[:-1]).astype(np.float32)
+    full = np.full(seq_len + 1, pad_id, np.int32)
+    full[:n] = toks
+    seg_full, pos_full = np.zeros(seq_len + 1, np.int32), np.zeros(seq_len + 1, np.int32)
+    seg_full[:n], pos_full[:n] = seg, position
+    mask = np.zeros(seq_len, np.float32)
+    mask[:max(n - 1, 0)] = same_doc
+    return {"inputs": full[:-1], "targets": full[1:], "segment_ids": seg_full[:-1],
+            "positions": pos_full[:-1], "loss_mask": mask}
+
+
+def local_rows(k: int, global_batch: int, process_index: int, process_count: int) -> range:
+    """Global row indices of process ``p``'s slice of global batch ``k``."""
+    b = _local_batch(global_batch, process_count)
+    first = k * global_batch + process_index * b
+    return range(first, first + b)
+
+
+def _local_batch(global_batch: int, process_count: int) -> int:
+    if global_batch <= 0 or global_batch % process_count:
+        raise ValueError(f"global_batch={global_batch} must be a positive multiple of "
+                         f"process_count={process_count}")
+    return global_batch // process_count
+
+
+# -- the prepared data --------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Data:
+    """Opened, cached data: tokenizer, per-(domain, split) token streams, batch iterators."""
+
+    cfg: DataConfig
+    tokenizer: Tokenizer
+    stores: dict[tuple[str, str], TokenStore]
+    path: Path
+
+    @property
+    def domains(self) -> tuple[str, ...]:
+        return tuple(self.cfg.domains)
+
+    def num_tokens(self, domain: str, split: str = "train") -> int:
+        return self.stores[(domain, split)].num_tokens
+
+    def num_docs(self, domain: str, split: str = "train") -> int:
+        return len(self.stores[(domain, split)])
+
+    # training stream -----------------------------------------------------------------------
+    def _row_choice(self, i: int) -> tuple[int, int]:
+        """(domain index, start offset) of global training row ``i``: a function of (seed, i)."""
+        rng = np.random.default_rng([self.cfg.seed, int(i)])
+        w = np.asarray(self.cfg.mixture, np.float64)
+        d = min(int(np.searchsorted(np.cumsum(w) / w.sum(), rng.random(), side="right")),
+                int(np.flatnonzero(w)[-1]))
+        store = self.stores[(self.domains[d], "train")]
+        return d, int(rng.integers(0, store.num_tokens - self.cfg.seq_len))
+
+    def train_row(self, i: int) -> dict[str, np.ndarray]:
+        """Global training row ``i`` (same for every process count)."""
+        d, start = self._row_choice(i)
+        row = make_row(self.stores[(self.domains[d], "train")], start, self.cfg.seq_len,
+                       self.tokenizer.pad_id)
+        row["domain"] = np.int32(d)
+        return row
+
+    def train_dataset(self, global_batch: int, process_index: int = 0,
+                      process_count: int = 1):
+        """grain MapDataset whose element k is this process's slice of global batch k."""
+        import grain  # imports jax (~1 s): only paid by processes that iterate
+
+        b = _local_batch(global_batch, process_count)
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+        for dom, w in zip(self.domains, self.cfg.mixture):
+            n = self.num_tokens(dom, "train")
+            if w > 0 and n < self.cfg.seq_len + 1:
+                raise ValueError(f"domain {dom!r} has {n} training tokens, fewer than "
+                                 f"data.seq_len+1={self.cfg.seq_len + 1}; lower seq_len or its weight")
+
+        def global_row(r: int) -> int:  # local row counter -> global row index
+            return (r // b) * global_batch + process_index * b + r % b
+
+        return (grain.MapDataset.range(_MAX_ROWS)
+                .map(lambda r: self.train_row(global_row(r)))
+                .batch(b, drop_remainder=True))
+
+    def train_iterator(self, global_batch: int, process_index: int = 0, process_count: int = 1):
+        """A checkpointable grain iterator of local batches (``global_batch / process_count`` rows)."""
+        import grain
+
+        threads = self.cfg.prefetch_threads
+        opts = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4 * threads)
+        ds = self.train_dataset(global_batch, process_index, process_count)
+        return iter(ds.to_iter_dataset(opts))
+
+    # validation -----------------------------------------------------------------------------
+    def eval_batches(self, domain: str, num_batches: int, global_batch: int,
+                     process_index: int = 0, process_count: int = 1) -> list[dict[str, np.ndarray]]:
+        """Fixed held-out batches: global row w is the window at token w*seq_len of the val stream.
+
+        Windows of ``seq_len + 1`` tokens with stride ``seq_len`` (each target predicted once);
+        past the end of the stream rows are padding with ``loss_mask`` 0.
+        """
+        if domain not in self.domains:
+            raise KeyError(f"unknown domain {domain!r}; configured: {self.domains}")
+        store, d = self.stores[(domain, "val")], self.domains.index(domain)
+        out = []
+        for k in range(num_batches):
+            rows = [make_row(store, w * self.cfg.seq_len, self.cfg.seq_len, self.tokenizer.pad_id)
+                    for w in local_rows(k, global_batch, process_index, process_count)]
+            batch = {key: np.stack([r[key] for r in rows]) for key in rows[0]}
+            batch["domain"] = np.full(len(rows), d, np.int32)
+            out.append(batch)
+        return out
+
+
+# -- build and open -----------------------------------------------------------------------------
+
+def _tokenizer_id(cfg: DataConfig):
+    if cfg.tokenizer == "byte":
+        return "byte"
+    if cfg.tokenizer == "bpe":
+        return {"bpe": cfg.bpe_vocab_size}
+    p = Path(os.path.expanduser(cfg.tokenizer))
+    if not p.is_file():
+        raise FileNotFoundError(f"data.tokenizer={cfg.tokenizer!r}: expected 'byte', 'bpe' or a "
+                                f"path to a tokenizer.json file, but {p} does not exist")
+    return {"file": str(p.resolve()), "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+
+
+def data_key(cfg: DataConfig) -> str:
+    """Cache key of the token streams: everything that changes their contents, nothing else."""
+    if cfg.corpus == "embedded":
+        src = {"embedded": [corpus_lib.embedded_key(d, cfg.corpus_bytes_per_domain)
+                            for d in cfg.domains]}
+        bad = [d for d in cfg.domains if d not in corpus_lib.EMBEDDED_DOMAINS]
+        if bad:
+            raise ValueError(f"data.domains={cfg.domains}: {bad} not in the embedded corpus "
+                             f"{corpus_lib.EMBEDDED_DOMAINS}; set data.corpus to a directory of "
+                             "<domain>/*.txt files to use other domains")
+    else:
+        d = Path(os.path.expanduser(cfg.corpus)).resolve()
+        src = {"dir": str(d), "files": corpus_lib.local_fingerprint(cfg.corpus, cfg.domains)}
+    return corpus_lib.stable_hash({"v": DATA_VERSION, "src": src, "domains": list(cfg.domains),
+                                   "tokenizer": _tokenizer_id(cfg), "val": cfg.val_fraction,
+                                   "seed": cfg.seed})
+
+
+def _build(cfg: DataConfig, root: Path, final: Path) -> None:
+    """Build corpus splits, tokenizer and token streams into a temp dir, then publish atomically."""
+    t0 = time.time()
+    splits = {}
+    for dom in cfg.domains:
+        docs = corpus_lib.load_documents(cfg.corpus, dom, cfg.corpus_bytes_per_domain, cfg.cache_dir)
+        splits[dom] = dict(zip(SPLITS, corpus_lib.split_documents(docs, dom, cfg.val_fraction,
+                                                                   cfg.seed)))
+    tmp = corpus_lib.make_tmp(root, "data")
+    try:
+        if cfg.tokenizer == "byte":
+            tok = ByteTokenizer()
+        elif cfg.tokenizer == "bpe":
+            texts = [t for dom in cfg.domains for t in splits[dom]["train"]]
+            tok = load_tokenizer(cfg, train_texts=texts, trained_path=tmp / "tokenizer.json")
+        else:
+            shutil.copyfile(os.path.expanduser(cfg.tokenizer), tmp / "tokenizer.json")
+            tok = BPETokenizer.from_file(tmp / "tokenizer.json")
+        meta = {"config": dataclasses.asdict(cfg), "python": sys.version, "vocab_size": tok.vocab_size,
+                "streams": {}}
+        total = sum(len(s) for dom in cfg.domains for s in splits[dom].values())
+        with tqdm(total=total, desc="tokenize", unit="doc", leave=False) as bar:
+            for dom in cfg.domains:
+                for split, docs in splits[dom].items():
+                    ids = []
+                    for i in range(0, len(docs), 1024):
+                        ids += tok.encode_batch(docs[i:i + 1024])
+                        bar.update(len(docs[i:i + 1024]))
+                    n = write_stream(tmp / dom / split, ids, tok.bos_id, tok.eos_id)
+                    meta["streams"][f"{dom}/{split}"] = {"docs": len(docs), "tokens": n}
+        meta["build_seconds"] = round(time.time() - t0, 2)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # written last: marks complete
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    corpus_lib.publish(tmp, final)
+
+
+def open_data(cfg: DataConfig, path: Path) -> Data:
+    """Open a published data dir read-only."""
+    tok = ByteTokenizer() if cfg.tokenizer == "byte" else BPETokenizer.from_file(path / "tokenizer.json")
+    stores = {(d, s): TokenStore(path / d / s) for d in cfg.domains for s in SPLITS}
+    return Data(cfg=cfg, tokenizer=tok, stores=stores, path=path)
+
+
+def prepare_data(cfg: DataConfig, vocab_size: int | None = None) -> Data:
+    """Build (first call) or open (later calls, < 1 s) the data ``cfg`` describes.
+
+    Cached under ``cfg.cache_dir/data-<key>/``; concurrent builders are safe (atomic rename, the
+    loser uses the winner's copy). Raises if the tokenizer's vocabulary exceeds ``vocab_size``.
+    """
+    root = corpus_lib.cache_root(cfg.cache_dir)
+    final = root / f"data-{data_key(cfg)}"
+    if not (final / "meta.json").exists():
+        _build(cfg, root, final)
+    data = open_data(cfg, final)
+    if vocab_size is not None and data.tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"model.vocab_size={vocab_size} is smaller than the tokenizer's vocabulary "
+                         f"({data.tokenizer.vocab_size}, data.tokenizer={cfg.tokenizer!r}); raise it")
+    return data
