@@ -24,7 +24,8 @@ from typing import Callable, Iterable
 from tqdm.auto import tqdm
 
 EMBEDDED_DOMAINS = ("code", "prose", "math")
-CORPUS_VERSION = 1  # bump when the build recipe changes: invalidates every cached corpus
+CODE_ORDER_SEED = 1234
+CORPUS_VERSION = 2  # bump when the build recipe changes: invalidates every cached corpus
 MATH_SEED = 1234  # the math domain is fixed; DataConfig.seed only drives splits and sampling
 MIN_PROSE_CHARS = 200
 _AST_LOCK = threading.Lock()  # CPython 3.11's ast.parse is not thread-safe (recursion-depth check)
@@ -112,8 +113,11 @@ def _capped(docs: Iterable[str], cap: int, bar: tqdm) -> list[str]:
 
 
 def code_docs(cap: int, bar: tqdm) -> list[str]:
-    """One document per stdlib source file (sorted paths)."""
-    return _capped((s for _, p in stdlib_files() if (s := _read_source(p)) is not None), cap, bar)
+    """One document per stdlib source file, in a fixed-seed shuffle of the sorted paths, so a
+    byte cap samples the whole library instead of the alphabetically first packages."""
+    files = stdlib_files()
+    random.Random(CODE_ORDER_SEED).shuffle(files)
+    return _capped((s for _, p in files if (s := _read_source(p)) is not None), cap, bar)
 
 
 def _docstrings() -> Iterable[str]:
