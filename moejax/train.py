@@ -167,7 +167,7 @@ def make_train_step(s: Setup, num_domains: int) -> Callable[[TrainState, dict], 
         init = (zeros, jnp.zeros(()), jnp.zeros((num_domains,)), jnp.zeros((num_domains,)))
         (grads, loss, dsum, dcount), _ = jax.lax.scan(body, init, micro)
 
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
