@@ -13,13 +13,17 @@ def param(init: Callable, key: jax.Array | None, shape: Sequence[int], dtype,
           names: Sequence[str | None]) -> nnx.Param:
     """An ``nnx.Param`` of ``init(key, shape, dtype)`` carrying logical axis ``names``.
 
-    Under a mesh (``moejax.mesh.use_mesh``) the value is sharded eagerly by the logical rules; with
-    no mesh, eager sharding is switched off for this variable so single-device models still build.
+    Under a mesh (``moejax.mesh.use_mesh``) the value is sharded eagerly by the logical rules. With
+    no mesh the names are attached after construction (flax would otherwise demand a mesh), so the
+    metadata, and hence the state's tree structure, is the same with and without a mesh.
     """
     assert len(names) == len(shape), (names, shape)
     value = init(key, tuple(shape), jnp.dtype(dtype))
-    extra = {} if not jax.sharding.get_abstract_mesh().empty else {"eager_sharding": False}
-    return nnx.Param(value, out_sharding=tuple(names), **extra)
+    if not jax.sharding.get_abstract_mesh().empty:
+        return nnx.Param(value, out_sharding=tuple(names))
+    p = nnx.Param(value)
+    p.set_metadata("out_sharding", tuple(names))
+    return p
 
 
 def ones_init(key, shape, dtype):

@@ -1,0 +1,52 @@
+"""Kernel selection: the one place where the config picks an implementation (``xla``, ``cudnn``...).
+
+Models call ``attention(...)`` (and later ``gmm(...)``) with ``impl`` from the config, so CPU tests
+run the same code as production except for the kernel body.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from moejax.kernels import reference
+from moejax.kernels.reference import attention_mask
+
+ATTENTION_IMPLS = ("xla", "cudnn")
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Array,
+              kv_segment_ids: jax.Array, q_positions: jax.Array, kv_positions: jax.Array,
+              impl: str = "xla", scale: float | None = None) -> jax.Array:
+    """Causal, segment-masked grouped-query attention.
+
+    q: [B,T,H,hd]; k, v: [B,S,Hkv,hd] (H % Hkv == 0); segment ids / positions: [B,T] and [B,S] int32.
+    kv is visible to q iff kv_pos <= q_pos, same segment, kv segment != 0; padding queries
+    (segment 0) give zeros. Returns [B,T,H,hd] in q's dtype.
+    """
+    kw = dict(q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+              q_positions=q_positions, kv_positions=kv_positions, scale=scale)
+    if impl == "xla":
+        return reference.attention(q, k, v, **kw)
+    if impl == "cudnn":
+        return _cudnn_attention(q, k, v, **kw)
+    raise ValueError(f"attention impl={impl!r} is unknown; choose one of {ATTENTION_IMPLS}")
+
+
+def _cudnn_attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_positions, kv_positions, scale):
+    if jax.default_backend() != "gpu":
+        raise ValueError("model.attention.impl='cudnn' needs a CUDA GPU (the default backend is "
+                         f"{jax.default_backend()!r}); use impl='xla' on CPU/TPU")
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"model.attention.impl='cudnn' needs bfloat16/float16 compute, got {q.dtype};"
+                         " set model.dtype='bfloat16' or use impl='xla'")
+    mask = attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions)  # [B,T,S]
+    neg = float(jnp.finfo(q.dtype).min) / 2  # finite in fp16 too
+    bias = jnp.where(mask, 0.0, neg)[:, None].astype(q.dtype)  # [B,1,T,S]
+    hd = q.shape[-1]
+    out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=hd ** -0.5 if scale is None else scale,
+                                       implementation="cudnn")
+    return jnp.where((q_segment_ids != 0)[:, :, None, None], out, 0).astype(q.dtype)
+
+
+# gmm(): grouped matmul for MoE experts is selected here too (added with the MoE layer).

@@ -1,0 +1,171 @@
+"""Qwen3-style decoder: embedding, pre-norm blocks (GQA attention + SwiGLU), final norm, LM head.
+
+Layers are an unrolled ``nnx.List`` or, with ``cfg.scan_layers``, one stacked block created with
+``nnx.vmap`` (params get a leading 'layers' axis) and applied with ``nnx.scan``. Every block returns
+an aux dict; the model stacks it over layers (``[L, ...]``) so MoE routers can report statistics.
+
+KV-cache convention (right padding, per-row lengths):
+  * ``cache = model.init_cache(B, S)``: k, v [L,B,S,Hkv,hd] in compute dtype, positions and
+    segment_ids [B,S] (segment 0 = empty slot, never attended), lengths [B] = next write slot.
+  * ``model(tokens [B,T], segment_ids, positions, cache=cache)`` writes row b's T tokens at slots
+    lengths[b] .. lengths[b]+T-1 (slots >= S are dropped), attends over the whole cache, and
+    advances lengths[b] by the number of non-padding tokens (segment_ids != 0) in that row.
+  * So a chunk must be right-padded: valid tokens first, padding (segment 0) after; the padding
+    slots are overwritten by the next call. Defaults: segment_ids = 1, positions = lengths + t.
+  * Ragged prompts: prefill ``prompt [B,P]`` with segment_ids = (t < len_b), then feed T=1 steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moejax.config import ConfigError, ModelConfig
+from moejax.layers.attention import Attention, LayerCache, write_rows
+from moejax.layers.embed import Embed, LMHead
+from moejax.layers.mlp import MLP
+from moejax.layers.norms import make_norm
+from moejax.mesh import constrain
+
+Aux = dict[str, Any]
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+KV_NAMES = ("layers", "batch", "length", "kv_heads", "head_dim")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Decoding state for all layers (a pytree: jit-able and donatable). See the module docstring."""
+
+    k: jax.Array  # [L,B,S,Hkv,hd] compute dtype
+    v: jax.Array  # [L,B,S,Hkv,hd]
+    positions: jax.Array  # [B,S] int32, position of the token held in each slot
+    segment_ids: jax.Array  # [B,S] int32, 0 = empty or padding
+    lengths: jax.Array  # [B] int32, next write slot (= number of valid tokens held)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+@jax.jit(static_argnums=(0, 1, 2, 3, 4, 5))
+def _zeros_cache(L, B, S, Hkv, hd, dtype) -> KVCache:
+    kv = lambda: constrain(jnp.zeros((L, B, S, Hkv, hd), dtype), KV_NAMES)  # noqa: E731
+    z = lambda *shape: jnp.zeros(shape, jnp.int32)  # noqa: E731
+    return KVCache(k=kv(), v=kv(), positions=constrain(z(B, S), ("batch", "length")),
+                   segment_ids=constrain(z(B, S), ("batch", "length")),
+                   lengths=constrain(z(B), ("batch",)))
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = make_norm(cfg, cfg.d_model)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = make_norm(cfg, cfg.d_model)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, positions, segment_ids, cache: LayerCache | None = None):
+        """x [B,T,D] -> (x [B,T,D], aux dict of per-layer values, new (k, v) or None)."""
+        h, new_kv = self.attn(self.attn_norm(x), positions=positions, segment_ids=segment_ids,
+                              cache=cache)
+        x = x + h
+        x = x + self.mlp(self.mlp_norm(x))
+        return constrain(x, ("batch", "length", "embed")), {}, new_kv
+
+
+def _apply_block(block: Block, x, positions, segment_ids, cache):
+    return block(x, positions, segment_ids, cache)
+
+
+class Model(nnx.Module):
+    """``logits [B,T,V] fp32, aux = model(tokens [B,T] int32, segment_ids=None, positions=None)``;
+    with ``cache=`` it also returns the updated KVCache."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = Embed(cfg, rngs=rngs)
+        if cfg.scan_layers:
+            @nnx.split_rngs(splits=cfg.num_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def make(r):
+                return Block(cfg, rngs=r)
+            self.layers = make(rngs)
+        else:
+            self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = make_norm(cfg, cfg.d_model)
+        self.lm_head = None if cfg.tie_embeddings else LMHead(cfg, rngs=rngs)
+
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty cache of ``max_len`` slots per row, sharded like activations under a mesh."""
+        cfg, a = self.cfg, self.cfg.attention
+        if max_len > cfg.max_seq_len:
+            raise ConfigError(f"init_cache(max_len={max_len}) exceeds model.max_seq_len="
+                              f"{cfg.max_seq_len}; raise model.max_seq_len or shorten the cache")
+        return _zeros_cache(cfg.num_layers, batch, max_len, a.num_kv_heads, a.head_dim,
+                            jnp.dtype(cfg.dtype))
+
+    def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
+                 positions: jax.Array | None = None, cache: KVCache | None = None):
+        cfg = self.cfg
+        B, T = tokens.shape
+        tokens = constrain(tokens, ("batch", "length"))
+        if segment_ids is None:
+            segment_ids = jnp.ones((B, T), jnp.int32)
+        start = jnp.zeros((B,), jnp.int32) if cache is None else cache.lengths
+        if positions is None:
+            positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
+        segment_ids, positions = segment_ids.astype(jnp.int32), positions.astype(jnp.int32)
+
+        if cache is not None:
+            slots = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None]  # [B,T]
+            kv_pos = write_rows(cache.positions, slots, positions)  # [B,S]
+            kv_seg = write_rows(cache.segment_ids, slots, segment_ids)
+            layer_cache = lambda k, v: LayerCache(k, v, slots, kv_pos, kv_seg)  # noqa: E731
+            kv = (cache.k, cache.v)
+        else:
+            layer_cache, kv = None, None
+
+        block_fn = _apply_block
+        if cfg.remat != "none":
+            block_fn = nnx.remat(_apply_block, policy=REMAT_POLICIES[cfg.remat],
+                                 prevent_cse=not cfg.scan_layers)
+
+        x = self.embed(tokens)  # [B,T,D]
+        if cfg.scan_layers:
+            def body(x, block, kv_l):
+                lc = None if kv_l is None else layer_cache(*kv_l)
+                x, aux_l, new_kv = block_fn(block, x, positions, segment_ids, lc)
+                return x, (aux_l, new_kv)
+
+            x, (aux, new_kv) = nnx.scan(
+                body, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0),
+                transform_metadata={nnx.PARTITION_NAME: "layers"})(x, self.layers, kv)
+        else:
+            auxes, new_ks, new_vs = [], [], []
+            for i, block in enumerate(self.layers):
+                lc = None if kv is None else layer_cache(kv[0][i], kv[1][i])
+                x, aux_l, new_kv_l = block_fn(block, x, positions, segment_ids, lc)
+                auxes.append(aux_l)
+                if new_kv_l is not None:
+                    new_ks.append(new_kv_l[0])
+                    new_vs.append(new_kv_l[1])
+            aux = jax.tree.map(lambda *xs: jnp.stack(xs), *auxes)
+            new_kv = (jnp.stack(new_ks), jnp.stack(new_vs)) if kv is not None else None
+
+        h = self.final_norm(x)
+        logits = self.embed.attend(h) if self.lm_head is None else self.lm_head(h)  # [B,T,V] fp32
+        if cache is None:
+            return logits, aux
+        new_cache = KVCache(
+            k=constrain(new_kv[0], KV_NAMES), v=constrain(new_kv[1], KV_NAMES), positions=kv_pos,
+            segment_ids=kv_seg, lengths=cache.lengths + jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32))
+        return logits, aux, new_cache
