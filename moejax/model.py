@@ -28,6 +28,8 @@ from moejax.config import ConfigError, ModelConfig
 from moejax.layers.attention import Attention, LayerCache, write_rows
 from moejax.layers.embed import Embed, LMHead
 from moejax.layers.mlp import MLP
+from moejax.layers.moe import MoE
+from moejax.layers.router import RecurrentCell
 from moejax.layers.norms import make_norm
 from moejax.mesh import constrain
 
@@ -65,25 +67,37 @@ def _zeros_cache(L, B, S, Hkv, hd, dtype) -> KVCache:
 
 
 class Block(nnx.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x)); ffn is the dense MLP or,
+    in MoE layers (``cfg.moe.is_moe_layer(layer)``), the MoE block."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, layer: int = 0, *, rngs: nnx.Rngs):
         self.attn_norm = make_norm(cfg, cfg.d_model)
         self.attn = Attention(cfg, rngs=rngs)
         self.mlp_norm = make_norm(cfg, cfg.d_model)
-        self.mlp = MLP(cfg, rngs=rngs)
+        self.is_moe = cfg.moe.is_moe_layer(layer)
+        self.mlp = MoE(cfg, rngs=rngs) if self.is_moe else MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, positions, segment_ids, cache: LayerCache | None = None):
-        """x [B,T,D] -> (x [B,T,D], aux dict of per-layer values, new (k, v) or None)."""
+    def __call__(self, x, positions, segment_ids, cache: LayerCache | None = None, *,
+                 tokens=None, cell=None, state=None, rng=None, train: bool = False):
+        """x [B,T,D] -> (x [B,T,D], aux dict of per-layer values, new (k, v) or None, router state)."""
         h, new_kv = self.attn(self.attn_norm(x), positions=positions, segment_ids=segment_ids,
                               cache=cache)
         x = x + h
-        x = x + self.mlp(self.mlp_norm(x))
-        return constrain(x, ("batch", "length", "embed")), {}, new_kv
+        aux: Aux = {}
+        if self.is_moe:
+            y, aux, state = self.mlp(self.mlp_norm(x), token_ids=tokens, segment_ids=segment_ids,
+                                     state=state, cell=cell, rng=rng, train=train)
+        else:
+            y = self.mlp(self.mlp_norm(x))
+        x = x + y
+        return constrain(x, ("batch", "length", "embed")), aux, new_kv, state
 
 
-def _apply_block(block: Block, x, positions, segment_ids, cache):
-    return block(x, positions, segment_ids, cache)
+def _apply_block(block: Block, x, positions, segment_ids, cache, tokens, cell, state, rng, train):
+    """Block application as a plain function (what nnx.remat/nnx.scan wrap); ``train`` is static.
+    ``tokens`` feed MaskMoE, ``cell`` is the shared RMoE recurrent cell (or None)."""
+    return block(x, positions, segment_ids, cache, tokens=tokens, cell=cell, state=state, rng=rng,
+                 train=train)
 
 
 class Model(nnx.Module):
@@ -97,10 +111,13 @@ class Model(nnx.Module):
             @nnx.split_rngs(splits=cfg.num_layers)
             @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
             def make(r):
-                return Block(cfg, rngs=r)
+                return Block(cfg, 0, rngs=r)
             self.layers = make(rngs)
         else:
-            self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+            self.layers = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
+        r = cfg.moe.router
+        self.router_cell = (RecurrentCell(cfg, rngs=rngs)
+                            if cfg.moe.enabled and r.recurrent != "none" else None)
         self.final_norm = make_norm(cfg, cfg.d_model)
         self.lm_head = None if cfg.tie_embeddings else LMHead(cfg, rngs=rngs)
 
@@ -114,7 +131,10 @@ class Model(nnx.Module):
                             jnp.dtype(cfg.dtype))
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
-                 positions: jax.Array | None = None, cache: KVCache | None = None):
+                 positions: jax.Array | None = None, cache: KVCache | None = None, *,
+                 train: bool = False, rng: jax.Array | None = None):
+        """``train`` enables train-only routing behaviour (jitter, GW-MoE); ``rng`` feeds it.
+        MoE statistics in ``aux`` are stacked over the MoE layers only ([L_moe, ...])."""
         cfg = self.cfg
         B, T = tokens.shape
         tokens = constrain(tokens, ("batch", "length"))
@@ -137,28 +157,39 @@ class Model(nnx.Module):
         block_fn = _apply_block
         if cfg.remat != "none":
             block_fn = nnx.remat(_apply_block, policy=REMAT_POLICIES[cfg.remat],
-                                 prevent_cse=not cfg.scan_layers)
+                                 prevent_cse=not cfg.scan_layers, static_argnums=(9,))
 
         x = self.embed(tokens)  # [B,T,D]
+        cell = self.router_cell
+        state = None
+        if self.router_cell is not None:
+            state = jnp.zeros((B * T, cfg.moe.router.recurrent_dim), jnp.float32)  # h_0 = 0
+        rngs = None if rng is None else jax.random.split(rng, cfg.num_layers)
         if cfg.scan_layers:
-            def body(x, block, kv_l):
+            def body(carry, block, kv_l, rng_l, cell):
+                x, state = carry
                 lc = None if kv_l is None else layer_cache(*kv_l)
-                x, aux_l, new_kv = block_fn(block, x, positions, segment_ids, lc)
-                return x, (aux_l, new_kv)
+                x, aux_l, new_kv, state = block_fn(block, x, positions, segment_ids, lc, tokens,
+                                                   cell, state, rng_l, train)
+                return (x, state), (aux_l, new_kv)
 
-            x, (aux, new_kv) = nnx.scan(
-                body, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0),
-                transform_metadata={nnx.PARTITION_NAME: "layers"})(x, self.layers, kv)
+            (x, state), (aux, new_kv) = nnx.scan(
+                body, in_axes=(nnx.Carry, 0, 0, 0, None), out_axes=(nnx.Carry, 0),
+                transform_metadata={nnx.PARTITION_NAME: "layers"})((x, state), self.layers, kv, rngs,
+                                                                    cell)
         else:
             auxes, new_ks, new_vs = [], [], []
             for i, block in enumerate(self.layers):
                 lc = None if kv is None else layer_cache(kv[0][i], kv[1][i])
-                x, aux_l, new_kv_l = block_fn(block, x, positions, segment_ids, lc)
-                auxes.append(aux_l)
+                x, aux_l, new_kv_l, state = block_fn(block, x, positions, segment_ids, lc, tokens,
+                                                     cell, state, None if rngs is None else rngs[i],
+                                                     train)
+                if aux_l:
+                    auxes.append(aux_l)
                 if new_kv_l is not None:
                     new_ks.append(new_kv_l[0])
                     new_vs.append(new_kv_l[1])
-            aux = jax.tree.map(lambda *xs: jnp.stack(xs), *auxes)
+            aux = jax.tree.map(lambda *xs: jnp.stack(xs), *auxes) if auxes else {}
             new_kv = (jnp.stack(new_ks), jnp.stack(new_vs)) if kv is not None else None
 
         h = self.final_norm(x)

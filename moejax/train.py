@@ -20,6 +20,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from moejax.config import Config, TrainConfig
 from moejax.mesh import BATCH_AXES, use_mesh, rules_for
+from moejax.layers import balance
+from moejax.layers.router import update_bias as balance_update_bias
 from moejax.model import Model
 
 BATCH_KEYS_2D = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
@@ -120,10 +122,11 @@ def _split_microbatches(batch: dict, accum: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def token_losses(model: Model, batch: dict) -> tuple[jax.Array, dict]:
+def token_losses(model: Model, batch: dict, *, train: bool = False,
+                 rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """Per-token cross entropy [b, T] (fp32) and the model's aux statistics."""
     logits, aux = model(batch["inputs"], segment_ids=batch["segment_ids"],
-                        positions=batch["positions"])
+                        positions=batch["positions"], train=train, rng=rng)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
                                                          batch["targets"])
     return ce, aux
@@ -136,49 +139,78 @@ def _domain_sums(ce: jax.Array, batch: dict, num_domains: int) -> tuple[jax.Arra
     return jnp.einsum("bt,bd->d", ce * mask, onehot), jnp.einsum("bt,bd->d", mask, onehot)
 
 
+def batch_shards(mesh: Mesh) -> int:
+    """Number of batch shards (data * fsdp * expert): the groups of 'micro' balance scope."""
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
 def make_train_step(s: Setup, num_domains: int) -> Callable[[TrainState, dict], tuple]:
     """Jitted ``(state, batch) -> (state, metrics)`` with gradient accumulation over
-    ``train.grad_accum`` micro-steps. The loss is the masked token mean over the *whole* batch,
-    so accumulation is exact. A non-finite loss or gradient never reaches the parameters: the
-    update is dropped on device and ``metrics['nonfinite']`` tells the host to apply its policy."""
+    ``train.grad_accum`` micro-steps. The LM loss is the masked token mean over the *whole* batch,
+    so accumulation is exact; MoE balance losses are averaged over micro-steps, with the global
+    scope's count buffer carried across them. A non-finite loss or gradient never reaches the
+    parameters: the update is dropped on device and ``metrics['nonfinite']`` tells the host.
+    The aux-loss-free router bias is updated after the optimizer from the step's global counts."""
     cfg, tx, graphdef = s.cfg, s.tx, s.graphdef
+    moe = cfg.model.moe
     accum = cfg.train.grad_accum
     schedule = lr_schedule(cfg.train)
+    groups = batch_shards(s.mesh)
+    n_moe = num_moe_layers(cfg.model)
+    e_all = moe.num_experts + moe.router.num_null_experts
 
     def step_fn(state: TrainState, batch: dict):
         total_tokens = jnp.maximum(batch["loss_mask"].sum(), 1.0)
         micro = _split_microbatches(batch, accum)
+        key = step_key(state)
 
-        def micro_loss(params, mb):
+        def micro_loss(params, mb, buffer, k):
             model = nnx.merge(graphdef, params, state.rest)
-            ce, aux = token_losses(model, mb)
-            loss_sum = (ce * mb["loss_mask"]).sum()
-            return loss_sum / total_tokens, (ce, aux)
+            ce, aux = token_losses(model, mb, train=True, rng=k)
+            lm = (ce * mb["loss_mask"]).sum() / total_tokens
+            if not moe.enabled:
+                return lm, (ce, lm, {}, buffer)
+            aux_loss, buffer, stats = balance.moe_aux_loss(aux, moe, micro_groups=groups,
+                                                           count_buffer=buffer)
+            return lm + aux_loss / accum, (ce, lm, stats, buffer)
 
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
-        def body(carry, mb):
-            grads, loss, dsum, dcount = carry
-            (l, (ce, _aux)), g = grad_fn(state.params, mb)
+        def body(carry, xs):
+            mb, i = xs
+            grads, loss, dsum, dcount, buffer, stats = carry
+            (_, (ce, lm, st, buffer)), g = grad_fn(state.params, mb, buffer,
+                                                   jax.random.fold_in(key, i))
             ds, dc = _domain_sums(ce, mb, num_domains)
-            return (jax.tree.map(jnp.add, grads, g), loss + l, dsum + ds, dcount + dc), None
+            stats = jax.tree.map(jnp.add, stats, st)
+            return (jax.tree.map(jnp.add, grads, g), loss + lm, dsum + ds, dcount + dc, buffer,
+                    stats), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        init = (zeros, jnp.zeros(()), jnp.zeros((num_domains,)), jnp.zeros((num_domains,)))
-        (grads, loss, dsum, dcount), _ = jax.lax.scan(body, init, micro)
+        stats0 = balance.zero_stats(n_moe, e_all) if moe.enabled else {}
+        buffer0 = jnp.zeros((n_moe, e_all), jnp.float32)
+        init = (zeros, jnp.zeros(()), jnp.zeros((num_domains,)), jnp.zeros((num_domains,)),
+                buffer0, stats0)
+        (grads, loss, dsum, dcount, _, stats), _ = jax.lax.scan(
+            body, init, (micro, jnp.arange(accum)))
 
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
+        new_rest = state.rest
+        if moe.enabled and moe.router.aux_free_bias:
+            new_rest = update_router_biases(graphdef, new_params, state.rest, stats["counts"], cfg)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
         new_state = TrainState(step=state.step + finite.astype(jnp.int32),
-                               params=keep(new_params, state.params), rest=state.rest,
+                               params=keep(new_params, state.params),
+                               rest=keep(new_rest, state.rest),
                                opt_state=keep(new_opt, state.opt_state), rng=state.rng)
         metrics = {"train/loss": loss, "train/grad_norm": grad_norm,
                    "train/lr": schedule(state.step), "nonfinite": ~finite,
                    "train/tokens": batch["loss_mask"].sum(),
-                   "domain_loss_sum": dsum, "domain_tokens": dcount}
+                   "domain_loss_sum": dsum, "domain_tokens": dcount,
+                   **{f"moe/{k}": v / (1 if k == "counts" else accum) for k, v in stats.items()}}
         return new_state, metrics
 
     batch_sh = {k: batch_sharding(s.mesh, 2) for k in BATCH_KEYS_2D}
@@ -187,15 +219,45 @@ def make_train_step(s: Setup, num_domains: int) -> Callable[[TrainState, dict], 
                    out_shardings=(s.state_shardings, None), donate_argnums=(0,))
 
 
+def num_moe_layers(m) -> int:
+    return sum(m.moe.is_moe_layer(i) for i in range(m.num_layers))
+
+
+def update_router_biases(graphdef, params, rest, counts: jax.Array, cfg: Config) -> nnx.State:
+    """DeepSeek-V3 aux-loss-free bias step for every MoE layer from the step's global selection
+    counts [L_moe, E_all] (summed over all data shards and micro-steps); outside the optimizer."""
+    r, E = cfg.model.moe.router, cfg.model.moe.num_experts
+    model = nnx.merge(graphdef, params, rest)
+    routers = moe_routers(model)
+    for i, router in enumerate(routers):
+        c = counts[:, :E] if len(routers) == 1 and cfg.model.scan_layers else counts[i, :E]
+        update = lambda b, c: balance_update_bias(b, c, r.bias_update_rate, r.bias_update)  # noqa: E731
+        b = router.bias[...]
+        router.bias[...] = jax.vmap(update)(b, c) if b.ndim == 2 else update(b, c)
+    return nnx.split(model, nnx.Param, ...)[2]
+
+
+def moe_routers(model: Model) -> list:
+    """The Router of every MoE layer (one stacked Router when layers are scanned)."""
+    if model.cfg.scan_layers:
+        return [model.layers.mlp.router] if model.cfg.moe.enabled else []
+    return [blk.mlp.router for blk in model.layers if blk.is_moe]
+
+
 def make_eval_step(s: Setup, num_domains: int) -> Callable[[TrainState, dict], dict]:
     """Jitted ``(state, batch) -> {loss_sum [D], tokens [D]}`` for validation."""
     graphdef = s.graphdef
 
     def eval_fn(state: TrainState, batch: dict):
         model = nnx.merge(graphdef, state.params, state.rest)
-        ce, _ = token_losses(model, batch)
+        ce, aux = token_losses(model, batch)
         dsum, dcount = _domain_sums(ce, batch, num_domains)
-        return {"loss_sum": dsum, "tokens": dcount}
+        out = {"loss_sum": dsum, "tokens": dcount}
+        if "router/seq_counts" in aux:  # expert selections per domain [L_moe, D, E_all]
+            onehot = jax.nn.one_hot(batch["domain"], num_domains, dtype=jnp.float32)
+            out["domain_counts"] = jnp.einsum("lbe,bd->lde", aux["router/seq_counts"], onehot)
+            out["topk_score_sum"] = aux["router/topk_score_sum"]
+        return out
 
     batch_sh = {k: batch_sharding(s.mesh, 2) for k in BATCH_KEYS_2D}
     batch_sh["domain"] = batch_sharding(s.mesh, 1)

@@ -87,15 +87,18 @@ class Trainer:
                                                 global_batch=self.cfg.train.batch_size,
                                                 process_index=jax.process_index(),
                                                 process_count=jax.process_count())]
-        loss_sum = np.zeros(len(self.domains))
-        tokens = np.zeros(len(self.domains))
+        totals: dict[str, np.ndarray] = {}
         for b in self._eval_batches:
-            out = self.eval_step(state, b)
-            loss_sum += np.asarray(out["loss_sum"])
-            tokens += np.asarray(out["tokens"])
+            for k, v in jax.device_get(self.eval_step(state, b)).items():
+                totals[k] = totals.get(k, 0) + np.asarray(v, np.float64)
+        loss_sum, tokens = totals["loss_sum"], totals["tokens"]
         out = {f"val/loss/{d}": float(loss_sum[i] / max(tokens[i], 1.0))
                for i, d in enumerate(self.domains)}
         out["val/loss"] = float(loss_sum.sum() / max(tokens.sum(), 1.0))
+        if "domain_counts" in totals:  # [L_moe, D, E_all] -> selection frequency per domain
+            out["moe/domain_counts"] = totals["domain_counts"].tolist()
+            score = totals["topk_score_sum"] / len(self._eval_batches)
+            out.update({f"val/topk_score_sum/layer{i}": float(v) for i, v in enumerate(score)})
         return out
 
     def _save(self, step: int, state, it, tokens: int, *, force: bool = False) -> None:
@@ -187,4 +190,24 @@ class Trainer:
         for i, d in enumerate(self.domains):
             if m["domain_tokens"][i] > 0:
                 rec[f"train/loss/{d}"] = float(m["domain_loss_sum"][i] / m["domain_tokens"][i])
+        rec.update(moe_records(m, self.cfg.model.moe.num_experts))
         return rec
+
+
+def moe_records(m: dict, num_experts: int) -> dict:
+    """Per-layer MoE metrics ``moe/<stat>/layer<i>`` from a train step's ``moe/*`` outputs;
+    ``imbalance`` is max/mean expert load over the global batch (real experts only)."""
+    rec = {}
+    for key, v in m.items():
+        if not key.startswith("moe/"):
+            continue
+        v = np.asarray(v)
+        if key == "moe/counts":
+            load = v[:, :num_experts].astype(np.float64)
+            rec.update({f"moe/imbalance/layer{i}": float(load[i].max() / max(load[i].mean(), 1e-9))
+                        for i in range(load.shape[0])})
+        elif v.ndim == 0:
+            rec[f"train/{key[4:]}"] = float(v)
+        elif v.ndim == 1:
+            rec.update({f"{key}/layer{i}": float(x) for i, x in enumerate(v)})
+    return rec

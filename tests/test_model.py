@@ -124,9 +124,9 @@ def test_aux_is_stacked_over_layers(monkeypatch, base, tokens):
     from moejax import model as model_lib
     orig = model_lib.Block.__call__
 
-    def with_aux(self, x, *args):
-        x, _, kv = orig(self, x, *args)
-        return x, {"resid/max_abs": jnp.max(jnp.abs(x)), "router/counts": jnp.ones(3)}, kv
+    def with_aux(self, x, *args, **kw):
+        x, _, kv, state = orig(self, x, *args, **kw)
+        return x, {"resid/max_abs": jnp.max(jnp.abs(x)), "router/counts": jnp.ones(3)}, kv, state
     monkeypatch.setattr(model_lib.Block, "__call__", with_aux)
     maxes = []
     for scan in (False, True):

@@ -36,3 +36,29 @@ def plot_curves(runs: dict[str, str], keys: Sequence[str], out_png: str, *,
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return out_png
+
+
+def plot_domain_heatmaps(freq, out_png: str, *, title: str = "",
+                         domains: Sequence[str] = ()) -> str:
+    """One heatmap per layer of ``freq [L, D, E]`` (domains x experts), shared colour scale."""
+    import numpy as np
+
+    freq = np.asarray(freq)
+    L = freq.shape[0]
+    fig, axes = plt.subplots(L, 1, figsize=(max(6, 0.35 * freq.shape[2]), 1.1 * L + 1.2),
+                             squeeze=False)
+    vmax = max(float(freq.max()), 1.0)
+    for layer, ax in enumerate(axes[:, 0]):
+        im = ax.imshow(freq[layer], aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
+        ax.set_yticks(range(freq.shape[1]), list(domains) or range(freq.shape[1]), fontsize=7)
+        ax.set_ylabel(f"layer {layer}", fontsize=7)
+        ax.set_xticks([])
+    axes[-1, 0].set_xticks(range(freq.shape[2]), range(freq.shape[2]), fontsize=6)
+    axes[-1, 0].set_xlabel("expert")
+    fig.colorbar(im, ax=axes[:, 0].tolist(), fraction=0.03)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    os.makedirs(os.path.dirname(out_png) or ".", exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png

@@ -1,7 +1,7 @@
 """Kernel selection: the one place where the config picks an implementation (``xla``, ``cudnn``...).
 
-Models call ``attention(...)`` (and later ``gmm(...)``) with ``impl`` from the config, so CPU tests
-run the same code as production except for the kernel body.
+Models call ``attention(...)`` and ``gmm(...)`` with ``impl`` from the config, so CPU tests run the
+same code as production except for the kernel body.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from moejax.kernels import gmm as _gmm_impls
 from moejax.kernels import reference
 from moejax.kernels.reference import attention_mask
 
@@ -49,4 +50,22 @@ def _cudnn_attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_positions, kv_
     return jnp.where((q_segment_ids != 0)[:, :, None, None], out, 0).astype(q.dtype)
 
 
-# gmm(): grouped matmul for MoE experts is selected here too (added with the MoE layer).
+GMM_IMPLS = ("reference", "xla", "tokamax", "pallas")
+# Note: the function below shadows the submodule attribute ``moejax.kernels.gmm``; reach the kernel
+# bodies with ``from moejax.kernels.gmm import xla`` (resolved through sys.modules), not attributes.
+
+
+def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, impl: str = "xla",
+        preferred_element_type=None) -> jax.Array:
+    """Grouped matmul for MoE experts: out[m] = lhs[m] @ rhs[g(m)].
+
+    lhs: [M,K] with rows sorted by group; rhs: [G,K,N]; group_sizes: [G] int32 (sum <= M). Rows past
+    sum(group_sizes) come out as zeros. Differentiable in lhs and rhs. Returns [M,N].
+    ``impl``: 'reference' (jnp masked loop), 'xla' (lax.ragged_dot), 'tokamax', 'pallas' (GPU).
+    """
+    kw = dict(preferred_element_type=preferred_element_type)
+    if impl == "reference":
+        return reference.gmm(lhs, rhs, group_sizes, **kw)
+    if impl in ("xla", "tokamax", "pallas"):
+        return getattr(_gmm_impls, impl)(lhs, rhs, group_sizes, **kw)
+    raise ValueError(f"gmm impl={impl!r} is unknown; choose one of {GMM_IMPLS}")

@@ -35,3 +35,23 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Ar
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # [B,Hkv,G,T,S]
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H, hd)
     return jnp.where((q_segment_ids != 0)[:, :, None, None], out, 0).astype(q.dtype)
+
+
+def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
+        preferred_element_type=None) -> jax.Array:
+    """Grouped matmul by a masked loop over groups: obviously right, G x the FLOPs (tests only).
+
+    lhs: [M,K] rows sorted by group; rhs: [G,K,N]; group_sizes: [G] int32. Row m belongs to group g
+    iff starts[g] <= m < ends[g]; rows past sum(group_sizes) give zeros. Returns [M,N].
+    """
+    M, G = lhs.shape[0], rhs.shape[0]
+    out_dtype = preferred_element_type or jnp.result_type(lhs.dtype, rhs.dtype)
+    ends = jnp.cumsum(group_sizes.astype(jnp.int32))  # [G]
+    starts = ends - group_sizes
+    row = jnp.arange(M, dtype=jnp.int32)[:, None]  # [M,1]
+    member = (row >= starts[None, :]) & (row < ends[None, :])  # [M,G]
+    out = jnp.zeros((M, rhs.shape[2]), out_dtype)
+    for g in range(G):
+        part = jnp.dot(lhs, rhs[g], preferred_element_type=out_dtype)  # [M,N]
+        out = out + jnp.where(member[:, g:g + 1], part, 0).astype(out_dtype)
+    return out

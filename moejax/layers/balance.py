@@ -1,0 +1,198 @@
+"""Balance losses computed from router statistics, never inside layers (DESIGN "Contracts").
+
+Normalisation (spec §0, §1): ``LBL = E * sum_i f_i p_i`` with ``f_i = counts_i / sum_j counts_j``
+(stop-gradient, sums to 1 also for variable-k routers such as top-p or null experts; for top-k it
+equals the §0 form counts_i / (K T)) and ``p_i = prob_sum_i / tokens``. E is the number of columns,
+i.e. real + null experts for AdaMoE. Uniform f and p give exactly 1. The scope decides over which
+tokens f and p are pooled (sequence, group of G sequences, data shard = micro, whole batch = global),
+and a scope's loss is the mean of the per-pool losses over pools holding tokens (empty pools are
+masked out, never NaN). Every function returns the value without its coefficient.
+
+Inputs come from the MoE layer's aux: ``seq_counts [B,E]`` (stop-gradient selection counts per
+sequence), ``seq_prob_sum [B,E]`` (differentiable sum of probs over the sequence's valid tokens),
+``seq_tokens [B]``; a leading layer axis ``[L,B,E]`` is allowed and averaged over.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+SCOPES = ("none", "micro", "sequence", "group", "global", "global+micro")
+
+
+def _safe_div(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a / b where b > 0, else 0 (b broadcast against a)."""
+    return jnp.where(b > 0, a / jnp.where(b > 0, b, 1.0), 0.0)
+
+
+def _masked_mean(values: jax.Array, ok: jax.Array) -> jax.Array:
+    """Mean of values [..., N] over the entries with ok; 0 if none."""
+    ok = ok.astype(jnp.float32)
+    return jnp.sum(jnp.where(ok > 0, values, 0.0), -1) / jnp.maximum(jnp.sum(ok, -1), 1.0)
+
+
+def lbl(counts: jax.Array, prob_sum: jax.Array, tokens: jax.Array) -> jax.Array:
+    """E * sum_i f_i p_i for counts, prob_sum [..., E] and tokens [...] -> [...] (0 for no tokens)."""
+    counts = jax.lax.stop_gradient(counts.astype(jnp.float32))
+    f = _safe_div(counts, jnp.sum(counts, -1, keepdims=True))  # [...,E], sums to 1
+    p = _safe_div(prob_sum.astype(jnp.float32), jnp.asarray(tokens, jnp.float32)[..., None])
+    return counts.shape[-1] * jnp.sum(f * p, -1)
+
+
+def _grouped(seq_counts, seq_prob_sum, seq_tokens, group_size: int) -> jax.Array:
+    """Mean LBL over consecutive groups of ``group_size`` sequences (pooled counts and probs)."""
+    B, E = seq_counts.shape
+    if B % group_size:
+        raise ValueError(f"balance group of {group_size} sequences must divide the batch ({B})")
+    n = B // group_size
+    if group_size == 1:
+        c, ps, tok = seq_counts, seq_prob_sum, seq_tokens
+    else:  # pool with a 0/1 membership matmul: a reshape of a batch-sharded axis is ambiguous
+        member = (jnp.arange(B)[None, :] // group_size == jnp.arange(n)[:, None]).astype(jnp.float32)
+        pool = lambda a: jnp.einsum("nb,b...->n...", member, a.astype(jnp.float32),  # noqa: E731
+                                    precision=jax.lax.Precision.HIGHEST)
+        c, ps, tok = pool(seq_counts), pool(seq_prob_sum), pool(seq_tokens)  # [n,E], [n,E], [n]
+    return _masked_mean(lbl(c, ps, tok), tok > 0)
+
+
+def _balance_one(seq_counts, seq_prob_sum, seq_tokens, count_buffer, *, scope, group_size,
+                 micro_groups, micro_ratio):
+    """balance_loss for one layer: [B,E], [B,E], [B], [E] | None -> (scalar, [E] | None)."""
+    B = seq_counts.shape[0]
+    seq_tokens = seq_tokens.astype(jnp.float32)
+
+    def micro():
+        if B % micro_groups:
+            raise ValueError(f"micro_groups={micro_groups} (batch shards) must divide the batch ({B})")
+        return _grouped(seq_counts, seq_prob_sum, seq_tokens, B // micro_groups)
+
+    if scope == "none":
+        return jnp.zeros((), jnp.float32), count_buffer
+    if scope == "sequence":
+        return _grouped(seq_counts, seq_prob_sum, seq_tokens, 1), count_buffer
+    if scope == "group":
+        return _grouped(seq_counts, seq_prob_sum, seq_tokens, group_size), count_buffer
+    if scope == "micro":
+        return micro(), count_buffer
+    if scope in ("global", "global+micro"):
+        c = jax.lax.stop_gradient(jnp.sum(seq_counts.astype(jnp.float32), 0))  # [E]
+        if count_buffer is not None:
+            c = c + count_buffer  # earlier micro-steps of this optimizer step (§1.1)
+        loss = lbl(c, jnp.sum(seq_prob_sum, 0), jnp.sum(seq_tokens))
+        if scope == "global+micro":
+            loss = loss + micro_ratio * micro()
+        return loss, c
+    raise ValueError(f"scope={scope!r}: choose one of {SCOPES}")
+
+
+def balance_loss(seq_counts: jax.Array, seq_prob_sum: jax.Array, seq_tokens: jax.Array, *,
+                 scope: str, group_size: int = 1, micro_groups: int = 1,
+                 count_buffer: jax.Array | None = None, micro_ratio: float = 0.01):
+    """Load-balancing loss of one scope -> (loss scalar, new count buffer or the one passed).
+
+    seq_counts, seq_prob_sum [B,E] or [L,B,E]; seq_tokens [B] or [L,B]; count_buffer [E] / [L,E].
+    * 'sequence': mean over sequences (DeepSeek-V3 sequence-wise loss, §8.12).
+    * 'group': consecutive groups of ``group_size`` sequences, pooled, mean over groups (§1.4).
+    * 'micro': 'group' with group_size = B / micro_groups, one group per data shard (§1.1 micro).
+    * 'global': pooled over the batch; with gradient accumulation pass the buffer returned by the
+      previous micro-step (zeros / None at the first), and f uses buffer + this step's counts while
+      p stays local (§1.1 approximate global-batch LBL). No token buffer is needed: f divides by the
+      pooled count total, which is K * tokens seen for top-k. The returned buffer is the new total.
+    * 'global+micro': global + micro_ratio * micro (Qwen's efficiency add-on).
+    The loss is averaged over a leading layer axis.
+    """
+    kw = dict(scope=scope, group_size=group_size, micro_groups=micro_groups, micro_ratio=micro_ratio)
+    if seq_counts.ndim == 2:
+        return _balance_one(seq_counts, seq_prob_sum, seq_tokens, count_buffer, **kw)
+    fn = lambda c, p, t, b: _balance_one(c, p, t, b, **kw)  # noqa: E731
+    loss, buf = jax.vmap(fn, in_axes=(0, 0, 0, None if count_buffer is None else 0))(
+        seq_counts, seq_prob_sum, seq_tokens, count_buffer)
+    return jnp.mean(loss), buf
+
+
+def z_loss(z_per_layer: jax.Array) -> jax.Array:
+    """Router z-loss (ST-MoE): mean over layers of the per-layer mean logsumexp(logits)^2."""
+    return jnp.mean(jnp.asarray(z_per_layer, jnp.float32))
+
+
+def entropy_loss(entropy_per_layer: jax.Array) -> jax.Array:
+    """Top-p dynamic loss (Huang et al. 2024, §8.5): mean router entropy -sum P log P, minimised."""
+    return jnp.mean(jnp.asarray(entropy_per_layer, jnp.float32))
+
+
+def device_balance_loss(counts: jax.Array, prob_sum: jax.Array, tokens: jax.Array,
+                        num_groups: int) -> jax.Array:
+    """DeepSeekMoE device-level balance (§8.6), mean over any leading (layer) axes.
+
+    Experts split into ``num_groups`` consecutive groups d. f_i = E * counts_i / sum counts (1 at
+    balance, DeepSeek's N'/(K'T) form), f'_d = mean_{i in d} f_i, P_i = prob_sum_i / tokens,
+    P'_d = sum_{i in d} P_i; loss = sum_d f'_d P'_d, exactly 1 at perfect balance.
+    counts, prob_sum [..., E]; tokens [...].
+    """
+    E = counts.shape[-1]
+    if E % num_groups:
+        raise ValueError(f"num_groups={num_groups} must divide the experts ({E})")
+    counts = jax.lax.stop_gradient(counts.astype(jnp.float32))
+    f = E * _safe_div(counts, jnp.sum(counts, -1, keepdims=True))
+    P = _safe_div(prob_sum.astype(jnp.float32), jnp.asarray(tokens, jnp.float32)[..., None])
+    shape = counts.shape[:-1] + (num_groups, E // num_groups)
+    fd = jnp.mean(f.reshape(shape), -1)
+    Pd = jnp.sum(P.reshape(shape), -1)
+    return jnp.mean(jnp.sum(fd * Pd, -1))
+
+
+def imbalance(counts: jax.Array) -> jax.Array:
+    """Max load / mean load over the last (expert) axis: counts [..., E] -> [...]; 1 = balanced."""
+    counts = counts.astype(jnp.float32)
+    return _safe_div(jnp.max(counts, -1), jnp.mean(counts, -1))
+
+
+def sequence_imbalance(seq_counts: jax.Array) -> jax.Array:
+    """Mean over sequences (with selections) of per-sequence max/mean load: [..., B, E] -> [...]."""
+    per = imbalance(seq_counts)  # [...,B]
+    return _masked_mean(per, jnp.sum(seq_counts, -1) > 0)
+
+
+STAT_KEYS = ("aux_loss", "balance_loss", "z_loss", "device_loss", "entropy_loss")
+LAYER_STAT_KEYS = ("seq_imbalance", "topk_score_sum", "entropy", "active_experts", "dropped")
+
+
+def zero_stats(num_layers: int, num_columns: int) -> dict:
+    """The (fixed) structure of ``moe_aux_loss``'s stats, zeroed: a scan carry for grad accumulation."""
+    return {"counts": jnp.zeros((num_layers, num_columns), jnp.float32),
+            **{k: jnp.zeros((), jnp.float32) for k in STAT_KEYS},
+            **{k: jnp.zeros((num_layers,), jnp.float32) for k in LAYER_STAT_KEYS}}
+
+
+def moe_aux_loss(aux: dict, moe, *, micro_groups: int, count_buffer: jax.Array | None = None):
+    """All MoE aux losses of one (micro-)step from the model's aux -> (loss, buffer, stats).
+
+    Reads ``router/seq_counts``, ``router/seq_prob_sum`` [L,B,E_all], ``router/seq_tokens`` [L,B],
+    ``router/z`` and ``router/entropy`` [L]; ``moe`` is the MoEConfig. loss = coef * balance (scope
+    from the config) + z_loss_coef * z + device_coef * device balance (real experts, router.num_groups
+    groups) + entropy_coef * entropy (kind='topp' only). stats (stop-gradient) follow ``zero_stats``:
+    counts [L,E_all] of this step's batch and each unscaled loss term.
+    """
+    b, r = moe.balance, moe.router
+    sc, ps, tok = aux["router/seq_counts"], aux["router/seq_prob_sum"], aux["router/seq_tokens"]
+    zero = jnp.zeros((), jnp.float32)
+    bal, buf = zero, count_buffer
+    if b.scope != "none" and b.coef > 0:
+        bal, buf = balance_loss(sc, ps, tok, scope=b.scope, group_size=b.group_size,
+                                micro_groups=micro_groups, count_buffer=count_buffer,
+                                micro_ratio=b.micro_ratio)
+    zl = z_loss(aux["router/z"]) if b.z_loss_coef > 0 else zero
+    dev = zero
+    if b.device_coef > 0 and r.num_groups > 1:
+        E = moe.num_experts
+        dev = device_balance_loss(jnp.sum(sc[..., :E], -2), jnp.sum(ps[..., :E], -2),
+                                  jnp.sum(tok, -1), r.num_groups)
+    ent = entropy_loss(aux["router/entropy"]) if r.kind == "topp" and b.entropy_coef > 0 else zero
+    loss = b.coef * bal + b.z_loss_coef * zl + b.device_coef * dev + b.entropy_coef * ent
+    per_layer = {"seq_imbalance": sequence_imbalance(sc[..., :moe.num_experts]),
+                 **{k: aux[f"router/{k}"] for k in LAYER_STAT_KEYS[1:]}}
+    stats = {"counts": jnp.sum(sc, -2).astype(jnp.float32),
+             **dict(zip(STAT_KEYS, (loss, bal, zl, dev, ent))),
+             **{k: v.astype(jnp.float32) for k, v in per_layer.items()}}
+    return loss, buf, jax.lax.stop_gradient(stats)

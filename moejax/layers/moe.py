@@ -1,0 +1,106 @@
+"""The MoE block: route -> routed experts (dropless or capacity, EP via shard_map) -> combine,
+plus optional shared experts (plain or Qwen3-Next sigmoid-gated) and GW-MoE's dense mixture for
+uncertain tokens at train time.
+
+Returns per-layer statistics for ``aux`` (DESIGN contract); balance losses are computed from them
+in the training loop (``moejax.layers.balance``), never here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moejax.config import ModelConfig
+from moejax.layers import param
+from moejax.layers.mlp import MLP
+from moejax.layers.moe_dispatch import expert_choice_experts, moe_ffn
+from moejax.layers.router import ExpertChoice, RecurrentCell, Router, router_stats, uncertain_tokens
+from moejax.mesh import constrain
+
+
+def seq_stats(selected: jax.Array, probs: jax.Array, valid: jax.Array, batch: int) -> dict:
+    """Per-sequence balance statistics: counts (stop-gradient) and prob sums [B, E_all], tokens [B]."""
+    T = selected.shape[0] // batch
+    v = valid.astype(jnp.float32)[:, None]
+    return {
+        "seq_counts": jax.lax.stop_gradient((selected * v).reshape(batch, T, -1).sum(1)),
+        "seq_prob_sum": (probs * v).reshape(batch, T, -1).sum(1),
+        "seq_tokens": valid.astype(jnp.float32).reshape(batch, T).sum(1),
+    }
+
+
+class MoE(nnx.Module):
+    """Routed experts w_gate/w_up [E, D, F] ('expert','embed','mlp'), w_down [E, F, D]."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        m = cfg.moe
+        self.cfg = cfg
+        self.dtype = jnp.dtype(cfg.dtype)
+        E, D, F = m.num_experts, cfg.d_model, m.d_expert
+        init = jax.nn.initializers.truncated_normal(cfg.init_std)
+        out_init = jax.nn.initializers.truncated_normal(cfg.init_std / math.sqrt(2 * cfg.num_layers))
+        pd = cfg.param_dtype
+        self.router = Router(cfg, rngs=rngs)
+        self.w_gate = param(init, rngs.params(), (E, D, F), pd, ("expert", "embed", "mlp"))
+        self.w_up = param(init, rngs.params(), (E, D, F), pd, ("expert", "embed", "mlp"))
+        self.w_down = param(out_init, rngs.params(), (E, F, D), pd, ("expert", "mlp", "embed"))
+        self.shared = None
+        self.shared_gate = None
+        if m.num_shared_experts:
+            d_shared = m.d_shared or m.d_expert * m.num_shared_experts
+            self.shared = MLP(dataclasses.replace(cfg, d_ff=d_shared), rngs=rngs)
+            if m.shared_gate:
+                self.shared_gate = param(init, rngs.params(), (D, 1), pd, ("embed", None))
+
+    def __call__(self, x: jax.Array, *, token_ids: jax.Array, segment_ids: jax.Array,
+                 state: jax.Array | None, cell: RecurrentCell | None, rng: jax.Array | None,
+                 train: bool):
+        """x [B,T,D] -> (y [B,T,D], aux dict, new router state [B*T, p] or None)."""
+        m, dt = self.cfg.moe, self.dtype
+        B, T, D = x.shape
+        xf = x.reshape(B * T, D)  # batch-major: token rows stay sharded over the batch axes
+        valid = (segment_ids != 0).reshape(B * T)
+        routing, new_state = self.router(xf, token_ids=token_ids.reshape(B * T), state=state,
+                                         cell=cell, rng=rng, train=train)
+        w = (self.w_gate[...].astype(dt), self.w_up[...].astype(dt), self.w_down[...].astype(dt))
+        if isinstance(routing, ExpertChoice):
+            y = expert_choice_experts(xf.astype(dt), routing.tokens, routing.weights, *w)
+            dispatch = {"dropped": jnp.zeros((), jnp.int32)}
+        else:
+            y, dispatch = moe_ffn(xf.astype(dt), routing.experts, routing.weights, *w, cfg=m, dtype=dt)
+        if train and m.router.gw_entropy_threshold > 0:
+            y = self._gw_mixture(xf, y, routing.probs, valid, B, w)
+        y = y.reshape(B, T, D)
+        if self.shared is not None:
+            s = self.shared(x)
+            if self.shared_gate is not None:
+                s = s * jax.nn.sigmoid(jnp.einsum("btd,dk->btk", x, self.shared_gate[...].astype(dt)))
+            y = y + s
+        stats = router_stats(routing, valid, num_null=m.router.num_null_experts)
+        aux = {f"router/{k}": v for k, v in stats.items()}
+        aux["router/dropped"] = aux.get("router/dropped", 0) + dispatch["dropped"]
+        aux.update({f"router/{k}": v for k, v in
+                    seq_stats(routing.selected, routing.probs, valid, B).items()})
+        return constrain(y.astype(x.dtype), ("batch", "length", "embed")), aux, new_state
+
+    def _gw_mixture(self, xf, y, probs, valid, batch, w):
+        """GW-MoE (section 7): the first ``gw_max_slots`` uncertain tokens of each sequence get the
+        dense probability-weighted mixture of all experts instead of their top-k output."""
+        r = self.cfg.moe.router
+        E = self.cfg.moe.num_experts
+        T = xf.shape[0] // batch
+        mask = uncertain_tokens(probs[:, :E].reshape(batch, T, E), valid.reshape(batch, T),
+                                r.gw_entropy_threshold, r.gw_max_slots).reshape(-1)  # [B*T]
+        U = batch * r.gw_max_slots
+        idx = jnp.nonzero(mask, size=U, fill_value=0)[0]  # [U] token rows (padded with row 0)
+        keep = jnp.arange(U) < mask.sum()
+        xu = xf[idx].astype(self.dtype)  # [U, D]
+        wg, wu, wd = w
+        h = jax.nn.silu(jnp.einsum("ud,edf->uef", xu, wg)) * jnp.einsum("ud,edf->uef", xu, wu)
+        out = jnp.einsum("uef,efd,ue->ud", h, wd, probs[idx, :E].astype(self.dtype))  # [U, D]
+        return y.at[idx].set(jnp.where(keep[:, None], out.astype(y.dtype), y[idx]))

@@ -1,0 +1,325 @@
+"""Routed experts: dropless / capacity / expert choice against dense references, and expert
+parallelism on 8 CPU devices against the single-device layer (values, gradients, drop counts)."""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from moejax.config import ConfigError, MoEConfig
+from moejax.layers import moe_dispatch as md
+from moejax.layers import moe_ep
+
+T, D, F, E, S = 64, 32, 16, 8, 2
+SHARDS = 8  # batch shards in every EP mesh below (data*fsdp*expert)
+TL = T // SHARDS
+TOL = dict(rtol=2e-5, atol=2e-5)
+BATCH = ("data", "fsdp", "expert")
+
+
+# ---------------------------------------------------------------- inputs and references
+def make_routing(kind: str, seed: int):
+    """experts [T,S] int32 (-1 empty) and weights [T,S] (0 on empty slots)."""
+    rng = np.random.default_rng(seed)
+    if kind == "random":  # experts 6, 7 never chosen; ~20% empty slots; a few null-expert ids
+        ex = np.stack([rng.choice(6, S, replace=False) for _ in range(T)])
+        ex[rng.random((T, S)) < 0.2] = -1
+        ex[rng.random((T, S)) < 0.05] = E  # id >= E (AdaMoE null expert): no compute, no output
+    elif kind == "one_expert":  # every token to expert 3; second slot empty
+        ex = np.stack([np.full(T, 3), np.full(T, -1)], axis=1)
+    elif kind == "full":  # every slot used, all experts
+        ex = np.stack([rng.choice(E, S, replace=False) for _ in range(T)])
+    else:
+        raise ValueError(kind)
+    ex = ex.astype(np.int32)
+    w = (rng.random((T, S)) * (ex != -1)).astype(np.float32)  # null experts keep their weight
+    return ex, w
+
+
+def routed(ex):
+    """[T,S] bool: slots that name a real expert (not -1, not a null expert id >= E)."""
+    return (ex >= 0) & (ex < E)
+
+
+ROUTINGS = {k: make_routing(k, i) for i, k in enumerate(("random", "one_expert", "full"))}
+
+
+@pytest.fixture(scope="module")
+def params():
+    rng = np.random.default_rng(42)
+    x = rng.normal(size=(T, D)).astype(np.float32)
+    wg, wu = (rng.normal(size=(E, D, F)).astype(np.float32) * 0.3 for _ in range(2))
+    wd = rng.normal(size=(E, F, D)).astype(np.float32) * 0.3
+    ct = rng.normal(size=(T, D)).astype(np.float32)  # output cotangent
+    return x, wg, wu, wd, ct
+
+
+def dense_reference(x, ex, w, wg, wu, wd):
+    """Every expert on every token, masked by the routing: y = sum_e comb[t,e] E_e(x_t)."""
+    g = jnp.einsum("td,edf->tef", x, wg)
+    u = jnp.einsum("td,edf->tef", x, wu)
+    o = jnp.einsum("tef,efd->ted", jax.nn.silu(g) * u, wd)
+    comb = jnp.einsum("tse,ts->te", jax.nn.one_hot(ex, E), w)  # one_hot(-1 or E): a zero row
+    return jnp.einsum("ted,te->td", o, comb)
+
+
+def value_and_grads(layer):
+    """jit(layer) -> (y, stats, grads wrt (x, weights, w_gate, w_up, w_down)) for loss sum(y*ct)."""
+    def loss(x, w, wg, wu, wd, ex, ct):
+        y, stats = layer(x, ex, w, wg, wu, wd)
+        return jnp.sum(y * ct), (y, stats)
+
+    f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))
+
+    def run(x, ex, w, wg, wu, wd, ct):
+        (_, (y, stats)), grads = f(x, w, wg, wu, wd, ex, ct)
+        return np.asarray(y), jax.tree.map(np.asarray, stats), [np.asarray(g) for g in grads]
+    run.jitted = f
+    return run
+
+
+DENSE = value_and_grads(lambda x, ex, w, wg, wu, wd: (dense_reference(x, ex, w, wg, wu, wd), {}))
+
+
+def assert_close(a, b, what=""):
+    for i, (u, v) in enumerate(zip(a, b)):
+        np.testing.assert_allclose(u, v, **TOL, err_msg=f"{what} #{i}")
+
+
+def np_capacity(ex, C):
+    """First come, first served per expert in flat (token, slot) order: kept mask, drops, counts."""
+    kept, counts, dropped = np.zeros(ex.shape, bool), np.zeros(E, int), 0
+    for t in range(ex.shape[0]):
+        for s in range(S):
+            e = ex[t, s]
+            if not 0 <= e < E:
+                continue
+            if counts[e] < C:
+                kept[t, s], counts[e] = True, counts[e] + 1
+            else:
+                dropped += 1
+    return kept, dropped, counts
+
+
+def np_ep_buffer(ex, ep, B):
+    """Dropless EP with B rows per destination: per device chunk, per owner, keep the first B
+    assignments ordered by (expert, token, slot). Returns kept mask, drops, counts."""
+    El = E // ep
+    kept = np.zeros(ex.shape, bool)
+    for c in range(SHARDS):
+        rows = range(c * TL, (c + 1) * TL)
+        asg = sorted((ex[t, s], t, s) for t in rows for s in range(S) if 0 <= ex[t, s] < E)
+        for j in range(ep):
+            for e, t, s in [a for a in asg if a[0] // El == j][:B]:
+                kept[t, s] = True
+    return kept, int((routed(ex) & ~kept).sum()), np.bincount(ex[kept], minlength=E)
+
+
+# ---------------------------------------------------------------- single device
+@pytest.fixture(scope="module")
+def dropless():
+    layers = {impl: value_and_grads(lambda *a, impl=impl: md.routed_experts(
+        *a, dispatch="dropless", gmm_impl=impl)) for impl in ("xla", "reference")}
+
+    def plain_vjp(x, ex, w, wg, wu, wd):  # the permutations without the custom VJPs
+        y, counts = md.dropless_local(x, ex, w, wg, wu, wd, gmm_impl="xla", dtype=jnp.float32,
+                                      custom_perm_vjp=False)
+        return y, {"dropped": jnp.zeros((), jnp.int32), "expert_tokens": counts}
+    layers["xla-plain-vjp"] = value_and_grads(plain_vjp)
+    return layers
+
+
+@pytest.mark.parametrize("impl", ["xla", "reference", "xla-plain-vjp"])
+@pytest.mark.parametrize("routing", list(ROUTINGS))
+def test_dropless_matches_dense(params, dropless, impl, routing):
+    x, wg, wu, wd, ct = params
+    ex, w = ROUTINGS[routing]
+    y, stats, grads = dropless[impl](x, ex, w, wg, wu, wd, ct)
+    y_ref, _, g_ref = DENSE(x, ex, w, wg, wu, wd, ct)
+    assert_close([y, *grads], [y_ref, *g_ref], f"dropless/{impl}/{routing}")
+    assert stats["dropped"] == 0
+    np.testing.assert_array_equal(stats["expert_tokens"], np.bincount(ex[routed(ex)], minlength=E))
+    assert np.abs(y).max() > 0.1  # not vacuous
+
+
+@pytest.fixture(scope="module")
+def capacity():
+    return {cf: value_and_grads(lambda *a, cf=cf: md.routed_experts(
+        *a, dispatch="capacity", capacity_factor=cf)) for cf in (8.0, 0.5)}
+
+
+@pytest.mark.parametrize("routing", list(ROUTINGS))
+def test_capacity_without_drops_equals_dense(params, capacity, routing):
+    x, wg, wu, wd, ct = params
+    ex, w = ROUTINGS[routing]
+    y, stats, grads = capacity[8.0](x, ex, w, wg, wu, wd, ct)
+    y_ref, _, g_ref = DENSE(x, ex, w, wg, wu, wd, ct)
+    assert stats["dropped"] == 0
+    assert_close([y, *grads], [y_ref, *g_ref], f"capacity/{routing}")
+
+
+@pytest.mark.parametrize("routing", list(ROUTINGS))
+def test_capacity_drops_exactly_first_come(params, capacity, routing):
+    x, wg, wu, wd, ct = params
+    ex, w = ROUTINGS[routing]
+    C = md.capacity_of(0.5, T, S, E)
+    assert C == 8
+    kept, dropped, counts = np_capacity(ex, C)
+    assert dropped > 0
+    y, stats, grads = capacity[0.5](x, ex, w, wg, wu, wd, ct)
+    assert int(stats["dropped"]) == dropped
+    np.testing.assert_array_equal(stats["expert_tokens"], counts)
+    y_ref, _, g_ref = DENSE(x, ex, (w * kept).astype(np.float32), wg, wu, wd, ct)
+    g_ref[1] = g_ref[1] * kept  # dropped assignments get no weight gradient
+    assert_close([y, *grads], [y_ref, *g_ref], f"capacity-drop/{routing}")
+
+
+def test_expert_choice_matches_numpy(params):
+    x, wg, wu, wd, _ = params
+    rng = np.random.default_rng(7)
+    C = 12
+    tokens = np.stack([rng.choice(T, C, replace=False) for _ in range(E)]).astype(np.int32)
+    tokens[2, -3:] = -1  # unused slots
+    wts = rng.random((E, C)).astype(np.float32)
+    y = np.asarray(jax.jit(md.expert_choice_experts)(x, tokens, wts, wg, wu, wd))
+    x64 = x.astype(np.float64)
+    ref = np.zeros((T, D))
+    for e in range(E):
+        for c in range(C):
+            t = tokens[e, c]
+            if t < 0:
+                continue
+            g, u = x64[t] @ wg[e], x64[t] @ wu[e]
+            ref[t] += wts[e, c] * ((g / (1 + np.exp(-g)) * u) @ wd[e])
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+    assert np.abs(ref).max() > 0.1
+
+
+# ---------------------------------------------------------------- expert parallelism
+MESHES = {"e8": (1, 1, 8, 1), "d2e4": (2, 1, 4, 1)}
+
+
+def mesh_of(name):
+    return jax.make_mesh(MESHES[name], ("data", "fsdp", "expert", "tensor"),
+                         axis_types=(AxisType.Auto,) * 4)
+
+
+def shard(mesh, x, ex, w, wg, wu, wd, ct):
+    tok = NamedSharding(mesh, P(BATCH, None))
+    ws = NamedSharding(mesh, P("expert", None, None))
+    return ([jax.device_put(v, tok) for v in (x, ex, w)]
+            + [jax.device_put(v, ws) for v in (wg, wu, wd)] + [jax.device_put(ct, tok)])
+
+
+def run_ep(mesh_name, layer, params, routing):
+    x, wg, wu, wd, ct = params
+    ex, w = ROUTINGS[routing]
+    mesh = mesh_of(mesh_name)
+    with jax.set_mesh(mesh):
+        return layer(*shard(mesh, x, ex, w, wg, wu, wd, ct))
+
+
+@pytest.fixture(scope="module")
+def ep_layers():
+    """One compiled value-and-grad per (dispatch, variant); each mesh adds one compile."""
+    return {
+        "dropless": value_and_grads(lambda *a: moe_ep.routed_experts_ep(*a, dispatch="dropless")),
+        "capacity": value_and_grads(lambda *a: moe_ep.routed_experts_ep(
+            *a, dispatch="capacity", capacity_factor=1.0)),
+        "dropless_novma": value_and_grads(lambda *a: moe_ep.routed_experts_ep(
+            *a, dispatch="dropless", check_vma=False)),
+    }
+
+
+@pytest.fixture(scope="module")
+def chunked_capacity():
+    """Single-device capacity layer applied to each device-local chunk of TL tokens (EP semantics)."""
+    def layer(x, ex, w, wg, wu, wd):
+        def one(x, ex, w):
+            return md.routed_experts(x, ex, w, wg, wu, wd, dispatch="capacity", capacity_factor=1.0)
+        y, st = jax.vmap(one)(x.reshape(SHARDS, TL, D), ex.reshape(SHARDS, TL, S),
+                              w.reshape(SHARDS, TL, S))
+        return y.reshape(T, D), jax.tree.map(lambda a: a.sum(0), st)
+    return value_and_grads(layer)
+
+
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+@pytest.mark.parametrize("routing", ["random", "one_expert"])
+def test_ep_dropless_equals_single_device(params, dropless, ep_layers, mesh_name, routing):
+    x, wg, wu, wd, ct = params
+    ex, w = ROUTINGS[routing]
+    ref = dropless["xla"](x, ex, w, wg, wu, wd, ct)
+    y, stats, grads = run_ep(mesh_name, ep_layers["dropless"], params, routing)
+    assert_close([y, *grads], [ref[0], *ref[2]], f"ep-dropless/{mesh_name}/{routing}")
+    assert stats["dropped"] == 0
+    np.testing.assert_array_equal(stats["expert_tokens"], ref[1]["expert_tokens"])
+
+
+def test_ep_dropless_without_vma_check_equals_single_device(params, dropless, ep_layers):
+    """The check_vma=False path (used with Pallas/tokamax kernels) must psum weight grads too."""
+    x, wg, wu, wd, ct = params
+    ex, w = ROUTINGS["full"]
+    ref = dropless["xla"](x, ex, w, wg, wu, wd, ct)
+    y, stats, grads = run_ep("d2e4", ep_layers["dropless_novma"], params, "full")
+    assert_close([y, *grads], [ref[0], *ref[2]], "ep-dropless-novma")
+
+
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+@pytest.mark.parametrize("routing", ["random", "full"])
+def test_ep_capacity_equals_per_device_capacity(params, ep_layers, chunked_capacity, mesh_name,
+                                                routing):
+    x, wg, wu, wd, ct = params
+    ex, w = ROUTINGS[routing]
+    ref = chunked_capacity(x, ex, w, wg, wu, wd, ct)
+    C = md.capacity_of(1.0, TL, S, E)  # = 2 per expert per device chunk
+    drops = sum(np_capacity(ex[c * TL:(c + 1) * TL], C)[1] for c in range(SHARDS))
+    assert drops > 0 and int(ref[1]["dropped"]) == drops
+    y, stats, grads = run_ep(mesh_name, ep_layers["capacity"], params, routing)
+    assert int(stats["dropped"]) == drops
+    np.testing.assert_array_equal(stats["expert_tokens"], ref[1]["expert_tokens"])
+    assert_close([y, *grads], [ref[0], *ref[2]], f"ep-capacity/{mesh_name}/{routing}")
+
+
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+def test_ep_dropless_small_buffer_counts_drops(params, mesh_name):
+    x, wg, wu, wd, _ = params
+    ex, w = ROUTINGS["random"]
+    ep = MESHES[mesh_name][2]
+    B = moe_ep.buffer_rows(0.5, TL * S, ep)
+    kept, dropped, counts = np_ep_buffer(ex, ep, B)
+    assert dropped > 0
+    cfg = MoEConfig(num_experts=E, top_k=S, d_expert=F, dispatch="dropless", ep_buffer_factor=0.5)
+    mesh = mesh_of(mesh_name)
+    with jax.set_mesh(mesh):  # moe_ffn must take the EP path here (the buffer is what drops)
+        args = shard(mesh, x, ex, w, wg, wu, wd, x)[:6]
+        y, stats = jax.jit(lambda *a: md.moe_ffn(*a, cfg=cfg))(*args)
+    assert int(stats["dropped"]) == dropped
+    np.testing.assert_array_equal(np.asarray(stats["expert_tokens"]), counts)
+    y_ref = dense_reference(x, ex, (w * kept).astype(np.float32), wg, wu, wd)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), **TOL)
+
+
+def test_moe_ffn_single_device_path(params, dropless):
+    x, wg, wu, wd, ct = params
+    ex, w = ROUTINGS["random"]
+    cfg = MoEConfig(num_experts=E, top_k=S, d_expert=F, dispatch="dropless", gmm_impl="xla")
+    y, stats = jax.jit(lambda *a: md.moe_ffn(*a, cfg=cfg))(x, ex, w, wg, wu, wd)
+    np.testing.assert_allclose(np.asarray(y), dropless["xla"](x, ex, w, wg, wu, wd, ct)[0], **TOL)
+    assert int(stats["dropped"]) == 0
+
+
+def test_experts_not_divisible_by_expert_axis_fail_clearly(params):
+    x, _, _, _, _ = params
+    ex, w = ROUTINGS["random"]
+    E6 = 6
+    rng = np.random.default_rng(3)
+    wg, wu = (rng.normal(size=(E6, D, F)).astype(np.float32) for _ in range(2))
+    wd = rng.normal(size=(E6, F, D)).astype(np.float32)
+    cfg = MoEConfig(num_experts=E6, top_k=S, d_expert=F)
+    with jax.set_mesh(mesh_of("d2e4")):
+        with pytest.raises(ConfigError, match=r"num_experts=6 .*divisible by mesh.expert=4"):
+            md.moe_ffn(x, ex, w, wg, wu, wd, cfg=cfg)
+        with pytest.raises(ConfigError, match="divisible by mesh.expert=4"):
+            moe_ep.routed_experts_ep(x, ex, w, wg, wu, wd)
