@@ -17,8 +17,8 @@ validation loss; its global max/mean load stays near 1 while per-sequence load i
 Command:
     python -m experiments.lbl_scope --preset cpu --workdir runs/lbl_scope
 
-Presets and runtime: cpu-smoke (two tiny arms, ~1 min, CI), cpu (5 arms, ~3 min each on 2 CPU
-cores), gpu (one H100, ~150M total params, 64 experts top-4), tpu-v5p-64.
+Presets and runtime: cpu-smoke (tiny, ~10 s per arm, CI), cpu (8 experts top-2, 160 steps;
+~3-4 min per arm, ~20 min for the 5 arms on 2 CPU cores), gpu (one H100, ~150M total params, 64 experts top-4), tpu-v5p-64.
 The micro-batch is ``train.batch_size / train.grad_accum`` sequences per batch shard.
 """
 
@@ -54,10 +54,10 @@ PRESETS: dict[str, Config] = {
         train=TrainConfig(steps=4, batch_size=8, grad_accum=2, warmup_steps=1, log_every=1,
                           eval_every=2, eval_batches=1, ckpt_every=2, async_ckpt=False)),
     "cpu": Config(
-        model=_moe_model(128, 4, 4, 2, 32, 16, 2, 128, 256),
+        model=_moe_model(128, 4, 4, 2, 32, 8, 2, 128, 256),
         data=DataConfig(seq_len=256, corpus_bytes_per_domain=2_000_000),
-        train=TrainConfig(steps=250, batch_size=16, grad_accum=4, lr=3e-3, warmup_steps=25,
-                          log_every=10, eval_every=50, eval_batches=4, ckpt_every=125)),
+        train=TrainConfig(steps=160, batch_size=16, grad_accum=4, lr=3e-3, warmup_steps=16,
+                          log_every=10, eval_every=40, eval_batches=4, ckpt_every=80)),
     "gpu": Config(
         model=_moe_model(512, 12, 8, 4, 64, 64, 4, 256, 1024, vocab_size=8192, dtype="bfloat16"),
         data=DataConfig(seq_len=1024, tokenizer="bpe", bpe_vocab_size=8192,

@@ -255,19 +255,39 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.attention.head_dim
 
-    def num_params(self, *, include_embeddings: bool = True) -> int:
-        """Parameter count (used for MFU and reports)."""
-        a = self.attention
-        attn = self.d_model * a.head_dim * (a.num_heads * 2 + a.num_kv_heads * 2)
+    def num_params(self, *, include_embeddings: bool = True, active: bool = False) -> int:
+        """Trainable parameter count; ``active`` counts only the top_k routed experts a token
+        uses (MFU counts active FLOPs)."""
+        a, m, D = self.attention, self.moe, self.d_model
+        attn = D * a.head_dim * (a.num_heads * 2 + a.num_kv_heads * 2)
         attn += 2 * a.head_dim if a.qk_norm else 0
-        mlp = 3 * self.d_model * self.d_ff
-        block = attn + mlp + 2 * self.d_model
-        emb = self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
-        return self.num_layers * block + self.d_model + (emb if include_embeddings else 0)
+        dense_block = attn + 3 * D * self.d_ff + 2 * D
+        total = 0
+        for layer in range(self.num_layers):
+            if not m.is_moe_layer(layer):
+                total += dense_block
+                continue
+            r = m.router
+            experts = m.top_k if active else m.num_experts
+            router = D * m.num_experts if r.recurrent == "none" else 0  # RMoE reads out of h
+            moe = 3 * D * m.d_expert * experts + router + D * r.num_null_experts
+            if m.num_shared_experts:
+                moe += 3 * D * (m.d_shared or m.d_expert * m.num_shared_experts)
+                moe += D if m.shared_gate else 0
+            if r.recurrent != "none":
+                moe += D * r.recurrent_dim + r.recurrent_dim * m.num_experts
+            total += attn + moe + 2 * D
+        if m.enabled and m.router.recurrent != "none":  # one cell shared by all layers
+            p = m.router.recurrent_dim
+            total += (3 if m.router.recurrent == "gru" else 1) * (2 * p * p + 2 * p)
+        emb = self.vocab_size * D * (1 if self.tie_embeddings else 2)
+        return total + D + (emb if include_embeddings else 0)
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward = 3x forward), attention included."""
-        matmul_params = self.num_params(include_embeddings=False) + self.vocab_size * self.d_model
+        """Training FLOPs per token (forward + backward = 3x forward) over *active* parameters,
+        attention included."""
+        matmul_params = (self.num_params(include_embeddings=False, active=True)
+                         + self.vocab_size * self.d_model)
         attn = 2 * self.num_layers * seq_len * self.attention.num_heads * self.head_dim  # QK^T + PV, causal/2
         return 3.0 * (2.0 * matmul_params + attn)
 

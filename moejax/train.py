@@ -7,6 +7,7 @@ explicit in/out shardings and donation serves every mesh, and Orbax saves it as 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Any, Callable
@@ -21,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from moejax.config import Config, TrainConfig
 from moejax.mesh import BATCH_AXES, use_mesh, rules_for
 from moejax.layers import balance
-from moejax.layers.router import update_bias as balance_update_bias
+from moejax.layers.router import maskmoe_mask, update_bias as balance_update_bias
 from moejax.model import Model
 
 BATCH_KEYS_2D = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
@@ -98,6 +99,17 @@ def setup(cfg: Config, mesh: Mesh) -> Setup:
                  abstract_state=abstract)
 
 
+@contextlib.contextmanager
+def tracing_mesh(s: Setup):
+    """The setup's mesh (abstract) and logical rules while a step is traced: ``jax.set_mesh`` is
+    not allowed inside ``jit``, and without a mesh in context MoE layers would take the
+    single-device path (no expert parallelism, global instead of per-device capacity) and
+    ``constrain`` would be a no-op."""
+    with jax.sharding.use_abstract_mesh(s.mesh.abstract_mesh), \
+            nnx.logical_axis_rules(rules_for(s.cfg.mesh)):
+        yield
+
+
 def init_state(s: Setup) -> TrainState:
     """Create the model and optimizer state directly sharded (one jit, no host copy)."""
     cfg = s.cfg
@@ -160,12 +172,19 @@ def make_train_step(s: Setup, num_domains: int) -> Callable[[TrainState, dict], 
     e_all = moe.num_experts + moe.router.num_null_experts
 
     def step_fn(state: TrainState, batch: dict):
+        with tracing_mesh(s):
+            return _step(state, batch)
+
+    def _step(state: TrainState, batch: dict):
         total_tokens = jnp.maximum(batch["loss_mask"].sum(), 1.0)
         micro = _split_microbatches(batch, accum)
         key = step_key(state)
 
         def micro_loss(params, mb, buffer, k):
-            model = nnx.merge(graphdef, params, state.rest)
+            # re-create the non-trainable variables at this trace level (the jit level's objects
+            # cannot be extracted by nnx.scan inside value_and_grad)
+            rest = jax.tree.map(lambda x: x, state.rest)
+            model = nnx.merge(graphdef, params, rest)
             ce, aux = token_losses(model, mb, train=True, rng=k)
             lm = (ce * mb["loss_mask"]).sum() / total_tokens
             if not moe.enabled:
@@ -237,6 +256,27 @@ def update_router_biases(graphdef, params, rest, counts: jax.Array, cfg: Config)
     return nnx.split(model, nnx.Param, ...)[2]
 
 
+def set_token_masks(s: Setup, state: TrainState, token_counts) -> TrainState:
+    """MaskMoE (section 8.3): rebuild every MoE layer's fixed token-id -> visible-experts mask
+    from corpus token frequencies (the model's init mask has no frequencies); once, before
+    training. Layer l draws its visible sets from seed (train.seed, l)."""
+    r, E = s.cfg.model.moe.router, s.cfg.model.moe.num_experts
+    model = s.model(state)
+    key = jax.random.key(s.cfg.train.seed)
+
+    def mask(layer):
+        return maskmoe_mask(token_counts, E, frequent_fraction=r.maskmoe_frequent_fraction,
+                            frequent_visible=r.maskmoe_frequent_visible,
+                            seed=jax.random.fold_in(key, layer))
+
+    for i, router in enumerate(moe_routers(model)):
+        old = router.token_mask[...]
+        router.token_mask[...] = (jnp.stack([mask(l) for l in range(old.shape[0])])
+                                  if old.ndim == 3 else mask(i))
+    rest = jax.device_put(nnx.split(model, nnx.Param, ...)[2], s.state_shardings.rest)
+    return dataclasses.replace(state, rest=rest)
+
+
 def moe_routers(model: Model) -> list:
     """The Router of every MoE layer (one stacked Router when layers are scanned)."""
     if model.cfg.scan_layers:
@@ -249,6 +289,10 @@ def make_eval_step(s: Setup, num_domains: int) -> Callable[[TrainState, dict], d
     graphdef = s.graphdef
 
     def eval_fn(state: TrainState, batch: dict):
+        with tracing_mesh(s):
+            return _eval(state, batch)
+
+    def _eval(state: TrainState, batch: dict):
         model = nnx.merge(graphdef, state.params, state.rest)
         ce, aux = token_losses(model, batch)
         dsum, dcount = _domain_sums(ce, batch, num_domains)

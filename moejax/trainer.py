@@ -119,6 +119,9 @@ class Trainer:
             step, tokens = int(meta["step"]), int(meta["tokens"])
         else:
             state, step, tokens = T.init_state(self.setup), 0, 0
+            if cfg.model.moe.enabled and cfg.model.moe.router.token_mask == "maskmoe":
+                state = T.set_token_masks(self.setup, state,
+                                          self.data.token_counts(cfg.model.vocab_size))
         logger = MetricsLogger(self.workdir, resume_step=step if latest is not None else None)
         if latest is None:
             logger.log(0, {"tokens": 0, **self.evaluate(state)})

@@ -5,9 +5,10 @@ import json
 
 import pytest
 
-from moejax.config import (AttentionConfig, Config, ConfigError, DataConfig, MeshConfig,
-                           ModelConfig, TrainConfig, apply_overrides)
-from moejax.testing import tiny_config
+from moejax.config import (AttentionConfig, BalanceConfig, Config, ConfigError, DataConfig,
+                           MeshConfig, ModelConfig, MoEConfig, RouterConfig, TrainConfig,
+                           apply_overrides)
+from moejax.testing import tiny_config, tiny_model
 
 # (builder, substring that must appear in the message: the field and the fix)
 INVALID = {
@@ -111,3 +112,53 @@ def test_configs_are_frozen():
     cfg = tiny_config()
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.train.lr = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("moe", [
+    None,
+    dict(num_experts=8, top_k=2, d_expert=32, num_shared_experts=1, shared_gate=True,
+         first_dense_layers=1, moe_every=1),
+    dict(num_experts=8, top_k=2, d_expert=32, router=dict(recurrent="gru", recurrent_dim=16,
+                                                          num_null_experts=2)),
+])
+def test_num_params_matches_the_model(moe):
+    """The analytic count (used for MFU) equals the model's actual trainable parameters."""
+    import math
+
+    import jax
+    from flax import nnx
+
+    from moejax.config import MoEConfig, RouterConfig
+    from moejax.model import Model
+    from moejax.testing import tiny_model
+
+    if moe is not None:
+        moe = MoEConfig(**{**moe, "router": RouterConfig(**moe.get("router", {}))})
+    cfg = tiny_model(num_layers=3, **({} if moe is None else {"moe": moe}))
+    abstract = nnx.eval_shape(lambda: Model(cfg, rngs=nnx.Rngs(0)))
+    actual = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    assert cfg.num_params() == actual
+    if moe is not None:
+        assert cfg.num_params(active=True) < actual
+
+
+INVALID_MOE = {
+    "topk_above_experts": (lambda: MoEConfig(num_experts=4, top_k=5), "model.moe.top_k=5"),
+    "unknown_router": (lambda: RouterConfig(kind="hash"), "model.moe.router.kind='hash'"),
+    "unknown_scope": (lambda: BalanceConfig(scope="batch"), "model.moe.balance.scope='batch'"),
+    "groups_not_dividing": (lambda: MoEConfig(num_experts=6, router=RouterConfig(
+        group_mode="moge", num_groups=4)), "model.moe.router.num_groups=4"),
+    "experts_vs_expert_axis": (lambda: tiny_config(mesh=MeshConfig(data=-1, expert=4),
+                                                   model={"moe": MoEConfig(num_experts=6)}),
+                               "must be divisible by mesh.expert=4"),
+    "scan_with_mixed_layers": (lambda: tiny_model(scan_layers=True, moe=MoEConfig(
+        num_experts=4, first_dense_layers=1)), "scan needs identical layers"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INVALID_MOE))
+def test_invalid_moe_config_fails_with_named_field(name):
+    build, expected = INVALID_MOE[name]
+    with pytest.raises(ConfigError) as e:
+        build()
+    assert expected in str(e.value), str(e.value)

@@ -96,6 +96,15 @@ class Data:
     def num_docs(self, domain: str, split: str = "train") -> int:
         return len(self.stores[(domain, split)])
 
+    def token_counts(self, vocab_size: int, split: str = "train") -> np.ndarray:
+        """Occurrences of every token id over all domains' ``split`` streams: [vocab_size] int64
+        (MaskMoE ranks ids by corpus frequency)."""
+        counts = np.zeros(vocab_size, np.int64)
+        for d in self.domains:
+            store = self.stores[(d, split)]
+            counts += np.bincount(store.read(0, store.num_tokens), minlength=vocab_size)[:vocab_size]
+        return counts
+
     # training stream -----------------------------------------------------------------------
     def _row_choice(self, i: int) -> tuple[int, int]:
         """(domain index, start offset) of global training row ``i``: a function of (seed, i)."""

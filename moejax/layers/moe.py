@@ -49,13 +49,11 @@ class MoE(nnx.Module):
         self.w_gate = param(init, rngs.params(), (E, D, F), pd, ("expert", "embed", "mlp"))
         self.w_up = param(init, rngs.params(), (E, D, F), pd, ("expert", "embed", "mlp"))
         self.w_down = param(out_init, rngs.params(), (E, F, D), pd, ("expert", "mlp", "embed"))
-        self.shared = None
-        self.shared_gate = None
-        if m.num_shared_experts:
-            d_shared = m.d_shared or m.d_expert * m.num_shared_experts
-            self.shared = MLP(dataclasses.replace(cfg, d_ff=d_shared), rngs=rngs)
-            if m.shared_gate:
-                self.shared_gate = param(init, rngs.params(), (D, 1), pd, ("embed", None))
+        d_shared = m.d_shared or m.d_expert * m.num_shared_experts
+        self.shared = (MLP(dataclasses.replace(cfg, d_ff=d_shared), rngs=rngs)
+                       if m.num_shared_experts else None)
+        self.shared_gate = (param(init, rngs.params(), (D, 1), pd, ("embed", None))
+                            if m.num_shared_experts and m.shared_gate else None)
 
     def __call__(self, x: jax.Array, *, token_ids: jax.Array, segment_ids: jax.Array,
                  state: jax.Array | None, cell: RecurrentCell | None, rng: jax.Array | None,
