@@ -18,7 +18,7 @@ from moejax.config import BalanceConfig, MeshConfig, MoEConfig, RouterConfig
 from moejax.layers import moe as moe_lib
 from moejax.layers import moe_ep
 from moejax.layers.moe import MoE
-from moejax.layers.router import TokenMask
+from moejax.layers.router import TokenMask, maskmoe_mask
 from moejax.mesh import make_mesh, rules_for, use_mesh
 from moejax.model import Model
 from moejax.testing import BATCH, SEQ, TOL_FP32, TOL_SHARDED_FP32, tiny_config, tiny_model
@@ -40,7 +40,9 @@ def moe(**kw) -> MoEConfig:
 
 
 def run_config(mesh=None, train=None, model=None, **moe_kw):
-    return tiny_config(mesh=mesh, train=train or {}, model={"moe": moe(**moe_kw), **(model or {})})
+    """The tiny run with an MoE model; no warmup, so the first step already moves the params."""
+    return tiny_config(mesh=mesh, train={"warmup_steps": 0, **(train or {})},
+                       model={"moe": moe(**moe_kw), **(model or {})})
 
 
 # -- shared machinery -------------------------------------------------------------------------------
@@ -113,21 +115,6 @@ def pure(tree) -> dict:
     return nnx.to_pure_dict(jax.device_get(tree))
 
 
-def merged(*states) -> dict:
-    out: dict = {}
-    for st in states:
-        _deep_update(out, pure(st))
-    return out
-
-
-def _deep_update(a: dict, b: dict):
-    for k, v in b.items():
-        if isinstance(v, dict) and isinstance(a.get(k), dict):
-            _deep_update(a[k], v)
-        else:
-            a[k] = v
-
-
 @pytest.fixture(scope="module")
 def batch():
     rng = np.random.default_rng(0)
@@ -160,23 +147,29 @@ def count_ep_traces():
 
 
 def train_run(cfg, host_state, batch, mesh_cfg, ndev, steps=1):
-    """Forward at the initial params and ``steps`` train steps on a mesh of ``ndev`` devices."""
+    """Forward at the initial params and ``steps`` train steps on a mesh of ``ndev`` devices.
+    ``host_state``: a TrainState (host copy) or a pure state dict (unrolled layout)."""
     cfg = dataclasses.replace(cfg, mesh=mesh_cfg)
     mesh = make_mesh(mesh_cfg, jax.devices()[:ndev])
     s = T.setup(cfg, mesh)
-    state = jax.device_put(host_state, s.state_shardings)
+    state = (make_state(s, host_state) if isinstance(host_state, dict)
+             else jax.device_put(host_state, s.state_shardings))
+    init = jax.device_get(state)
+    n_ep = len(EP_CALLS)
     logits, aux = fwd((s.graphdef, state.params, state.rest), batch, mesh, mesh_cfg)
+    fwd_ep = len(EP_CALLS) > n_ep
     step = T.make_train_step(s, 1)
     gb = T.global_batch(mesh, batch)
     n_ep = len(EP_CALLS)
-    rests, metrics = [], []
+    rests, metrics, params = [], [], []
     for _ in range(steps):
         rests.append(pure(state.rest))
         state, m = step(state, gb)
         metrics.append(jax.device_get(m))
+        params.append(pure(state.params))
     rests.append(pure(state.rest))
     return dict(logits=logits, aux=aux, metrics=metrics, rests=rests, step=step, setup=s,
-                params=pure(state.params), ep_traced=len(EP_CALLS) > n_ep)
+                params=params, init=init, fwd_ep=fwd_ep, step_ep=len(EP_CALLS) > n_ep)
 
 
 # -- 1. sharded MoE model == single device ---------------------------------------------------------
@@ -187,15 +180,15 @@ def base_cfg():
 
 
 @pytest.fixture(scope="module")
-def base_host(base_cfg):
-    """Initial train state (host copy) of the 2-layer MoE model."""
-    s = T.setup(base_cfg, make_mesh(MeshConfig(data=1), jax.devices()[:1]))
-    return jax.device_get(eager_state(s))
+def base_pure(base_cfg):
+    """Initial parameters (pure dict, unrolled) of the 2-layer MoE model."""
+    return fill(base_cfg.model)
 
 
 @pytest.fixture(scope="module")
-def single(base_cfg, base_host, batch):
-    return train_run(base_cfg, base_host, batch, MeshConfig(data=1), 1)
+def single(base_cfg, base_pure, batch):
+    """Single device, 3 steps (the aux-free bias test reads steps 2 and 3)."""
+    return train_run(base_cfg, base_pure, batch, MeshConfig(data=1), 1, steps=3)
 
 
 SHARDED = {"expert4_data2": MeshConfig(data=2, expert=4), "expert8": MeshConfig(data=1, expert=8),
@@ -203,41 +196,53 @@ SHARDED = {"expert4_data2": MeshConfig(data=2, expert=4), "expert8": MeshConfig(
 
 
 @pytest.fixture(scope="module")
-def sharded(base_cfg, base_host, batch):
-    runs = {name: train_run(base_cfg, base_host, batch, m, 8) for name, m in SHARDED.items()}
+def sharded(base_cfg, single, batch):
+    host = single["init"]
+    runs = {name: train_run(base_cfg, host, batch, m, 8) for name, m in SHARDED.items()}
     cap = dataclasses.replace(base_cfg, model=dataclasses.replace(
         base_cfg.model, moe=moe(dispatch="capacity", capacity_factor=float(E))))  # C >= T_local*K
-    runs["capacity_expert4_data2"] = train_run(cap, base_host, batch, SHARDED["expert4_data2"], 8)
+    # forward only: the capacity layer's gradients under EP are covered by tests/test_moe_dispatch.py
+    runs["capacity_expert4_data2"] = train_run(cap, host, batch, SHARDED["expert4_data2"], 8,
+                                               steps=0)
     return runs
 
 
-def assert_aux_equal(got, ref):
+def assert_aux_equal(got, ref, tol=TOL_SHARDED_FP32):
     assert set(got) == set(ref)
     for k in ref:
         if k.endswith("counts") or k.endswith("tokens") or k.endswith("dropped"):
             np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
         else:
-            np.testing.assert_allclose(got[k], ref[k], *TOL_SHARDED_FP32, err_msg=k)
+            np.testing.assert_allclose(got[k], ref[k], *tol, err_msg=k)
 
 
 @pytest.mark.parametrize("name", list(SHARDED) + ["capacity_expert4_data2"])
 def test_sharded_moe_equals_single_device(single, sharded, name):
     ref, got = single, sharded[name]
-    assert got["ep_traced"] and not ref["ep_traced"]  # the step really ran the shard_map path
+    assert got["fwd_ep"] and not ref["fwd_ep"]  # the shard_map (EP) path really ran
     np.testing.assert_allclose(got["logits"], ref["logits"], *TOL_SHARDED_FP32)
     assert_aux_equal(got["aux"], ref["aux"])
     assert ref["aux"]["router/counts"].shape == (2, E)
     np.testing.assert_array_equal(ref["aux"]["router/counts"].sum(1), [VALID * K] * 2)
     assert float(np.max(got["aux"]["router/dropped"])) == 0
+    if name.startswith("capacity"):
+        return
+    assert got["step_ep"] and not ref["step_ep"]  # also inside the jitted train step
     m, mr = got["metrics"][0], ref["metrics"][0]
     for k in ("train/loss", "train/grad_norm", "moe/aux_loss", "moe/balance_loss"):
         np.testing.assert_allclose(m[k], mr[k], *TOL_SHARDED_FP32, err_msg=k)
     np.testing.assert_array_equal(m["moe/counts"], mr["moe/counts"])
     np.testing.assert_array_equal(m["moe/counts"], ref["aux"]["router/counts"])
     assert float(np.max(m["moe/dropped"])) == 0
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **ADAM_TOL), got["params"],
-                 ref["params"])
-    jax.tree.map(np.testing.assert_array_equal, got["rests"][-1], ref["rests"][-1])  # router bias
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **ADAM_TOL), got["params"][0],
+                 ref["params"][0])
+    assert np.abs(ref["params"][0]["layers"][0]["mlp"]["w_gate"]
+                  - base_w(ref, 0, "w_gate")).max() > 1e-4  # the experts were updated
+    jax.tree.map(np.testing.assert_array_equal, got["rests"][1], ref["rests"][1])  # router bias
+
+
+def base_w(run, layer, name):
+    return np.asarray(pure(run["init"].params)["layers"][layer]["mlp"][name])
 
 
 # -- 7. balance loss in the step -------------------------------------------------------------------
@@ -260,14 +265,8 @@ def test_global_balance_loss_in_step_matches_hand(single):
     np.testing.assert_allclose(m["moe/aux_loss"], MOE.balance.coef * want, rtol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def accum2(base_cfg, base_host, batch):
-    cfg = dataclasses.replace(base_cfg, train=dataclasses.replace(base_cfg.train, grad_accum=2))
-    return train_run(cfg, base_host, batch, MeshConfig(data=1), 1)
-
-
-def test_global_balance_with_accumulation_uses_count_buffer(single, accum2):
-    aux, m = single["aux"], accum2["metrics"][0]
+def test_global_balance_with_accumulation_uses_count_buffer(mixed_run):
+    aux, m = mixed_run["aux"], mixed_run["metrics"][0]  # grad_accum=2, scope 'global'
     sc, ps, tok = aux["router/seq_counts"], aux["router/seq_prob_sum"], aux["router/seq_tokens"]
     rows = [np.arange(B)[a::2] for a in range(2)]  # micro-step a takes rows a, a+2, ...
     c0 = sc[:, rows[0]].sum(1)
@@ -279,88 +278,48 @@ def test_global_balance_with_accumulation_uses_count_buffer(single, accum2):
     assert abs(lb1 - lb1_local) > 1e-4  # the buffer makes a visible difference
     np.testing.assert_allclose(m["moe/balance_loss"], (lb0 + lb1) / 2, rtol=1e-5)
     np.testing.assert_allclose(m["moe/aux_loss"], MOE.balance.coef * (lb0 + lb1) / 2, rtol=1e-5)
-    np.testing.assert_array_equal(m["moe/counts"], single["metrics"][0]["moe/counts"])
-    np.testing.assert_allclose(m["train/loss"], single["metrics"][0]["train/loss"], *TOL_FP32)
+    np.testing.assert_array_equal(m["moe/counts"], aux["router/counts"])  # both micro-steps
 
 
-# -- 2. scan == unrolled; RMoE state through the carry ---------------------------------------------
-
-def test_scan_equals_unrolled(base_cfg, base_host, batch, single):
-    scan = like(dataclasses.replace(base_cfg.model, scan_layers=True),
-                merged(base_host.params, base_host.rest))
-    assert scan.layers.mlp.w_gate.shape == (2, E, 64, 32)
-    logits, aux = fwd(scan, batch)
-    np.testing.assert_allclose(logits, single["logits"], *TOL_FP32)
-    assert_aux_equal(aux, single["aux"])
-
-
-RMOE = dict(router={"recurrent": "gru", "recurrent_dim": 16, "aux_free_bias": False})
-
+# -- 2./3./6./10. scan == unrolled, mixed stacks, aux-free bias, no recompiles --------------------
 
 @pytest.fixture(scope="module")
-def rmoe(batch):
-    cfg = run_config(**RMOE).model
-    model = Model(cfg, rngs=nnx.Rngs(3))
-    # make the cell's contribution visible: larger gate weights than the default init
-    for blk in model.layers:
-        blk.mlp.router.gate[...] = blk.mlp.router.gate[...] * 4.0
-    return model, fwd(model, batch)
+def scan_run(base_pure, batch):
+    """The base parameters stacked into a scanned model; balance scope 'sequence', 3 steps."""
+    cfg = run_config(model={"scan_layers": True}, balance={"scope": "sequence"})
+    return train_run(cfg, base_pure, batch, MeshConfig(data=1), 1, steps=3)
 
 
-def test_rmoe_scan_carry_equals_unrolled(rmoe, batch):
-    model, (logits, aux) = rmoe
-    assert model.router_cell is not None and "router_cell" not in nnx.to_pure_dict(
-        nnx.state(model.layers[0]))
-    scan = like(dataclasses.replace(model.cfg, scan_layers=True), pure(nnx.state(model)))
-    got, got_aux = fwd(scan, batch)
-    np.testing.assert_allclose(got, logits, *TOL_FP32)
-    assert_aux_equal(got_aux, aux)
+def test_scan_equals_unrolled(scan_run, single):
+    assert pure(scan_run["init"].params)["layers"]["mlp"]["w_gate"].shape == (2, E, 64, 32)
+    np.testing.assert_allclose(scan_run["logits"], single["logits"], *TOL_FP32)
+    assert_aux_equal(scan_run["aux"], single["aux"], TOL_FP32)
 
 
-def test_rmoe_routing_depends_on_previous_layers(rmoe, batch):
-    model, (_, aux) = rmoe
-    # (a) the model threads layer 0's router state into layer 1: by hand, block by block
-    x = model.embed(jnp.asarray(batch["inputs"]))
-    args = (jnp.asarray(batch["positions"]), jnp.asarray(batch["segment_ids"]))
-    kw = dict(tokens=jnp.asarray(batch["inputs"]), cell=model.router_cell)
-    x0, _, _, h0 = model.layers[0](x, *args, state=None, **kw)
-    assert h0.shape == (B * S, 16) and float(jnp.abs(h0).max()) > 0
-    _, a1, _, _ = model.layers[1](x0, *args, state=h0, **kw)
-    _, a1_reset, _, _ = model.layers[1](x0, *args, state=None, **kw)
-    np.testing.assert_allclose(aux["router/prob_mean"][1], a1["router/prob_mean"], *TOL_FP32)
-    assert np.abs(np.asarray(a1_reset["router/prob_mean"]) - aux["router/prob_mean"][1]).max() > 1e-4
-    # (b) perturbing layer 0's router projection changes layer 1's routing probabilities
-    g, p, r = nnx.split(model, nnx.Param, ...)
-    pp = nnx.to_pure_dict(p)
-    pp["layers"][0]["mlp"]["router"]["proj"] = pp["layers"][0]["mlp"]["router"]["proj"] * -3.0
-    nnx.replace_by_pure_dict(p, pp)
-    _, aux2 = fwd((g, p, r), batch)
-    assert np.abs(aux2["router/prob_mean"][1] - aux["router/prob_mean"][1]).max() > 1e-3
+def test_sequence_balance_loss_in_step_matches_hand(scan_run, single):
+    aux, m = scan_run["aux"], scan_run["metrics"][0]
+    sc, ps, tok = aux["router/seq_counts"], aux["router/seq_prob_sum"], aux["router/seq_tokens"]
+    want = np.mean(lbl_np(sc, ps, tok).mean(1))  # mean over sequences, then layers
+    np.testing.assert_allclose(m["moe/balance_loss"], want, rtol=1e-5)
+    np.testing.assert_allclose(m["moe/aux_loss"], MOE.balance.coef * want, rtol=1e-5)
+    assert abs(want - float(single["metrics"][0]["moe/balance_loss"])) > 1e-3
 
-
-# -- 3. mixed stacks; 6. aux-free bias; 10. no recompiles -----------------------------------------
 
 MIXED = dict(first_dense_layers=1, moe_every=2)
 
 
 @pytest.fixture(scope="module")
-def bias_runs(batch):
-    """3 train steps with the aux-free bias and no balance loss: unrolled mixed 4-layer stack
-    (MoE in layers 1 and 3) and a scanned 2-layer stack."""
-    out = {}
-    for name, model_kw, moe_kw in (("unrolled_mixed", {"num_layers": 4}, MIXED),
-                                   ("scan", {"scan_layers": True}, {})):
-        cfg = run_config(model=model_kw, balance={"scope": "none"}, **moe_kw)
-        s = T.setup(cfg, make_mesh(MeshConfig(data=1), jax.devices()[:1]))
-        host = jax.device_get(eager_state(s))
-        out[name] = train_run(cfg, host, batch, MeshConfig(data=1), 1, steps=3)
-        out[name]["host"] = host
-    return out
+def mixed_run(base_pure, batch):
+    """4 layers, MoE in layers 1 and 3; 2 accumulation micro-steps, global balance with the
+    count buffer, aux-free bias; 3 steps."""
+    cfg = run_config(model={"num_layers": 4}, train={"grad_accum": 2}, **MIXED)
+    src = {**base_pure, "layers": {i: base_pure["layers"][i % 2] for i in range(4)}}
+    return train_run(cfg, fill(cfg.model, src), batch, MeshConfig(data=1), 1, steps=3)
 
 
-def test_mixed_stack_layout_and_aux(bias_runs):
-    r = bias_runs["unrolled_mixed"]
-    params = pure(r["host"].params)["layers"]
+def test_mixed_stack_layout_and_aux(mixed_run):
+    r = mixed_run
+    params = pure(r["init"].params)["layers"]
     kinds = ["moe" if "router" in params[i]["mlp"] else "dense" for i in range(4)]
     assert kinds == ["dense", "moe", "dense", "moe"]
     assert set(params[0]["mlp"]) == {"gate", "up", "down"}
@@ -370,18 +329,18 @@ def test_mixed_stack_layout_and_aux(bias_runs):
     np.testing.assert_array_equal(aux["router/counts"].sum(1), [VALID * K] * 2)
     np.testing.assert_array_equal(r["metrics"][0]["moe/counts"], aux["router/counts"])
     assert r["metrics"][0]["moe/dropped"].shape == (2,)
-    assert float(r["metrics"][0]["moe/aux_loss"]) == 0.0  # scope 'none'
 
 
 def bias_of(rest, name):
     if name == "scan":
         return rest["layers"]["mlp"]["router"]["bias"]  # [L, E]
-    return np.stack([rest["layers"][i]["mlp"]["router"]["bias"] for i in (1, 3)])
+    layers = (1, 3) if name == "mixed" else (0, 1)
+    return np.stack([rest["layers"][i]["mlp"]["router"]["bias"] for i in layers])
 
 
-@pytest.mark.parametrize("name", ["unrolled_mixed", "scan"])
-def test_aux_free_bias_moves_by_sign_rule(bias_runs, name):
-    r = bias_runs[name]
+@pytest.mark.parametrize("name", ["mixed", "scan", "single"])
+def test_aux_free_bias_moves_by_sign_rule(mixed_run, scan_run, single, name):
+    r = {"mixed": mixed_run, "scan": scan_run, "single": single}[name]
     rate = MOE.router.bias_update_rate
     assert np.all(bias_of(r["rests"][0], name) == 0)
     for t, m in enumerate(r["metrics"]):
@@ -394,28 +353,71 @@ def test_aux_free_bias_moves_by_sign_rule(bias_runs, name):
     assert len({m["moe/counts"].tobytes() for m in r["metrics"]}) > 1  # the bias moved routing
 
 
-def test_moe_train_step_compiles_once(bias_runs, single, sharded):
-    for name, r in [*bias_runs.items(), ("single", single), *sharded.items()]:
+def test_moe_train_step_compiles_once(mixed_run, scan_run, single, sharded):
+    runs = dict(mixed=mixed_run, scan=scan_run, single=single, **sharded)
+    for name, r in runs.items():
+        if not r["metrics"]:
+            continue
         assert r["step"]._cache_size() == 1, name
-    assert len(bias_runs["scan"]["metrics"]) == 3
+    assert len(single["metrics"]) == len(scan_run["metrics"]) == len(mixed_run["metrics"]) == 3
 
 
-# -- 7b. sequence-scope balance loss ---------------------------------------------------------------
+# -- 2b. RMoE: the recurrent router state through the scan carry ----------------------------------
+
+RMOE = dict(router={"recurrent": "gru", "recurrent_dim": 16, "aux_free_bias": False})
+
 
 @pytest.fixture(scope="module")
-def seq_run(base_cfg, base_host, batch):
-    cfg = dataclasses.replace(base_cfg, model=dataclasses.replace(
-        base_cfg.model, moe=moe(balance={"scope": "sequence"})))
-    return train_run(cfg, base_host, batch, MeshConfig(data=1), 1)
+def rmoe(base_pure, batch):
+    cfg = run_config(**RMOE).model
+    src = fill(cfg, base_pure, seed=3)
+    rng = np.random.default_rng(3)
+    for i in range(2):  # routers with visible effects: O(1) gate, GRU like PyTorch's init
+        r = src["layers"][i]["mlp"]["router"]
+        r["proj"] = (rng.normal(size=r["proj"].shape) * 0.3).astype(np.float32)
+        r["gate"] = (rng.normal(size=r["gate"].shape) * 0.5).astype(np.float32)
+    for k, v in src["router_cell"].items():
+        src["router_cell"][k] = rng.uniform(-0.25, 0.25, v.shape).astype(np.float32)
+    model = like(cfg, src)
+    return model, src, fwd(model, batch)
 
 
-def test_sequence_balance_loss_in_step_matches_hand(seq_run, single):
-    aux, m = single["aux"], seq_run["metrics"][0]  # same params: the forward aux is shared
-    sc, ps, tok = aux["router/seq_counts"], aux["router/seq_prob_sum"], aux["router/seq_tokens"]
-    want = np.mean(lbl_np(sc, ps, tok).mean(1))  # mean over sequences, then layers
-    np.testing.assert_allclose(m["moe/balance_loss"], want, rtol=1e-5)
-    np.testing.assert_allclose(m["moe/aux_loss"], MOE.balance.coef * want, rtol=1e-5)
-    assert abs(want - float(single["metrics"][0]["moe/balance_loss"])) > 1e-3
+def test_rmoe_scan_carry_equals_unrolled(rmoe, batch):
+    model, src, (logits, aux) = rmoe
+    assert set(src["router_cell"]) == {"w_i", "w_h", "b_i", "b_h"}  # one cell, shared by layers
+    assert "router_cell" not in src["layers"][0]["mlp"]["router"]
+    scan = like(dataclasses.replace(model.cfg, scan_layers=True), src)
+    got, got_aux = fwd(scan, batch)
+    np.testing.assert_allclose(got, logits, *TOL_FP32)
+    assert_aux_equal(got_aux, aux, TOL_FP32)
+
+
+@jax.jit(static_argnums=0)
+def _layer1_probs(graphdef, state, tokens, segment_ids, positions):
+    """Layer 1's mean routing probs given layer 0's router state, and given a reset (zero) state."""
+    model = nnx.merge(graphdef, state)
+    kw = dict(tokens=tokens, cell=model.router_cell)
+    x0, _, _, h0 = model.layers[0](model.embed(tokens), positions, segment_ids, state=None, **kw)
+    _, a1, _, _ = model.layers[1](x0, positions, segment_ids, state=h0, **kw)
+    _, a1_reset, _, _ = model.layers[1](x0, positions, segment_ids, state=None, **kw)
+    return h0, a1["router/prob_mean"], a1_reset["router/prob_mean"]
+
+
+def test_rmoe_routing_depends_on_previous_layers(rmoe, batch):
+    model, src, (_, aux) = rmoe
+    # (a) the model threads layer 0's router state into layer 1: by hand, block by block
+    h0, a1, a1_reset = _layer1_probs(*nnx.split(like(model.cfg, src)), batch["inputs"],
+                                     batch["segment_ids"], batch["positions"])
+    assert h0.shape == (B * S, 16) and float(jnp.abs(h0).max()) > 0.1
+    np.testing.assert_allclose(aux["router/prob_mean"][1], a1, *TOL_FP32)
+    assert np.abs(np.asarray(a1_reset) - aux["router/prob_mean"][1]).max() > 1e-3
+    # (b) perturbing layer 0's router projection changes layer 1's routing probabilities
+    g, p, r = nnx.split(like(model.cfg, src), nnx.Param, ...)
+    pp = nnx.to_pure_dict(p)
+    pp["layers"][0]["mlp"]["router"]["proj"] = pp["layers"][0]["mlp"]["router"]["proj"] * -3.0
+    nnx.replace_by_pure_dict(p, pp)
+    _, aux2 = fwd((g, p, r), batch)
+    assert np.abs(aux2["router/prob_mean"][1] - aux["router/prob_mean"][1]).max() > 1e-3
 
 
 # -- 4. shared experts; 5. GW-MoE (the MoE block against by-hand references) -------------------
@@ -428,6 +430,10 @@ def block(cfg, seed=0):
         v = getattr(layer, name)
         v[...] = jnp.asarray(rng.normal(size=v.shape) * 0.3, jnp.float32)
     layer.router.w[...] = jnp.asarray(rng.normal(size=layer.router.w.shape) * 0.3, jnp.float32)
+    for v in ((layer.shared.gate, layer.shared.up, layer.shared.down, layer.shared_gate)
+              if layer.shared is not None else ()):
+        if v is not None:
+            v[...] = jnp.asarray(rng.normal(size=v.shape) * 0.3, jnp.float32)
     x = jnp.asarray(rng.normal(size=(B, S, cfg.d_model)), jnp.float32)
     return layer, x
 
@@ -449,10 +455,19 @@ def topk_np(layer, xf, routing):
                for s in range(ex.shape[1]))
 
 
+@jax.jit(static_argnums=(0, 4))
+def _block_call(graphdef, state, x, segment_ids, train):
+    layer = nnx.merge(graphdef, state)
+    y, _, _ = layer(x, token_ids=jnp.zeros(segment_ids.shape, jnp.int32), segment_ids=segment_ids,
+                    state=None, cell=None, rng=None, train=train)
+    routing, _ = layer.router(x.reshape(-1, x.shape[-1]))
+    return y, routing
+
+
 def call(layer, x, seg, train):
-    tokens = jnp.zeros(seg.shape, jnp.int32)
-    return layer(x, token_ids=tokens, segment_ids=jnp.asarray(seg), state=None, cell=None, rng=None,
-                 train=train)
+    """(y [B*S, D], routing of x) from the jitted block (one compile per config and mode)."""
+    y, routing = _block_call(*nnx.split(layer), x, jnp.asarray(seg), train)
+    return np.asarray(y).reshape(B * S, -1), jax.device_get(routing)
 
 
 @pytest.mark.parametrize("gated", [False, True])
@@ -461,16 +476,15 @@ def test_shared_experts_match_hand(gated):
     layer, x = block(cfg, seed=1)
     assert layer.shared.gate.shape == (64, 48) and (layer.shared_gate is not None) == gated
     seg = np.ones((B, S), np.int32)
-    y, _, _ = call(layer, x, seg, train=False)
+    y, routing = call(layer, x, seg, train=False)
     xf = np.asarray(x, np.float64).reshape(B * S, -1)
-    routing, _ = layer.router(jnp.asarray(x).reshape(B * S, -1))
     ref = topk_np(layer, xf, routing)
     g, u, d = (np.asarray(getattr(layer.shared, n)[...], np.float64) for n in ("gate", "up", "down"))
     h = xf @ g
     shared = (h / (1 + np.exp(-h)) * (xf @ u)) @ d
     if gated:
         shared = shared / (1 + np.exp(-(xf @ np.asarray(layer.shared_gate[...], np.float64))))
-    np.testing.assert_allclose(np.asarray(y).reshape(B * S, -1), ref + shared, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y, ref + shared, rtol=1e-5, atol=1e-5)
     assert np.abs(shared).mean() > 0.1 * np.abs(ref).mean()
 
 
@@ -482,13 +496,16 @@ def test_gw_moe_uncertain_tokens_get_dense_mixture():
                                      "gw_entropy_threshold": 1e-3}))
     layer, x = block(cfg, seed=2)
     xf = np.asarray(x).reshape(B * S, -1)
-    routing, _ = layer.router(jnp.asarray(xf))
-    probs = np.asarray(routing.probs, np.float64)
+    logits = xf.astype(np.float64) @ np.asarray(layer.router.w[...], np.float64)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)  # the softmax router, by hand
     H = -(probs * np.log(probs + 1e-5)).sum(-1).reshape(B, S)
     seg = np.ones((B, S), np.int32)
     seg[2] = 0  # a padding row: no uncertain token
     seg[5, 2:] = 0  # 2 valid tokens < GW_SLOTS
-    thr = float(min(np.median(H), H[0, 0]))  # about half the tokens uncertain, token (0, 0) among them
+    # about half the tokens uncertain, token (0, 0) among them; no entropy within 1e-5 of thr
+    thr = float(min(np.median(H), H[0, 0])) - 1e-4
+    assert np.abs(H - thr).min() > 1e-5
     layer.cfg = dataclasses.replace(cfg, moe=dataclasses.replace(
         cfg.moe, router=dataclasses.replace(cfg.moe.router, gw_entropy_threshold=thr)))
     unc = np.zeros((B, S), bool)
@@ -497,10 +514,11 @@ def test_gw_moe_uncertain_tokens_get_dense_mixture():
         unc[b, idx] = True
     unc = unc.reshape(-1)
     assert unc[0] and 0 < unc.sum() < B * GW_SLOTS and not unc[:S].all()
+    y_eval, routing = call(layer, x, seg, train=False)
+    np.testing.assert_allclose(routing.probs, probs, rtol=1e-5, atol=1e-6)
+    y_train, _ = call(layer, x, seg, train=True)
     topk = topk_np(layer, xf, routing)
     dense = np.einsum("ned,ne->nd", experts_np(layer, xf), probs[:, :E])
-    y_train = np.asarray(call(layer, x, seg, train=True)[0]).reshape(B * S, -1)
-    y_eval = np.asarray(call(layer, x, seg, train=False)[0]).reshape(B * S, -1)
     tol = dict(rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(y_train[unc], dense[unc], **tol)
     np.testing.assert_allclose(y_train[~unc], topk[~unc], **tol)
@@ -524,9 +542,9 @@ def _decode(graphdef, state, cache, tokens):
     return nnx.merge(graphdef, state)(tokens, cache=cache)
 
 
-def test_cached_decode_matches_full_forward(base_cfg, base_host, batch, single):
-    model = like(base_cfg.model, merged(base_host.params, base_host.rest))
-    g, st = nnx.split(model)
+def test_cached_decode_matches_full_forward(base_cfg, base_pure, batch, single):
+    g, st = nnx.split(like(base_cfg.model, base_pure))
+    model = nnx.merge(g, st)
     tokens = batch["inputs"]
     seg = (np.arange(PROMPT)[None] < LENS[:, None]).astype(np.int32)
     logits, aux, cache = _prefill(g, st, model.init_cache(B, S), tokens[:, :PROMPT], seg)
@@ -544,18 +562,24 @@ def test_cached_decode_matches_full_forward(base_cfg, base_host, batch, single):
 
 # -- 9. MaskMoE in the model -------------------------------------------------------------------------
 
-def test_maskmoe_selects_only_visible_experts(base_host, batch, monkeypatch):
+def test_maskmoe_selects_only_visible_experts(base_pure, batch, monkeypatch):
     cfg = run_config(router={"token_mask": "maskmoe", "aux_free_bias": False}).model
-    model = Model(cfg, rngs=nnx.Rngs(5))
+    src = fill(cfg, base_pure)
+    for i in range(2):
+        src["layers"][i]["mlp"]["router"]["w"] *= 20.0  # confident routers: visibility must bind
+        src["layers"][i]["mlp"]["router"]["token_mask"] = np.asarray(maskmoe_mask(
+            None, E, frequent_fraction=0.1, frequent_visible=4, seed=10 + i, vocab_size=288))
+    model = like(cfg, src)
     seen = []
     orig = moe_lib.moe_ffn
 
-    def spy(x, experts, *a, **kw):
-        seen.append(np.asarray(experts))
+    def spy(x, experts, *a, **kw):  # hands every layer's routed experts to the host
+        jax.debug.callback(lambda e: seen.append(np.asarray(e)), experts, ordered=True)
         return orig(x, experts, *a, **kw)
     monkeypatch.setattr(moe_lib, "moe_ffn", spy)
     tokens = batch["inputs"].reshape(-1)
-    model(jnp.asarray(batch["inputs"]))  # eager: the spy sees concrete routing
+    fwd(model, batch)  # this graphdef is traced here for the first time, with the spy
+    jax.effects_barrier()
     assert len(seen) == 2
     for i, ex in enumerate(seen):
         mask = np.asarray(model.layers[i].mlp.router.token_mask[...])

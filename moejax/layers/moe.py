@@ -94,11 +94,14 @@ class MoE(nnx.Module):
         T = xf.shape[0] // batch
         mask = uncertain_tokens(probs[:, :E].reshape(batch, T, E), valid.reshape(batch, T),
                                 r.gw_entropy_threshold, r.gw_max_slots).reshape(-1)  # [B*T]
-        U = batch * r.gw_max_slots
-        idx = jnp.nonzero(mask, size=U, fill_value=0)[0]  # [U] token rows (padded with row 0)
-        keep = jnp.arange(U) < mask.sum()
-        xu = xf[idx].astype(self.dtype)  # [U, D]
+        U, N = batch * r.gw_max_slots, xf.shape[0]
+        # [U] token rows; unused entries get the out-of-range row N and are dropped by the scatter
+        # (a fill of a real row, e.g. 0, would write that row twice and the stale top-k value
+        # could win, since the order of duplicate scatter writes is unspecified)
+        idx = jnp.nonzero(mask, size=U, fill_value=N)[0]
+        rows = jnp.minimum(idx, N - 1)
+        xu = xf[rows].astype(self.dtype)  # [U, D]
         wg, wu, wd = w
         h = jax.nn.silu(jnp.einsum("ud,edf->uef", xu, wg)) * jnp.einsum("ud,edf->uef", xu, wu)
-        out = jnp.einsum("uef,efd,ue->ud", h, wd, probs[idx, :E].astype(self.dtype))  # [U, D]
-        return y.at[idx].set(jnp.where(keep[:, None], out.astype(y.dtype), y[idx]))
+        out = jnp.einsum("uef,efd,ue->ud", h, wd, probs[rows, :E].astype(self.dtype))  # [U, D]
+        return y.at[idx].set(out.astype(y.dtype), mode="drop")
