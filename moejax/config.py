@@ -50,6 +50,15 @@ class AttentionConfig:
     rope_theta: float = 10_000.0
     rope_fraction: float = 1.0  # share of head_dim that is rotated (partial RoPE < 1)
     impl: Literal["xla", "cudnn"] = "xla"  # kernels.attention backend
+    # Gated attention (spec section 2): where the gate acts -- g1 SDPA output (before o_proj),
+    # g2 values, g3 keys, g4 queries (both after QK-norm, before RoPE), g5 after o_proj.
+    gate: Literal["none", "g1", "g2", "g3", "g4", "g5"] = "none"
+    gate_granularity: Literal["elementwise", "headwise", "head_shared"] = "elementwise"
+    gate_activation: Literal["sigmoid", "silu"] = "sigmoid"
+    gate_form: Literal["multiplicative", "additive"] = "multiplicative"  # y*act(g) | y+act(g)
+    # 'separate': own gate projection; 'qwen3_next': doubled q [D,H,2*hd] = per head [query|gate]
+    gate_layout: Literal["separate", "qwen3_next"] = "separate"
+    sink: bool = False  # learnable per-head softmax sink logit with a zero value (GPT-OSS style)
 
     def __post_init__(self):
         _check_positive("model.attention.num_heads", self.num_heads)
@@ -66,11 +75,40 @@ class AttentionConfig:
                   "integer (RoPE rotates pairs of channels)")
         _check_positive("model.attention.rope_theta", self.rope_theta)
         _check_choice("model.attention.impl", self.impl, ("xla", "cudnn"))
+        _check_choice("model.attention.gate", self.gate, ("none", "g1", "g2", "g3", "g4", "g5"))
+        _check_choice("model.attention.gate_granularity", self.gate_granularity,
+                      ("elementwise", "headwise", "head_shared"))
+        _check_choice("model.attention.gate_activation", self.gate_activation, ("sigmoid", "silu"))
+        _check_choice("model.attention.gate_form", self.gate_form, ("multiplicative", "additive"))
+        _check_choice("model.attention.gate_layout", self.gate_layout, ("separate", "qwen3_next"))
+        if self.gate == "g5" and self.gate_granularity != "elementwise":
+            _fail("model.attention.gate_granularity", self.gate_granularity,
+                  "gate='g5' acts on the d_model output, which has no heads: use 'elementwise'")
+        if self.gate_layout == "qwen3_next" and (
+                self.gate != "g1" or self.gate_granularity != "elementwise"):
+            _fail("model.attention.gate_layout", self.gate_layout,
+                  "the Qwen3-Next doubled q_proj holds an elementwise SDPA-output gate: set "
+                  "gate='g1' and gate_granularity='elementwise', or gate_layout='separate'")
+        if self.sink and self.impl == "cudnn":
+            _fail("model.attention.sink", True,
+                  "the softmax sink is implemented in the reference kernel only: set impl='xla'")
 
     @property
     def rotary_dim(self) -> int:
         rot = self.head_dim * self.rope_fraction
         return int(rot) if float(rot).is_integer() else -1
+
+    def extra_params(self, d_model: int) -> int:
+        """Parameters of the gate and the sink beyond plain GQA attention (per layer)."""
+        H, Hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        n = H if self.sink else 0
+        if self.gate == "none":
+            return n
+        if self.gate == "g5":
+            return n + d_model * d_model
+        heads = Hkv if self.gate in ("g2", "g3") else H
+        width = {"elementwise": heads * hd, "headwise": heads, "head_shared": hd}
+        return n + d_model * width[self.gate_granularity]
 
 
 ROUTER_KINDS = ("topk", "topp", "expert_choice")
@@ -106,6 +144,9 @@ class RouterConfig:
     gw_entropy_threshold: float = 0.0  # GW-MoE: > 0 enables the dense mixture for uncertain tokens
     gw_max_slots: int = 1  # uncertain tokens per sequence that get the dense mixture
     jitter: float = 0.0  # multiplicative uniform noise 1 +- jitter on router input (train only)
+    # EMoE (section 6.1) 'avg_key': logits x . k_e from a non-trainable average-key matrix [D,E]
+    # (RouterKeys, set by moejax.upcycle.emoe), top-k blocks combined with weight 1; no router params
+    gating: Literal["learned", "avg_key"] = "learned"
 
     def __post_init__(self):
         _check_choice("model.moe.router.kind", self.kind, ROUTER_KINDS)
@@ -114,6 +155,11 @@ class RouterConfig:
         _check_choice("model.moe.router.group_mode", self.group_mode, ("none", "limited", "moge"))
         _check_choice("model.moe.router.bias_update", self.bias_update, ("sign", "sign_centered"))
         _check_choice("model.moe.router.token_mask", self.token_mask, ("none", "maskmoe"))
+        _check_choice("model.moe.router.gating", self.gating, ("learned", "avg_key"))
+        if self.gating == "avg_key" and (self.kind != "topk" or self.recurrent != "none"
+                                         or self.num_null_experts):
+            _fail("model.moe.router.gating", self.gating,
+                  "avg_key (EMoE) routing needs kind='topk', recurrent='none', no null experts")
         _check_positive("model.moe.router.routed_scaling", self.routed_scaling)
         _check_positive("model.moe.router.recurrent_dim", self.recurrent_dim)
         _check_positive("model.moe.router.num_groups", self.num_groups)
@@ -217,6 +263,9 @@ class MoEConfig:
                 and (layer - self.first_dense_layers) % self.moe_every == 0)
 
 
+NORM_VARIANTS = ("rms", "preaffine", "gated")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """A Qwen3-style decoder: pre-norm blocks of GQA attention and a SwiGLU MLP."""
@@ -228,6 +277,13 @@ class ModelConfig:
     attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
     norm: Literal["rms", "rms_zero_centered"] = "rms"
     norm_eps: float = 1e-6
+    # Block norm variants (spec section 3.3), chosen separately for the pre-attention, pre-FFN
+    # and final norms: 'rms' (plain, γ form from `norm`), 'preaffine' γ ⊙ RMSNorm(λ ⊙ x),
+    # 'gated' GatedNorm y ⊙ σ(W_up SiLU(W_down y)) with y = RMSNorm(x)·γ, rank gated_norm_rank.
+    norm_variant_attn: Literal["rms", "preaffine", "gated"] = "rms"
+    norm_variant_ffn: Literal["rms", "preaffine", "gated"] = "rms"
+    norm_variant_final: Literal["rms", "preaffine", "gated"] = "rms"
+    gated_norm_rank: int = 16
     tie_embeddings: bool = True
     max_seq_len: int = 2048  # KV-cache capacity and RoPE range checked at decode time
     init_std: float = 0.02
@@ -247,6 +303,9 @@ class ModelConfig:
         _check_positive("model.norm_eps", self.norm_eps)
         _check_positive("model.init_std", self.init_std)
         _check_choice("model.norm", self.norm, ("rms", "rms_zero_centered"))
+        for name in ("norm_variant_attn", "norm_variant_ffn", "norm_variant_final"):
+            _check_choice(f"model.{name}", getattr(self, name), NORM_VARIANTS)
+        _check_positive("model.gated_norm_rank", self.gated_norm_rank)
         _check_choice("model.dtype", self.dtype, DTYPES)
         _check_choice("model.param_dtype", self.param_dtype, ("float32", "bfloat16"))
         _check_choice("model.remat", self.remat, ("none", "full", "dots"))
@@ -261,6 +320,9 @@ class ModelConfig:
         a, m, D = self.attention, self.moe, self.d_model
         attn = D * a.head_dim * (a.num_heads * 2 + a.num_kv_heads * 2)
         attn += 2 * a.head_dim if a.qk_norm else 0
+        attn += a.extra_params(D)
+        norm_extra = {"rms": 0, "preaffine": D, "gated": 2 * D * self.gated_norm_rank}
+        attn += norm_extra[self.norm_variant_attn] + norm_extra[self.norm_variant_ffn]
         dense_block = attn + 3 * D * self.d_ff + 2 * D
         total = 0
         for layer in range(self.num_layers):
@@ -270,6 +332,7 @@ class ModelConfig:
             r = m.router
             experts = m.top_k if active else m.num_experts
             router = D * m.num_experts if r.recurrent == "none" else 0  # RMoE reads out of h
+            router = 0 if r.gating == "avg_key" else router  # EMoE keys are not parameters
             moe = 3 * D * m.d_expert * experts + router + D * r.num_null_experts
             if m.num_shared_experts:
                 moe += 3 * D * (m.d_shared or m.d_expert * m.num_shared_experts)
@@ -281,6 +344,7 @@ class ModelConfig:
             p = m.router.recurrent_dim
             total += (3 if m.router.recurrent == "gru" else 1) * (2 * p * p + 2 * p)
         emb = self.vocab_size * D * (1 if self.tie_embeddings else 2)
+        total += norm_extra[self.norm_variant_final]
         return total + D + (emb if include_embeddings else 0)
 
     def flops_per_token(self, seq_len: int) -> float:
@@ -423,6 +487,43 @@ class TrainConfig:
         return self.batch_size // self.grad_accum
 
 
+GROWTH_OPS = ("none", "identity", "stack", "zero_depth", "random_depth", "learn_depth", "split",
+              "zero_width", "random_width", "copy", "fine", "emoe", "emoe_learn")
+
+
+@dataclasses.dataclass(frozen=True)
+class GrowthConfig:
+    """Growth inside a run (moejax.grow_run, spec sections 5, 6, 8.6): train a source model for
+    ``source_steps`` steps, apply ``op`` (moejax.growth / moejax.upcycle), continue training the
+    target (this config's model) for ``train.steps`` steps. 'none' = an ordinary run."""
+
+    op: Literal["none", "identity", "stack", "zero_depth", "random_depth", "learn_depth", "split",
+                "zero_width", "random_width", "copy", "fine", "emoe", "emoe_learn"] = "none"
+    factor: int = 4  # depth: source has num_layers/factor layers; width: d_ff/factor neurons
+    stack_mode: Literal["block", "interleave"] = "block"  # G_stack: l -> l mod L/g | l // g
+    new_layers: Literal["interleave", "top"] = "interleave"  # where G_zero/G_random add layers
+    source_steps: int = 0
+    optimizer: Literal["fresh", "transform"] = "fresh"
+    fade_in: float = 1.0  # G_random: new layers' output projections scaled by this mask value
+    split: Literal["even", "random"] = "even"  # G_split: down rows shared evenly or randomly
+    noise: float = 0.0  # upcycling: relative std of multiplicative noise on expert weights
+    router_init: Literal["zero", "random"] = "random"  # upcycled router; zero = uniform softmax
+    learn_steps: int = 10  # G_learn: steps that fit the depth map
+    learn_lr: float = 1e-2
+    kmeans_iters: int = 30  # EMoE balanced k-means
+
+    def __post_init__(self):
+        _check_choice("growth.op", self.op, GROWTH_OPS)
+        _check_positive("growth.factor", self.factor)
+        for name in ("source_steps", "learn_steps", "kmeans_iters"):
+            if getattr(self, name) < 0:
+                _fail(f"growth.{name}", getattr(self, name), "must be >= 0")
+        if self.op != "none" and self.source_steps <= 0:
+            _fail("growth.source_steps", self.source_steps, f"op={self.op!r} needs > 0 steps")
+        if not 0.0 <= self.fade_in <= 1.0 or self.noise < 0:
+            _fail("growth", (self.fade_in, self.noise), "fade_in must lie in [0, 1], noise >= 0")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """A whole run: model, mesh, data and training."""
@@ -431,6 +532,7 @@ class Config:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    growth: GrowthConfig = dataclasses.field(default_factory=GrowthConfig)
 
     def __post_init__(self):
         if self.data.seq_len > self.model.max_seq_len:

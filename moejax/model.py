@@ -30,7 +30,7 @@ from moejax.layers.embed import Embed, LMHead
 from moejax.layers.mlp import MLP
 from moejax.layers.moe import MoE
 from moejax.layers.router import RecurrentCell
-from moejax.layers.norms import make_norm
+from moejax.layers.norms import make_block_norm
 from moejax.mesh import constrain
 
 Aux = dict[str, Any]
@@ -71,17 +71,21 @@ class Block(nnx.Module):
     in MoE layers (``cfg.moe.is_moe_layer(layer)``), the MoE block."""
 
     def __init__(self, cfg: ModelConfig, layer: int = 0, *, rngs: nnx.Rngs):
-        self.attn_norm = make_norm(cfg, cfg.d_model)
+        self.attn_norm = make_block_norm(cfg, cfg.norm_variant_attn, rngs=rngs)
         self.attn = Attention(cfg, rngs=rngs)
-        self.mlp_norm = make_norm(cfg, cfg.d_model)
+        self.mlp_norm = make_block_norm(cfg, cfg.norm_variant_ffn, rngs=rngs)
         self.is_moe = cfg.moe.is_moe_layer(layer)
         self.mlp = MoE(cfg, rngs=rngs) if self.is_moe else MLP(cfg, rngs=rngs)
 
     def __call__(self, x, positions, segment_ids, cache: LayerCache | None = None, *,
-                 tokens=None, cell=None, state=None, rng=None, train: bool = False):
-        """x [B,T,D] -> (x [B,T,D], aux dict of per-layer values, new (k, v) or None, router state)."""
-        h, new_kv = self.attn(self.attn_norm(x), positions=positions, segment_ids=segment_ids,
-                              cache=cache)
+                 tokens=None, cell=None, state=None, rng=None, train: bool = False,
+                 probes: bool = False):
+        """x [B,T,D] -> (x [B,T,D], aux dict of per-layer values, new (k, v) or None, router state).
+        ``probes`` adds the attention probes (``Attention.__call__``) and residual-stream probes
+        of this block's output (``resid_probes``) to aux."""
+        out = self.attn(self.attn_norm(x), positions=positions, segment_ids=segment_ids,
+                        cache=cache, probes=probes)
+        h, new_kv = out[:2]
         x = x + h
         aux: Aux = {}
         if self.is_moe:
@@ -90,14 +94,34 @@ class Block(nnx.Module):
         else:
             y = self.mlp(self.mlp_norm(x))
         x = x + y
-        return constrain(x, ("batch", "length", "embed")), aux, new_kv, state
+        x = constrain(x, ("batch", "length", "embed"))
+        if probes:
+            aux = {**aux, **out[2], **resid_probes(x, segment_ids)}
+        return x, aux, new_kv, state
 
 
-def _apply_block(block: Block, x, positions, segment_ids, cache, tokens, cell, state, rng, train):
-    """Block application as a plain function (what nnx.remat/nnx.scan wrap); ``train`` is static.
-    ``tokens`` feed MaskMoE, ``cell`` is the shared RMoE recurrent cell (or None)."""
+PROBE_SAMPLE = 64  # tokens of batch row 0 kept for the |h| heatmap and the attention map
+
+
+def resid_probes(x: jax.Array, segment_ids: jax.Array) -> Aux:
+    """Residual-stream probes of a block output x [B,T,D] over non-padding tokens:
+    ``resid/max_abs`` (massive activation), ``resid/channel_median_abs`` [D] (median over tokens
+    of |h| per channel: residual-sink dims stand out) and ``resid/sample_abs`` [n,D] (|h| of the
+    first n tokens of row 0, for the tokens x channels heatmap)."""
+    a = jnp.abs(x.astype(jnp.float32))
+    valid = (segment_ids != 0)[..., None]
+    flat = jnp.where(valid, a, jnp.nan).reshape(-1, a.shape[-1])
+    return {"resid/max_abs": jnp.max(jnp.where(valid, a, 0.0)),
+            "resid/channel_median_abs": jnp.nan_to_num(jnp.nanmedian(flat, axis=0)),
+            "resid/sample_abs": a[0, :PROBE_SAMPLE]}
+
+
+def _apply_block(block: Block, x, positions, segment_ids, cache, tokens, cell, state, rng, train,
+                 probes=False):
+    """Block application as a plain function (what nnx.remat/nnx.scan wrap); ``train`` and
+    ``probes`` are static. ``tokens`` feed MaskMoE, ``cell`` is the shared RMoE recurrent cell."""
     return block(x, positions, segment_ids, cache, tokens=tokens, cell=cell, state=state, rng=rng,
-                 train=train)
+                 train=train, probes=probes)
 
 
 class Model(nnx.Module):
@@ -118,7 +142,7 @@ class Model(nnx.Module):
         r = cfg.moe.router
         self.router_cell = (RecurrentCell(cfg, rngs=rngs)
                             if cfg.moe.enabled and r.recurrent != "none" else None)
-        self.final_norm = make_norm(cfg, cfg.d_model)
+        self.final_norm = make_block_norm(cfg, cfg.norm_variant_final, rngs=rngs)
         self.lm_head = None if cfg.tie_embeddings else LMHead(cfg, rngs=rngs)
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
@@ -132,9 +156,14 @@ class Model(nnx.Module):
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
                  positions: jax.Array | None = None, cache: KVCache | None = None, *,
-                 train: bool = False, rng: jax.Array | None = None):
+                 train: bool = False, rng: jax.Array | None = None, probes: bool = False):
         """``train`` enables train-only routing behaviour (jitter, GW-MoE); ``rng`` feeds it.
-        MoE statistics in ``aux`` are stacked over the MoE layers only ([L_moe, ...])."""
+        MoE statistics in ``aux`` are stacked over the MoE layers only ([L_moe, ...]).
+        ``probes=True`` also puts attention/residual probes of this same forward into ``aux``,
+        stacked over all layers: ``attn/first_token_share [L]``, ``resid/max_abs [L]``,
+        ``resid/channel_median_abs [L,D]``, ``resid/sample_abs [L,n,D]``, ``attn/map [L,n,n]`` and,
+        with a gate, ``attn/gate_mean [L]``, ``attn/gate_frac_below_0.1 [L]``,
+        ``attn/gate_mean_first [L]``, ``attn/gate_mean_rest [L]`` (see ``moejax.analysis.sinks``)."""
         cfg = self.cfg
         B, T = tokens.shape
         tokens = constrain(tokens, ("batch", "length"))
@@ -157,7 +186,7 @@ class Model(nnx.Module):
         block_fn = _apply_block
         if cfg.remat != "none":
             block_fn = nnx.remat(_apply_block, policy=REMAT_POLICIES[cfg.remat],
-                                 prevent_cse=not cfg.scan_layers, static_argnums=(9,))
+                                 prevent_cse=not cfg.scan_layers, static_argnums=(9, 10))
 
         x = self.embed(tokens)  # [B,T,D]
         cell = self.router_cell
@@ -170,7 +199,7 @@ class Model(nnx.Module):
                 x, state = carry
                 lc = None if kv_l is None else layer_cache(*kv_l)
                 x, aux_l, new_kv, state = block_fn(block, x, positions, segment_ids, lc, tokens,
-                                                   cell, state, rng_l, train)
+                                                   cell, state, rng_l, train, probes)
                 return (x, state), (aux_l, new_kv)
 
             (x, state), (aux, new_kv) = nnx.scan(
@@ -183,13 +212,15 @@ class Model(nnx.Module):
                 lc = None if kv is None else layer_cache(kv[0][i], kv[1][i])
                 x, aux_l, new_kv_l, state = block_fn(block, x, positions, segment_ids, lc, tokens,
                                                      cell, state, None if rngs is None else rngs[i],
-                                                     train)
+                                                     train, probes)
                 if aux_l:
                     auxes.append(aux_l)
                 if new_kv_l is not None:
                     new_ks.append(new_kv_l[0])
                     new_vs.append(new_kv_l[1])
-            aux = jax.tree.map(lambda *xs: jnp.stack(xs), *auxes) if auxes else {}
+            # stacked per key: MoE stats over the MoE layers, probes over all layers
+            aux = {k: jax.tree.map(lambda *xs: jnp.stack(xs), *[a[k] for a in auxes if k in a])
+                   for k in dict.fromkeys(k for a in auxes for k in a)}
             new_kv = (jnp.stack(new_ks), jnp.stack(new_vs)) if kv is not None else None
 
         h = self.final_norm(x)

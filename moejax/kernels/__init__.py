@@ -18,18 +18,29 @@ ATTENTION_IMPLS = ("xla", "cudnn")
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Array,
               kv_segment_ids: jax.Array, q_positions: jax.Array, kv_positions: jax.Array,
-              impl: str = "xla", scale: float | None = None) -> jax.Array:
+              impl: str = "xla", scale: float | None = None, sink_logits: jax.Array | None = None,
+              return_stats: bool = False, sample_len: int = 64):
     """Causal, segment-masked grouped-query attention.
 
     q: [B,T,H,hd]; k, v: [B,S,Hkv,hd] (H % Hkv == 0); segment ids / positions: [B,T] and [B,S] int32.
     kv is visible to q iff kv_pos <= q_pos, same segment, kv segment != 0; padding queries
     (segment 0) give zeros. Returns [B,T,H,hd] in q's dtype.
+    ``sink_logits`` [H] adds a learnable softmax sink (zero value); ``return_stats`` also returns
+    the probabilities' first-token statistics (see ``reference.attention``). Both need the
+    reference path (``impl='xla'``); cudnn raises.
     """
     kw = dict(q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
               q_positions=q_positions, kv_positions=kv_positions, scale=scale)
     if impl == "xla":
-        return reference.attention(q, k, v, **kw)
+        return reference.attention(q, k, v, sink_logits=sink_logits, return_stats=return_stats,
+                                   sample_len=sample_len, **kw)
     if impl == "cudnn":
+        if sink_logits is not None:
+            raise ValueError("attention impl='cudnn' has no softmax sink: set "
+                             "model.attention.impl='xla' to use model.attention.sink=True")
+        if return_stats:
+            raise ValueError("attention impl='cudnn' does not expose its probabilities: attention "
+                             "probes need impl='xla' (the reference kernel)")
         return _cudnn_attention(q, k, v, **kw)
     raise ValueError(f"attention impl={impl!r} is unknown; choose one of {ATTENTION_IMPLS}")
 

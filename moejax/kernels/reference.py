@@ -18,11 +18,19 @@ def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array, q_positi
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Array,
               kv_segment_ids: jax.Array, q_positions: jax.Array, kv_positions: jax.Array,
-              scale: float | None = None) -> jax.Array:
+              scale: float | None = None, sink_logits: jax.Array | None = None,
+              return_stats: bool = False, sample_len: int = 64):
     """Grouped-query attention with an einsum and fp32 softmax; kv heads are never repeated.
 
     q: [B,T,H,hd]; k, v: [B,S,Hkv,hd]; query head h reads kv head h // (H/Hkv).
-    Padding queries (segment 0) return zeros. Returns [B,T,H,hd] in q's dtype.
+    ``sink_logits`` [H]: a per-head extra logit whose value vector is zero (GPT-OSS sink): it
+    joins the softmax normaliser and takes probability mass, so token probabilities sum to < 1.
+    Padding queries (segment 0) return zeros. Returns [B,T,H,hd] in q's dtype, or with
+    ``return_stats`` (out, stats) where stats holds, from the same probabilities:
+      first_share [B,T,H] fp32: probability on the first visible key of the query's segment
+                  (the smallest visible kv position; with packing, each segment's first token);
+      is_first    [B,T] bool: the query is itself that first token (excluded from the metric);
+      map         [n,n] fp32: probabilities of batch row 0, head 0, first n=min(T,S,sample_len).
     """
     B, T, H, hd = q.shape
     Hkv = k.shape[2]
@@ -32,9 +40,26 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Ar
     logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     mask = attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions)  # [B,T,S]
     logits = jnp.where(mask[:, None, None], logits, MASK_VALUE)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # [B,Hkv,G,T,S]
+    if sink_logits is None:
+        probs32 = jax.nn.softmax(logits, axis=-1)  # [B,Hkv,G,T,S]
+    else:
+        sink = sink_logits.astype(jnp.float32).reshape(1, Hkv, G, 1, 1)
+        m = jnp.maximum(jnp.max(logits, axis=-1, keepdims=True), sink)
+        e = jnp.exp(logits - m)
+        probs32 = e / (jnp.sum(e, axis=-1, keepdims=True) + jnp.exp(sink - m))
+    probs = probs32.astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H, hd)
-    return jnp.where((q_segment_ids != 0)[:, :, None, None], out, 0).astype(q.dtype)
+    out = jnp.where((q_segment_ids != 0)[:, :, None, None], out, 0).astype(q.dtype)
+    if not return_stats:
+        return out
+    big = jnp.iinfo(jnp.int32).max
+    first_pos = jnp.min(jnp.where(mask, kv_positions[:, None, :], big), axis=-1)  # [B,T]
+    first_kv = (mask & (kv_positions[:, None, :] == first_pos[..., None])).astype(jnp.float32)
+    share = jnp.einsum("bkgts,bts->btkg", probs32, first_kv).reshape(B, T, H)
+    is_first = (q_segment_ids != 0) & (q_positions == first_pos)
+    n = min(T, k.shape[1], sample_len)
+    stats = {"first_share": share, "is_first": is_first, "map": probs32[0, 0, 0, :n, :n]}
+    return out, stats
 
 
 def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,

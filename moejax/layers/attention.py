@@ -1,8 +1,23 @@
-"""Grouped-query self-attention with QK-norm and (partial) RoPE (Qwen3), optionally over a KV cache."""
+"""Grouped-query self-attention with QK-norm and (partial) RoPE (Qwen3), optionally over a KV cache,
+with the gating variants of Gated Attention (spec section 2) and an optional softmax sink (3.3).
+
+Gate ``y' = y ⊙ act(x W_θ)`` (multiplicative) or ``y + act(x W_θ)`` (additive), computed from the
+same normed input ``x`` as q/k/v, at one position (``cfg.attention.gate``):
+  g1  SDPA output [B,T,H,hd], before the output projection (the paper's best; Qwen3-Next)
+  g2  values [B,T,Hkv,hd] (key-side token; applied before the cache write)
+  g3  keys   [B,T,Hkv,hd] after QK-norm, before RoPE (a headwise gate survives the norm there)
+  g4  queries [B,T,H,hd] after QK-norm, before RoPE
+  g5  the d_model output after the output projection (elementwise only)
+Granularity: elementwise (one gate per head channel), headwise (one per head), head_shared (one
+per channel, shared by all heads). ``gate_layout='qwen3_next'`` stores the g1 gate inside a
+doubled q projection ``[D, H, 2*hd]`` whose per-head halves are [query | gate], as HF Qwen3-Next;
+``'separate'`` keeps its own ``gate`` parameter. The gate is applied outside the kernel.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -10,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax import kernels
-from moejax.layers import param
+from moejax.layers import param, zeros_init
 from moejax.layers.embed import apply_rope
 from moejax.layers.norms import make_norm
 from moejax.mesh import constrain
@@ -38,8 +53,63 @@ def write_rows(buf: jax.Array, slots: jax.Array, new: jax.Array) -> jax.Array:
     return buf.at[b, slots].set(new.astype(buf.dtype), mode="drop")
 
 
+_GATE_NAMES = {  # (position, granularity) -> (einsum spec of x @ W, W's logical names)
+    ("q", "elementwise"): ("btd,dhk->bthk", ("embed", "heads", "head_dim")),
+    ("q", "headwise"): ("btd,dh->bth", ("embed", "heads")),
+    ("q", "head_shared"): ("btd,dk->btk", ("embed", "head_dim")),
+    ("kv", "elementwise"): ("btd,dhk->bthk", ("embed", "kv_heads", "head_dim")),
+    ("kv", "headwise"): ("btd,dh->bth", ("embed", "kv_heads")),
+    ("kv", "head_shared"): ("btd,dk->btk", ("embed", "head_dim")),
+    ("out", "elementwise"): ("btd,de->bte", ("embed", None)),
+}
+GATE_ACTIVATIONS = {"sigmoid": jax.nn.sigmoid, "silu": jax.nn.silu}
+GATE_LOW = 0.1  # gate sparsity threshold (spec section 2.4)
+
+
+def gate_shape(cfg) -> tuple[int, ...]:
+    """Shape of the separate gate projection W_θ for a ModelConfig."""
+    a, D = cfg.attention, cfg.d_model
+    heads = a.num_kv_heads if a.gate in ("g2", "g3") else a.num_heads
+    if a.gate == "g5":
+        return (D, D)
+    return {"elementwise": (D, heads, a.head_dim), "headwise": (D, heads),
+            "head_shared": (D, a.head_dim)}[a.gate_granularity]
+
+
+def _gate_side(gate: str) -> str:
+    return {"g1": "q", "g4": "q", "g2": "kv", "g3": "kv", "g5": "out"}[gate]
+
+
+def apply_gate(y: jax.Array, act: jax.Array, *, granularity: str, form: str) -> jax.Array:
+    """y [B,T,heads,hd] or [B,T,D]; act the activated gate in its own shape ([B,T,heads,hd],
+    [B,T,heads] headwise, [B,T,hd] head_shared, [B,T,D]). Returns y's shape and dtype."""
+    if y.ndim == 4 and granularity == "headwise":
+        act = act[..., None]
+    elif y.ndim == 4 and granularity == "head_shared":
+        act = act[:, :, None, :]
+    act = act.astype(y.dtype)
+    return y * act if form == "multiplicative" else y + act
+
+
+def gate_stats(act: jax.Array, valid: jax.Array, first: jax.Array) -> dict[str, jax.Array]:
+    """Gate probes over tokens: mean, fraction below 0.1, and the mean on segment-first tokens vs
+    the rest. act [B,T,...] activated gate; valid / first [B,T] bool (non-padding / first tokens)."""
+    a = act.astype(jnp.float32).reshape(act.shape[0], act.shape[1], -1)
+    tok_mean, tok_low = a.mean(-1), (a < GATE_LOW).astype(jnp.float32).mean(-1)
+    rest = valid & ~first
+
+    def mean(x, m):
+        return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1)
+    return {"attn/gate_mean": mean(tok_mean, valid),
+            "attn/gate_frac_below_0.1": mean(tok_low, valid),
+            "attn/gate_mean_first": mean(tok_mean, first),
+            "attn/gate_mean_rest": mean(tok_mean, rest)}
+
+
 class Attention(nnx.Module):
-    """q [D,H,hd], k/v [D,Hkv,hd], o [H,hd,D]; RMSNorm over head_dim on q and k before RoPE."""
+    """q [D,H,hd] (``[D,H,2*hd]`` = [query|gate] per head in the qwen3_next layout), k/v [D,Hkv,hd],
+    o [H,hd,D]; RMSNorm over head_dim on q and k before RoPE; optional ``gate`` (shape
+    ``gate_shape(cfg)``) and ``sink`` [H] logits."""
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         a = cfg.attention
@@ -49,7 +119,9 @@ class Attention(nnx.Module):
         init = jax.nn.initializers.truncated_normal(cfg.init_std)
         out_init = jax.nn.initializers.truncated_normal(cfg.init_std / math.sqrt(2 * cfg.num_layers))
         pd = cfg.param_dtype
-        self.q = param(init, rngs.params(), (D, H, hd), pd, ("embed", "heads", "head_dim"))
+        self.gate_cfg = (a.gate, a.gate_granularity, a.gate_activation, a.gate_form, a.gate_layout)
+        q_dim = 2 * hd if a.gate_layout == "qwen3_next" else hd
+        self.q = param(init, rngs.params(), (D, H, q_dim), pd, ("embed", "heads", "head_dim"))
         self.k = param(init, rngs.params(), (D, Hkv, hd), pd, ("embed", "kv_heads", "head_dim"))
         self.v = param(init, rngs.params(), (D, Hkv, hd), pd, ("embed", "kv_heads", "head_dim"))
         self.o = param(out_init, rngs.params(), (H, hd, D), pd, ("heads", "head_dim", "embed"))
@@ -58,16 +130,48 @@ class Attention(nnx.Module):
             self.k_norm = make_norm(cfg, hd, ("head_dim",))
         else:
             self.q_norm = self.k_norm = None
+        if a.gate != "none" and a.gate_layout == "separate":
+            names = _GATE_NAMES[(_gate_side(a.gate), a.gate_granularity)][1]
+            self.gate = param(init, rngs.params(), gate_shape(cfg), pd, names)
+        else:
+            self.gate = None
+        self.sink = param(zeros_init, None, (H,), pd, ("heads",)) if a.sink else None
+
+    def _gate(self, x: jax.Array, qg: jax.Array | None) -> jax.Array | None:
+        """The activated gate (fp32) from the normed input x [B,T,D], or from the gate half
+        ``qg`` [B,T,H,hd] of a qwen3_next-layout q projection; None without a gate."""
+        pos, gran, act, _, layout = self.gate_cfg
+        if pos == "none":
+            return None
+        if layout == "qwen3_next":
+            logits = qg
+        else:
+            spec, names = _GATE_NAMES[(_gate_side(pos), gran)]
+            logits = jnp.einsum(spec, x, self.gate[...].astype(self.dtype))
+            logits = constrain(logits, ("batch", "length", *names[1:]))
+        return GATE_ACTIVATIONS[act](logits.astype(jnp.float32))
 
     def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array,
-                 cache: LayerCache | None = None):
-        """x [B,T,D]; positions, segment_ids [B,T]. Returns (y [B,T,D], (k, v) [B,S,Hkv,hd] or None).
+                 cache: LayerCache | None = None, probes: bool = False):
+        """x [B,T,D]; positions, segment_ids [B,T]. Returns (y [B,T,D], (k, v) [B,S,Hkv,hd] or None),
+        plus, with ``probes``, a dict of this layer's attention probes (scalars unless noted):
+        ``attn/first_token_share`` (mean over heads and non-first queries of the probability on
+        the segment's first token), ``attn/map`` [n,n] (row 0, head 0), and with a gate
+        ``attn/gate_mean``, ``attn/gate_frac_below_0.1``, ``attn/gate_mean_first``/``_rest``.
+        Probes always run the reference kernel (they need the probabilities).
 
         Without a cache the T tokens attend among themselves; with one, their k/v are written at
         ``cache.slots`` and the queries attend over the whole cache; the updated k/v are returned.
         """
         dt = self.dtype
+        pos, gran, _, form, layout = self.gate_cfg
         q = jnp.einsum("btd,dhk->bthk", x, self.q[...].astype(dt))
+        qg = None
+        if layout == "qwen3_next":
+            hd = q.shape[-1] // 2
+            q, qg = q[..., :hd], q[..., hd:]
+        gate = self._gate(x, qg)
+        gated = functools.partial(apply_gate, act=gate, granularity=gran, form=form)
         k = jnp.einsum("btd,dhk->bthk", x, self.k[...].astype(dt))
         v = jnp.einsum("btd,dhk->bthk", x, self.v[...].astype(dt))
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
@@ -75,6 +179,12 @@ class Attention(nnx.Module):
         v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        if pos == "g4":
+            q = gated(q)
+        elif pos == "g3":
+            k = gated(k)
+        elif pos == "g2":
+            v = gated(v)
         q = apply_rope(q, positions, rotary_dim=self.rotary_dim, theta=self.theta)
         k = apply_rope(k, positions, rotary_dim=self.rotary_dim, theta=self.theta)
         if cache is None:
@@ -84,8 +194,27 @@ class Attention(nnx.Module):
             v = constrain(write_rows(cache.v, cache.slots, v), ("batch", "length", "kv_heads", "head_dim"))
             kv_pos, kv_seg, new_kv = cache.kv_positions, cache.kv_segment_ids, (k, v)
             k, v = k.astype(dt), v.astype(dt)
+        sink = None if self.sink is None else self.sink[...]
         out = kernels.attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=kv_seg,
-                                q_positions=positions, kv_positions=kv_pos, impl=self.impl)
+                                q_positions=positions, kv_positions=kv_pos,
+                                impl="xla" if probes else self.impl, sink_logits=sink,
+                                return_stats=probes)
+        out, kstats = out if probes else (out, None)
         out = constrain(out, ("batch", "length", "heads", "head_dim"))  # [B,T,H,hd]
+        if pos == "g1":
+            out = gated(out)
         y = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(dt))
-        return constrain(y, ("batch", "length", "embed")), new_kv
+        if pos == "g5":
+            y = gated(y)
+        y = constrain(y, ("batch", "length", "embed"))
+        if not probes:
+            return y, new_kv
+        valid = segment_ids != 0
+        first = kstats["is_first"]
+        later = (valid & ~first).astype(jnp.float32)
+        share = jnp.sum(kstats["first_share"] * later[..., None]) / jnp.maximum(
+            jnp.sum(later) * kstats["first_share"].shape[-1], 1)
+        stats = {"attn/first_token_share": share, "attn/map": kstats["map"]}
+        if gate is not None:
+            stats.update(gate_stats(gate, valid, first))
+        return y, new_kv, stats
