@@ -145,7 +145,7 @@ class RouterConfig:
     gw_max_slots: int = 1  # uncertain tokens per sequence that get the dense mixture
     jitter: float = 0.0  # multiplicative uniform noise 1 +- jitter on router input (train only)
     # EMoE (section 6.1) 'avg_key': logits x . k_e from a non-trainable average-key matrix [D,E]
-    # (RouterKeys, set by moejax.upcycle.emoe), top-k blocks combined with weight 1; no router params
+    # (the mean of each expert's current w_gate), top-k blocks combined with weight 1; no params
     gating: Literal["learned", "avg_key"] = "learned"
 
     def __post_init__(self):

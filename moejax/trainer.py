@@ -53,12 +53,16 @@ def write_or_check_config(cfg: Config, workdir: str) -> None:
 
 class Trainer:
     """One training run in one workdir. ``on_step(trainer, step, metrics)`` is an optional hook
-    called after each logged step (tests use it; experiments use it for extra statistics)."""
+    called after each logged step (tests use it; experiments use it for extra statistics).
+    ``init_state_fn(setup, data_iterator) -> TrainState`` replaces the fresh init when no
+    checkpoint exists (moejax.grow_run: grow a finished source run; it may rewind the iterator)."""
 
     def __init__(self, cfg: Config, workdir: str, *,
                  on_step: Callable[["Trainer", int, dict], None] | None = None,
-                 progress: bool = True):
+                 progress: bool = True,
+                 init_state_fn: Callable[[T.Setup, object], T.TrainState] | None = None):
         self.cfg, self.workdir, self.on_step = cfg, os.path.abspath(workdir), on_step
+        self.init_state_fn = init_state_fn
         self.progress = progress and jax.process_index() == 0
         self._stop_requested = False
         self.mesh = make_mesh(cfg.mesh)
@@ -118,7 +122,8 @@ class Trainer:
             state, meta = self.ckpt.restore(latest, self.setup.abstract_state, it)
             step, tokens = int(meta["step"]), int(meta["tokens"])
         else:
-            state, step, tokens = T.init_state(self.setup), 0, 0
+            state, step, tokens = (T.init_state(self.setup) if self.init_state_fn is None
+                                   else self.init_state_fn(self.setup, it)), 0, 0
             if cfg.model.moe.enabled and cfg.model.moe.router.token_mask == "maskmoe":
                 state = T.set_token_masks(self.setup, state,
                                           self.data.token_counts(cfg.model.vocab_size))
@@ -155,10 +160,12 @@ class Trainer:
                     bar.set_postfix(loss=f"{last['train/loss']:.3f}")
                     window_t, window_steps = time.perf_counter(), 0
                 bar.update(1)
-                if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
+                saved = step % cfg.train.ckpt_every == 0 or step == cfg.train.steps
+                if saved:
                     self._save(step, state, it, tokens)
                 if self._stop_requested:
-                    self._save(step, state, it, tokens, force=True)
+                    if not saved:  # this step is on disk already when it was a checkpoint step
+                        self._save(step, state, it, tokens, force=True)
                     preempted = True
                     break
             if pending is not None:

@@ -48,7 +48,8 @@ def test_resume_after_sigterm_is_exact(straight_run, data_cache, tmp_path):
         if step == 10:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    first = Trainer(_cfg(data_cache), wd, on_step=kill_at_10, progress=False).run()
+    # ckpt_every=5: the signal lands on a checkpoint step, which must not be saved twice
+    first = Trainer(_cfg(data_cache, ckpt_every=5), wd, on_step=kill_at_10, progress=False).run()
     assert first["preempted"] and first["step"] == 10
     second = Trainer(_cfg(data_cache), wd, progress=False).run()
     assert not second["preempted"] and second["step"] == STEPS

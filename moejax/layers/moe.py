@@ -63,8 +63,11 @@ class MoE(nnx.Module):
         B, T, D = x.shape
         xf = x.reshape(B * T, D)  # batch-major: token rows stay sharded over the batch axes
         valid = (segment_ids != 0).reshape(B * T)
+        keys = None
+        if m.router.gating == "avg_key":  # EMoE: mean key of each block, from the live gates
+            keys = jnp.mean(self.w_gate[...].astype(jnp.float32), axis=-1).T  # [D,E]
         routing, new_state = self.router(xf, token_ids=token_ids.reshape(B * T), state=state,
-                                         cell=cell, rng=rng, train=train)
+                                         cell=cell, rng=rng, train=train, expert_keys=keys)
         w = (self.w_gate[...].astype(dt), self.w_up[...].astype(dt), self.w_down[...].astype(dt))
         if isinstance(routing, ExpertChoice):
             y = expert_choice_experts(xf.astype(dt), routing.tokens, routing.weights, *w)

@@ -366,7 +366,9 @@ class Router(nnx.Module):
         D, E, N, p = cfg.d_model, m.num_experts, r.num_null_experts, r.recurrent_dim
         init = jax.nn.initializers.truncated_normal(cfg.init_std)
         pd = cfg.param_dtype
-        if r.recurrent == "none":
+        if r.gating == "avg_key":  # EMoE: no router parameters; keys come from the expert gates
+            pass
+        elif r.recurrent == "none":
             self.w = param(init, rngs.params(), (D, E), pd, ("embed", None))
         else:
             self.proj = param(init, rngs.params(), (D, p), pd, ("embed", None))
@@ -386,7 +388,8 @@ class Router(nnx.Module):
     def __call__(self, x: jax.Array, *, token_ids: jax.Array | None = None,
                  state: jax.Array | None = None, cell: RecurrentCell | None = None,
                  rng: jax.Array | None = None, train: bool = False,
-                 valid: jax.Array | None = None):
+                 valid: jax.Array | None = None,
+                 expert_keys: jax.Array | None = None):
         """x [T,D] -> (Routing | ExpertChoice, new recurrent state [T,p] or None).
 
         token_ids [T] (MaskMoE), state [T,p] (RMoE; None = h_0 = 0), cell: the shared RecurrentCell,
@@ -398,7 +401,12 @@ class Router(nnx.Module):
         if train and r.jitter > 0 and rng is not None:
             x = jitter(x, rng, r.jitter)
         new_state = None
-        if r.recurrent == "none":
+        if r.gating == "avg_key":  # EMoE avg-k gating: a_e(x) = x . mean key of block e
+            if expert_keys is None:
+                raise ValueError("router.gating='avg_key' needs expert_keys [D,E] (the MoE "
+                                 "block passes the mean of its current w_gate per expert)")
+            logits = jnp.dot(x, expert_keys.astype(jnp.float32), precision=_HI)  # [T,E]
+        elif r.recurrent == "none":
             logits = jnp.dot(x, f32(self.w), precision=_HI)  # [T,E]
         else:
             if cell is None:
@@ -424,6 +432,11 @@ class Router(nnx.Module):
             slots = r.max_experts_per_token or (m.num_experts + N)
             return topp_route(logits, r.top_p, slots, num_null=N), new_state
         bias = None if self.bias is None else self.bias[...]
+        if r.gating == "avg_key":  # selected blocks combine with weight 1 (no softmax weighting)
+            out = topk_route(logits, m.top_k, score="softmax", norm_topk_prob=False, bias=bias,
+                             mask=mask)
+            ones = (out.experts >= 0).astype(jnp.float32) * r.routed_scaling
+            return dataclasses.replace(out, weights=ones), new_state
         return topk_route(logits, m.top_k, score=r.score, norm_topk_prob=r.norm_topk_prob,
                           routed_scaling=r.routed_scaling, bias=bias, group_mode=r.group_mode,
                           num_groups=r.num_groups, topk_groups=r.topk_groups, num_null=N,

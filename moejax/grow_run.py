@@ -1,0 +1,133 @@
+"""Growth inside a run: train a source model, grow (or upcycle) it, continue training the target.
+
+``run(cfg, workdir)`` with ``cfg.growth.op != 'none'`` (``moejax.config.GrowthConfig``):
+
+  1. source phase: ``Trainer(source_config(cfg), source_workdir)`` trains the source model for
+     ``growth.source_steps`` steps (default dir ``workdir/source``; experiments share one source
+     run between arms). Its final checkpoint (saved at its last step) is the growth input.
+  2. grown phase: ``Trainer(cfg, workdir/grown, init_state_fn=...)``. When ``workdir/grown/ckpt``
+     holds no checkpoint, the hook restores the source's final checkpoint (model, optimizer and
+     the data-iterator position, so the grown phase continues the data stream when data config
+     and batch size match), applies the operator (``moejax.growth`` / ``moejax.upcycle``) into the
+     target's sharded state, and training starts at step 0 with the target's own LR schedule.
+     Otherwise the Trainer resumes the grown phase from its own checkpoint.
+  3. ``workdir/metrics.jsonl`` is rebuilt from the two phase files: source records, then one
+     event record ``{"step": S, "event": "grow", "op": ..., "val/loss": <grown model at step 0>,
+     ...}``, then the grown records with ``step``, ``tokens`` and ``flops`` offset by the source's
+     (``flops`` = tokens x the phase model's training FLOPs per token, source FLOPs counted).
+
+Restart safety: every decision is taken from what exists on disk. A crash before the source's
+final save resumes the source; a crash between that save and the grown phase's first checkpoint
+re-does the (deterministic) growth from the source checkpoint and restarts the grown phase at
+step 0 (its metrics file is cut back accordingly); a crash later resumes the grown phase. No step
+is lost or repeated in the merged metrics file. (G_learn's fitting batches are drawn from the data
+stream after the source phase and are not counted as training tokens.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import jax
+
+from moejax import growth, upcycle
+from moejax import train as T
+from moejax.ckpt import Checkpointer
+from moejax.config import Config
+from moejax.metrics import read_metrics
+from moejax.trainer import Trainer
+
+UPCYCLE = ("copy", "fine", "emoe", "emoe_learn")
+
+
+def source_workdir_for(cfg: Config, root: str) -> str:
+    """A source run directory under ``root`` named by the source config (arms with the same source
+    model and steps share it)."""
+    src = growth.source_config(cfg)
+    digest = hashlib.sha1(json.dumps({k: src.to_dict()[k] for k in ("model", "data", "train")},
+                                     sort_keys=True).encode()).hexdigest()[:8]
+    return os.path.join(root, f"_source-{digest}")
+
+
+def apply_op(cfg: Config, state: T.TrainState, src: T.Setup, dst: T.Setup, data_iterator):
+    """The configured operator: source state -> the target's sharded state."""
+    g = cfg.growth
+    key = jax.random.key(cfg.train.seed + 17)
+    if g.op in UPCYCLE:
+        return upcycle.upcycle(state, src, dst, g.op, router_init=g.router_init, noise=g.noise,
+                               kmeans_iters=g.kmeans_iters, key=key)
+    if g.op == "learn_depth":
+        batches = [T.global_batch(dst.mesh, next(data_iterator)) for _ in range(g.learn_steps)]
+        return growth.learn_depth(state, src, dst, batches, lr=g.learn_lr,
+                                  stack_mode=g.stack_mode)[0]
+    opts = growth.Options(stack_mode=g.stack_mode, new_layers=g.new_layers, fade_in=g.fade_in,
+                          split=g.split)
+    return growth.grow(state, src, dst, g.op, options=opts, optimizer=g.optimizer, key=key)
+
+
+def run(cfg: Config, workdir: str, *, source_workdir: str | None = None, progress: bool = True,
+        on_step=None) -> dict:
+    """Run the source phase (if not finished), grow, run the grown phase; merge the metrics."""
+    if cfg.growth.op == "none":
+        return Trainer(cfg, workdir, progress=progress, on_step=on_step).run()
+    src_cfg = growth.source_config(cfg)
+    src_wd = os.path.abspath(source_workdir or os.path.join(workdir, "source"))
+    src_trainer = Trainer(src_cfg, src_wd, progress=progress)
+    src_summary = src_trainer.run()
+    if src_summary["preempted"]:
+        return {**src_summary, "phase": "source"}
+    same_stream = (src_cfg.data == cfg.data and src_cfg.train.batch_size == cfg.train.batch_size)
+
+    def init_state_fn(setup: T.Setup, it):
+        ckpt = Checkpointer(os.path.join(src_wd, "ckpt"), keep=src_cfg.train.keep_ckpts)
+        step = ckpt.latest_step()
+        if step != src_cfg.train.steps:
+            raise RuntimeError(f"{src_wd}/ckpt: expected the source's final checkpoint at step "
+                               f"{src_cfg.train.steps}, found {step}")
+        if not same_stream:  # restore into a throwaway iterator: the grown phase starts its own
+            it = src_trainer._iterator()
+        state, _ = ckpt.restore(step, src_trainer.setup.abstract_state, it)
+        ckpt.close()
+        return apply_op(cfg, state, src_trainer.setup, setup, it)
+
+    trainer = Trainer(cfg, os.path.join(workdir, "grown"), progress=progress, on_step=on_step,
+                      init_state_fn=init_state_fn)
+    summary = trainer.run()
+    totals = merge_metrics(workdir, src_wd, os.path.join(workdir, "grown"), src_cfg, cfg)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(cfg.to_json())
+    return {**summary, **totals, "phase": "grown"}
+
+
+def merge_metrics(workdir: str, src_wd: str, grown_wd: str, src_cfg: Config, cfg: Config) -> dict:
+    """Write ``workdir/metrics.jsonl``: source records, the grow event, offset grown records."""
+    src = read_metrics(os.path.join(src_wd, "metrics.jsonl"))
+    grown = read_metrics(os.path.join(grown_wd, "metrics.jsonl"))
+    f_src = src_cfg.model.flops_per_token(src_cfg.data.seq_len)
+    f_dst = cfg.model.flops_per_token(cfg.data.seq_len)
+    S = src_cfg.train.steps
+    src_tokens = S * src_cfg.train.batch_size * src_cfg.data.seq_len
+    out = [{**r, "flops": r.get("tokens", 0) * f_src, "phase": "source"} for r in src if r["step"] <= S]
+    event = {"step": S, "event": "grow", "op": cfg.growth.op, "tokens": src_tokens,
+             "flops": src_tokens * f_src, "source_params": src_cfg.model.num_params(),
+             "target_params": cfg.model.num_params()}
+    for r in grown:
+        if r["step"] == 0:  # the grown model evaluated before any step: part of the event
+            event.update({k: v for k, v in r.items() if k not in ("step", "tokens")})
+            continue
+        tok = r.get("tokens", 0)
+        out.append({**r, "step": S + r["step"], "tokens": src_tokens + tok,
+                    "flops": src_tokens * f_src + tok * f_dst, "phase": "grown"})
+    out.insert(len([r for r in out if r["phase"] == "source"]), event)
+    last = out[-1]
+    if jax.process_index() == 0:
+        path = os.path.join(workdir, "metrics.jsonl")
+        os.makedirs(workdir, exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            for r in out:
+                f.write(json.dumps(r) + "\n")
+        os.replace(path + ".tmp", path)
+    return {"total_steps": last["step"], "total_tokens": last["tokens"], "flops": last["flops"]}
