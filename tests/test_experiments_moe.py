@@ -8,11 +8,14 @@ import pytest
 from experiments import lbl_scope, routers
 from moejax.metrics import read_metrics
 
+# 8 test devices; the smoke micro-batch holds 4 sequences: shard the batch 4 ways, heads 2 ways
+MESH = ["--set", "mesh.data=4", "--set", "mesh.tensor=2"]
+
 
 @pytest.mark.slow
 def test_lbl_scope_smoke_all_arms(data_cache, tmp_path):
     wd = str(tmp_path / "lbl")
-    out = lbl_scope.main(["--preset", "cpu-smoke", "--workdir", wd,
+    out = lbl_scope.main(["--preset", "cpu-smoke", "--workdir", wd, *MESH,
                           "--set", f"data.cache_dir={data_cache}"])
     assert set(out) == set(lbl_scope.ARMS)
     report = open(os.path.join(wd, "report.md")).read()
@@ -34,7 +37,7 @@ def test_lbl_scope_smoke_all_arms(data_cache, tmp_path):
 @pytest.mark.slow
 def test_routers_smoke_all_arms(data_cache, tmp_path):
     wd = str(tmp_path / "routers")
-    out = routers.main(["--preset", "cpu-smoke", "--workdir", wd,
+    out = routers.main(["--preset", "cpu-smoke", "--workdir", wd, *MESH,
                         "--set", f"data.cache_dir={data_cache}"])
     assert set(out) == set(routers.ARMS)
     report = open(os.path.join(wd, "report.md")).read()
