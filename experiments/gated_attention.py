@@ -206,10 +206,7 @@ def report(workdirs: dict[str, str], out_dir: str) -> str:
         f"![loss](plots/{os.path.basename(curves)})", "",
         f"![probes per layer](plots/{os.path.basename(layer_png)})", "",
         *[f"![{os.path.basename(i)}](plots/{os.path.basename(i)})" for i in images], ""])
-    path = os.path.join(out_dir, "report.md")
-    with open(path, "w") as f:
-        f.write(text)
-    return path
+    return experiment.write_report(out_dir, text)
 
 
 def main(argv=None):

@@ -161,10 +161,7 @@ def report(workdirs: dict[str, str], out_dir: str) -> str:
         "dotted lines mark the growth event. Speedup = 1 - FLOPs to reach scratch's final loss / "
         "scratch's FLOPs.", "", *rows, "", f"![val loss vs FLOPs](plots/{os.path.basename(png)})",
         ""])
-    path = os.path.join(out_dir, "report.md")
-    with open(path, "w") as f:
-        f.write(text)
-    return path
+    return experiment.write_report(out_dir, text)
 
 
 def main(argv=None):

@@ -133,10 +133,7 @@ def report(workdirs: dict[str, str], out_dir: str) -> str:
         "relative to uniform routing (1.0 = flat).", "", *rows, "",
         f"![loss](plots/{os.path.basename(curves)})", "",
         *[f"![{os.path.basename(h)}](plots/{os.path.basename(h)})" for h in heatmaps], ""])
-    path = os.path.join(out_dir, "report.md")
-    with open(path, "w") as f:
-        f.write(text)
-    return path
+    return experiment.write_report(out_dir, text)
 
 
 def main(argv=None):

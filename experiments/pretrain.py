@@ -98,10 +98,7 @@ def report(workdirs: dict[str, str], out_dir: str) -> str:
         "# pretrain", "", "Validation loss per domain at step 0 and at the end (median tokens/s "
         "over logged windows after the first; MFU counts active FLOPs, n/a on CPU).", "",
         *rows, "", f"![loss curves](plots/{os.path.basename(curves)})", ""])
-    path = os.path.join(out_dir, "report.md")
-    with open(path, "w") as f:
-        f.write(text)
-    return path
+    return experiment.write_report(out_dir, text)
 
 
 def main(argv=None):

@@ -82,10 +82,7 @@ def report(workdirs: dict[str, str], out_dir: str) -> str:
         "Final evaluation; active experts/token, load and throughput from the last logged training "
         "step (tokens/s is the median over logged windows).", "", *rows, "",
         f"![loss](plots/{os.path.basename(curves)})", ""])
-    path = os.path.join(out_dir, "report.md")
-    with open(path, "w") as f:
-        f.write(text)
-    return path
+    return experiment.write_report(out_dir, text)
 
 
 def main(argv=None):

@@ -37,6 +37,14 @@ def finished(workdir: str) -> dict | None:
     return None
 
 
+def write_report(out_dir: str, text: str) -> str:
+    """Write ``out_dir/report.md`` (markdown; plots are linked relative to it); returns its path."""
+    path = os.path.join(out_dir, "report.md")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
 def main(*, description: str, presets: Mapping[str, Config], arms: Mapping[str, Sequence[str]],
          run_arm: Callable[[Config, str], dict],
          report: Callable[[dict[str, str], str], str],
