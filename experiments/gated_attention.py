@@ -34,9 +34,8 @@ Command:
 
 Presets and runtime:
     cpu-smoke  2 layers, d=64, 64-token rows, 4 steps: seconds per arm (CI runs a few arms)
-    cpu        4 layers, d=128, 128-token rows, 150 steps x 16 rows: ~1 min per arm on 2 quiet CPU
-               cores (estimate: measured 0.9 s/step with the machine at load 9, i.e. ~3 min/arm
-               there), so the 12 arms in <= 20 min on a quiet machine.
+    cpu        4 layers, d=128, 128-token rows, 150 steps x 16 rows: ~45 s per arm; all 12 arms
+               with the report in 9.6 min on 2 quiet CPU cores (measured 2026-11-23).
                This model is far too small and its context too short to form a real attention
                sink (tiny short-context models show ~0 first-token share even without gates);
                it exercises the pipeline and the probes, and shows the loss/stability trends only.
