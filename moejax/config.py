@@ -3,17 +3,14 @@
 Every dataclass checks its own fields in ``__post_init__``; ``Config`` checks the cross-field
 constraints (batch vs mesh, sequence length vs model, sharded dims vs mesh axes). An invalid value
 raises ``ConfigError`` naming the dotted field and the fix. Dotted overrides (``train.lr=3e-4``) go
-through ``tyro``, which type-checks values and re-runs the validation.
+through ``moejax.overrides`` (tyro), which type-checks values and re-runs the validation.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import json
 import math
-import types
 import typing
 from typing import Any, Literal, Sequence
 
@@ -602,47 +599,3 @@ def _from_dict(cls, d: dict):
     if unknown:
         raise ConfigError(f"unknown config fields {sorted(unknown)} for {cls.__name__}")
     return cls(**kwargs)
-
-
-def _field_type(cls, dotted: str):
-    """The annotated type of a dotted field, or raise ConfigError naming the bad part."""
-    t = cls
-    for part in dotted.split("."):
-        if not dataclasses.is_dataclass(t):
-            raise ConfigError(f"--set {dotted}: {part!r} is not a config section")
-        hints = typing.get_type_hints(t)
-        if part not in hints or part.isupper():
-            raise ConfigError(f"--set {dotted}: {t.__name__} has no field {part!r}; "
-                              f"fields: {[f.name for f in dataclasses.fields(t)]}")
-        t = hints[part]
-    return t
-
-
-def apply_overrides(cfg, overrides: Sequence[str]):
-    """Apply dotted ``key=value`` overrides (``train.lr=3e-4``, ``data.mixture=1,2,1``) via tyro.
-
-    Values are parsed and type-checked by tyro against the dataclass annotations, and the result
-    is validated again on construction. Tuple fields take comma-separated values.
-    """
-    import tyro
-
-    if not overrides:
-        return cfg
-    args: list[str] = []
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.lr=3e-4")
-        key, value = item.split("=", 1)
-        t = _field_type(type(cfg), key)
-        is_tuple = typing.get_origin(t) is tuple or (
-            isinstance(t, types.UnionType) and any(typing.get_origin(a) is tuple for a in t.__args__))
-        args += [f"--{key}", *(value.split(",") if is_tuple else [value])]
-    buf = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(buf), contextlib.redirect_stdout(buf):
-            return tyro.cli(type(cfg), default=cfg, args=args, prog="--set",
-                            config=(tyro.conf.FlagConversionOff,))
-    except SystemExit as e:  # tyro printed why; keep its words (boxes stripped) in the error
-        lines = [ln.strip(" │╭╮╰╯─-") for ln in buf.getvalue().splitlines()]
-        why = " ".join(ln for ln in lines if ln and "helptext" not in ln)
-        raise ConfigError(f"invalid override {list(overrides)}: {why}") from e

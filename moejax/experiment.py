@@ -14,7 +14,8 @@ from typing import Callable, Mapping, Sequence
 
 import jax
 
-from moejax.config import Config, apply_overrides
+from moejax.config import Config
+from moejax.overrides import apply_overrides
 
 SUMMARY = "summary.json"
 

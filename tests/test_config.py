@@ -6,8 +6,8 @@ import json
 import pytest
 
 from moejax.config import (AttentionConfig, BalanceConfig, Config, ConfigError, DataConfig,
-                           MeshConfig, ModelConfig, MoEConfig, RouterConfig, TrainConfig,
-                           apply_overrides)
+                           MeshConfig, ModelConfig, MoEConfig, RouterConfig, TrainConfig)
+from moejax.overrides import apply_overrides
 from moejax.testing import tiny_config, tiny_model
 
 # (builder, substring that must appear in the message: the field and the fix)

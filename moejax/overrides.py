@@ -1,0 +1,60 @@
+"""Dotted command-line overrides of a typed config (``train.lr=3e-4``, ``data.mixture=1,2,1``).
+
+Parsing and type checks are tyro's; the result is re-validated by the dataclasses' own checks and
+every failure is a ``ConfigError`` naming the field.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import types
+import typing
+from typing import Sequence
+
+from moejax.config import ConfigError
+
+
+def _field_type(cls, dotted: str):
+    """The annotated type of a dotted field, or raise ConfigError naming the bad part."""
+    t = cls
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(t):
+            raise ConfigError(f"--set {dotted}: {part!r} is not a config section")
+        hints = typing.get_type_hints(t)
+        if part not in hints or part.isupper():
+            raise ConfigError(f"--set {dotted}: {t.__name__} has no field {part!r}; "
+                              f"fields: {[f.name for f in dataclasses.fields(t)]}")
+        t = hints[part]
+    return t
+
+
+def apply_overrides(cfg, overrides: Sequence[str]):
+    """Apply dotted ``key=value`` overrides (``train.lr=3e-4``, ``data.mixture=1,2,1``) via tyro.
+
+    Values are parsed and type-checked by tyro against the dataclass annotations, and the result
+    is validated again on construction. Tuple fields take comma-separated values.
+    """
+    import tyro
+
+    if not overrides:
+        return cfg
+    args: list[str] = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.lr=3e-4")
+        key, value = item.split("=", 1)
+        t = _field_type(type(cfg), key)
+        is_tuple = typing.get_origin(t) is tuple or (
+            isinstance(t, types.UnionType) and any(typing.get_origin(a) is tuple for a in t.__args__))
+        args += [f"--{key}", *(value.split(",") if is_tuple else [value])]
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buf), contextlib.redirect_stdout(buf):
+            return tyro.cli(type(cfg), default=cfg, args=args, prog="--set",
+                            config=(tyro.conf.FlagConversionOff,))
+    except SystemExit as e:  # tyro printed why; keep its words (boxes stripped) in the error
+        lines = [ln.strip(" │╭╮╰╯─-") for ln in buf.getvalue().splitlines()]
+        why = " ".join(ln for ln in lines if ln and "helptext" not in ln)
+        raise ConfigError(f"invalid override {list(overrides)}: {why}") from e
