@@ -25,8 +25,8 @@ Command:
 
 Presets and runtime (2 shared CPU cores): cpu-smoke (CI; ~1.5 min for all arms), cpu (target
 8 layers d=128, 160 scratch-equivalent steps of 16 x 128 tokens, source 40 steps of the 2-layer
-model; ~15-16 min for the four arms, extrapolated from a timed 40-step scratch + gstack run at
-~1.2 s per target step), gpu (24 layers d=1024 grown from 6, one H100; not run).
+model; measured 8:10 wall for all four arms incl. the corpus build, quiet machine, 2026-11-23),
+gpu (24 layers d=1024 grown from 6, one H100; not run).
 """
 
 from __future__ import annotations
