@@ -76,3 +76,22 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+
+def latest_params(workdir: str, abstract_state: TrainState):
+    """The parameters of the latest train checkpoint in ``workdir/ckpt``, restored onto
+    ``abstract_state``'s shardings (the run's ``Setup.abstract_state``)."""
+    ckpt_dir = os.path.join(os.path.abspath(workdir), "ckpt")
+    manager = ocp.CheckpointManager(ckpt_dir, item_names=("state", "data", "meta"))
+    try:
+        step = manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"{ckpt_dir}: no checkpoint to take the parameters from")
+        target = _state_dict(abstract_state)
+        if not jax.tree.leaves(target["rest"]):
+            target["rest"] = None
+        tree = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+        return tree["state"]["params"]
+    finally:
+        manager.close()

@@ -205,6 +205,7 @@ class MoEConfig:
     shared_gate: bool = False  # Qwen3-Next: sigmoid(x W) gate on the shared-expert output
     first_dense_layers: int = 0
     moe_every: int = 1  # layer l is MoE iff l >= first_dense_layers and (l - first) % every == 0
+    dense_layers: tuple[int, ...] = ()  # further dense layers (HF Qwen3-MoE ``mlp_only_layers``)
     dispatch: Literal["dropless", "capacity"] = "dropless"
     capacity_factor: float = 1.25
     ep_buffer_factor: float = 0.0  # dropless EP exchange buffer / mean load; 0 = worst case (exact)
@@ -228,6 +229,8 @@ class MoEConfig:
         if self.first_dense_layers < 0:
             _fail("model.moe.first_dense_layers", self.first_dense_layers, "must be >= 0")
         _check_positive("model.moe.moe_every", self.moe_every)
+        if any(l < 0 for l in self.dense_layers):
+            _fail("model.moe.dense_layers", self.dense_layers, "layer indices must be >= 0")
         _check_choice("model.moe.dispatch", self.dispatch, ("dropless", "capacity"))
         _check_choice("model.moe.gmm_impl", self.gmm_impl, ("reference", "xla", "tokamax", "pallas"))
         _check_positive("model.moe.capacity_factor", self.capacity_factor)
@@ -256,7 +259,7 @@ class MoEConfig:
         return self.num_experts > 0
 
     def is_moe_layer(self, layer: int) -> bool:
-        return (self.enabled and layer >= self.first_dense_layers
+        return (self.enabled and layer >= self.first_dense_layers and layer not in self.dense_layers
                 and (layer - self.first_dense_layers) % self.moe_every == 0)
 
 
@@ -292,9 +295,10 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.moe.enabled and self.scan_layers and (
-                self.moe.first_dense_layers or self.moe.moe_every != 1):
+                self.moe.first_dense_layers or self.moe.moe_every != 1 or self.moe.dense_layers):
             _fail("model.scan_layers", True, "scan needs identical layers: set "
-                  "moe.first_dense_layers=0 and moe.moe_every=1, or scan_layers=False")
+                  "moe.first_dense_layers=0, moe.moe_every=1 and moe.dense_layers=(), or "
+                  "scan_layers=False")
         for name in ("vocab_size", "d_model", "num_layers", "d_ff", "max_seq_len"):
             _check_positive(f"model.{name}", getattr(self, name))
         _check_positive("model.norm_eps", self.norm_eps)
@@ -310,6 +314,22 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.attention.head_dim
+
+    def check_mesh_divisibility(self, sizes: dict[str, int]) -> None:
+        """Sharded parameter dims must divide by their mesh axes (``sizes``: resolved axis sizes)."""
+        a = self.attention
+        t, f = sizes.get("tensor", 1), sizes.get("fsdp", 1)
+        for field, dim in (("model.attention.num_heads", a.num_heads),
+                           ("model.attention.num_kv_heads", a.num_kv_heads),
+                           ("model.d_ff", self.d_ff), ("model.vocab_size", self.vocab_size)):
+            if dim % t:
+                _fail(field, dim, f"must be divisible by mesh.tensor={t}")
+        if self.d_model % f:
+            _fail("model.d_model", self.d_model, f"must be divisible by mesh.fsdp={f}")
+        e = sizes.get("expert", 1)
+        if self.moe.enabled and self.moe.num_experts % e:
+            _fail("model.moe.num_experts", self.moe.num_experts,
+                  f"must be divisible by mesh.expert={e} (experts are split evenly over it)")
 
     def num_params(self, *, include_embeddings: bool = True, active: bool = False) -> int:
         """Trainable parameter count; ``active`` counts only the top_k routed experts a token
@@ -402,7 +422,7 @@ DOMAINS = ("code", "prose", "math")
 class DataConfig:
     """Token data: the embedded corpus (or a local text dir), tokenizer, packing and mixture."""
 
-    corpus: str = "embedded"  # "embedded" or a local directory of <domain>/*.txt files
+    corpus: str = "embedded"  # "embedded", a local directory of <domain>/*.txt files, or a *.jsonl
     cache_dir: str = "~/.cache/moejax"  # corpus text and token shards are built once and cached here
     tokenizer: str = "byte"  # "byte", "bpe" (trained locally) or a path to a tokenizer.json
     bpe_vocab_size: int = 512
@@ -552,24 +572,13 @@ class Config:
 
     def check_mesh_divisibility(self, sizes: dict[str, int]) -> None:
         """Sharded dimensions must divide by their mesh axes (call again once -1 is resolved)."""
-        a, md = self.model.attention, self.model
+
         batch = math.prod(sizes.get(k, 1) for k in ("data", "fsdp", "expert"))
         if self.train.micro_batch_size % batch:
             _fail("train.batch_size", self.train.batch_size,
                   f"the micro-batch ({self.train.micro_batch_size} sequences) must be divisible by "
                   f"mesh data*fsdp*expert={batch}")
-        t, f = sizes.get("tensor", 1), sizes.get("fsdp", 1)
-        for field, dim in (("model.attention.num_heads", a.num_heads),
-                           ("model.attention.num_kv_heads", a.num_kv_heads),
-                           ("model.d_ff", md.d_ff), ("model.vocab_size", md.vocab_size)):
-            if dim % t:
-                _fail(field, dim, f"must be divisible by mesh.tensor={t}")
-        if md.d_model % f:
-            _fail("model.d_model", md.d_model, f"must be divisible by mesh.fsdp={f}")
-        e = sizes.get("expert", 1)
-        if md.moe.enabled and md.moe.num_experts % e:
-            _fail("model.moe.num_experts", md.moe.num_experts,
-                  f"must be divisible by mesh.expert={e} (experts are split evenly over it)")
+        self.model.check_mesh_divisibility(sizes)
 
     # -- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict:

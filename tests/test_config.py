@@ -117,7 +117,7 @@ def test_configs_are_frozen():
 @pytest.mark.parametrize("moe", [
     None,
     dict(num_experts=8, top_k=2, d_expert=32, num_shared_experts=1, shared_gate=True,
-         first_dense_layers=1, moe_every=1),
+         first_dense_layers=1, moe_every=1, dense_layers=(2,)),
     dict(num_experts=8, top_k=2, d_expert=32, router=dict(recurrent="gru", recurrent_dim=16,
                                                           num_null_experts=2)),
 ])
@@ -153,7 +153,17 @@ INVALID_MOE = {
                                "must be divisible by mesh.expert=4"),
     "scan_with_mixed_layers": (lambda: tiny_model(scan_layers=True, moe=MoEConfig(
         num_experts=4, first_dense_layers=1)), "scan needs identical layers"),
+    "scan_with_dense_layers": (lambda: tiny_model(scan_layers=True, moe=MoEConfig(
+        num_experts=4, dense_layers=(2,))), "moe.dense_layers=()"),
+    "negative_dense_layer": (lambda: MoEConfig(num_experts=4, dense_layers=(-1,)),
+                             "model.moe.dense_layers=(-1,)"),
 }
+
+
+def test_dense_layers_follow_hf_mlp_only_layers():
+    """HF Qwen3-MoE: layer l is sparse iff l not in mlp_only_layers and (l+1) % step == 0."""
+    m = MoEConfig(num_experts=4, first_dense_layers=1, moe_every=2, dense_layers=(5,))
+    assert [l for l in range(8) if m.is_moe_layer(l)] == [1, 3, 7]
 
 
 @pytest.mark.parametrize("name", sorted(INVALID_MOE))

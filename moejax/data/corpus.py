@@ -270,8 +270,30 @@ def local_domain_files(corpus_dir: str, domain: str) -> list[Path]:
     return files
 
 
+JSONL_DEFAULT_DOMAIN = "text"
+
+
+def jsonl_documents(path: str) -> dict[str, list[str]]:
+    """A JSONL corpus: one ``{"text": ..., "domain": ...}`` object per line (``domain`` optional,
+    default ``"text"``) -> documents per domain, in file order."""
+    out: dict[str, list[str]] = {}
+    with open(os.path.expanduser(path), encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise ValueError(f"data.corpus={path!r} line {i}: expected an object with a string "
+                                 '"text" field (and optionally "domain")')
+            out.setdefault(str(row.get("domain", JSONL_DEFAULT_DOMAIN)), []).append(row["text"])
+    return out
+
+
 def local_fingerprint(corpus_dir: str, domains: Iterable[str]) -> list:
     """Names, sizes and mtimes of a local corpus: a changed file invalidates its cached tokens."""
+    if corpus_dir.endswith(".jsonl"):
+        st = Path(os.path.expanduser(corpus_dir)).stat()
+        return [[corpus_dir, st.st_size, st.st_mtime_ns]]
     out = []
     for dom in domains:
         for f in local_domain_files(corpus_dir, dom):
@@ -281,12 +303,20 @@ def local_fingerprint(corpus_dir: str, domains: Iterable[str]) -> list:
 
 
 def load_documents(corpus: str, domain: str, cap: int, cache_dir: str) -> list[str]:
-    """Documents of ``domain``: the embedded corpus, or one per ``<corpus>/<domain>/*.txt`` file."""
+    """Documents of ``domain``: the embedded corpus, one per ``<corpus>/<domain>/*.txt`` file, or
+    the rows of a ``*.jsonl`` corpus whose domain matches."""
     if corpus == "embedded":
         return embedded_domain(domain, cap, cache_dir)
+    if corpus.endswith(".jsonl"):
+        by_domain = jsonl_documents(corpus)
+        if domain not in by_domain:
+            raise ValueError(f"data.corpus={corpus!r} has no rows of domain {domain!r} (it has "
+                             f"{sorted(by_domain)}); set data.domains accordingly")
+        texts = by_domain[domain]
+    else:
+        texts = [f.read_text(encoding="utf-8") for f in local_domain_files(corpus, domain)]
     docs, seen = [], set()
-    for f in local_domain_files(corpus, domain):
-        text = f.read_text(encoding="utf-8")
+    for text in texts:
         if text.strip() and text not in seen:  # exact duplicates would leak across the split
             seen.add(text)
             docs.append(text)
