@@ -13,6 +13,7 @@ import torch
 import transformers
 
 from experiments import finetune
+from moejax.data.tokenizer import BPETokenizer
 from moejax.interop import hf
 from moejax.metrics import read_metrics
 
@@ -60,15 +61,20 @@ def test_finetune_moe_source_on_jsonl(tmp_path, data_cache):
         num_experts=4, num_experts_per_tok=2, norm_topk_prob=True), src)
     corpus = tmp_path / "ft.jsonl"
     rng = np.random.default_rng(0)
+    texts = []
     with open(corpus, "w") as f:
         for i in range(200):
             dom = "qa" if i % 2 else "notes"
-            text = " ".join(f"w{int(x)}" for x in rng.integers(0, 50, 40))
-            f.write(json.dumps({"text": f"{dom} {i}: {text}", "domain": dom}) + "\n")
+            texts.append(f"{dom} {i}: " + " ".join(f"w{int(x)}" for x in rng.integers(0, 50, 40)))
+            f.write(json.dumps({"text": texts[-1], "domain": dom}) + "\n")
+    # the source ships a tokenizer.json (a byte-level BPE trained here): the run must use it
+    BPETokenizer.train(texts, vocab_size=300).save(os.path.join(src, "tokenizer.json"))
     wd = str(tmp_path / "ft")
     out = finetune.main(["--source", src, "--workdir", wd, *SMOKE,
                          "--set", f"data.corpus={corpus}", "--set", f"data.cache_dir={data_cache}"])
     assert set(out) == {"plain", "gwmoe"}
+    cfg = json.load(open(os.path.join(wd, "gwmoe", "config.json")))
+    assert cfg["data"]["tokenizer"].endswith("_import/hf/tokenizer.json")
     rec = read_metrics(os.path.join(wd, "gwmoe", "metrics.jsonl"))
     assert {"val/loss/notes", "val/loss/qa"} <= set(rec[0])
     assert np.isfinite(rec[-1].get("val/loss", rec[-2].get("val/loss")))
