@@ -47,6 +47,7 @@ from moejax.analysis.plots import plot_curves, plot_domain_heatmaps
 from moejax.config import Config, DataConfig, GrowthConfig, ModelConfig, TrainConfig
 from moejax.data.corpus import jsonl_documents
 from moejax.interop import hf
+from moejax.analysis.routing import domain_frequencies, specialisation
 from moejax.metrics import read_metrics
 from moejax.trainer import Trainer
 
@@ -166,10 +167,8 @@ def report(workdirs: dict[str, str], out_dir: str) -> str:
                for r in recs if any(k.startswith("moe/entropy/layer") for k in r)]
         spec = "n/a"
         if "moe/domain_counts" in last and moe["num_experts"]:
-            counts = np.asarray(last["moe/domain_counts"], np.float64)  # [L, domains, E]
-            k = moe["top_k"]
-            freq = counts / np.maximum(counts.sum(-1, keepdims=True) / k, 1) / (k / counts.shape[-1])
-            spec = f"{float(np.mean(freq.max(-1))):.2f}"
+            freq = domain_frequencies(last, moe["top_k"])
+            spec = f"{specialisation(freq):.2f}"
             heatmaps.append(plot_domain_heatmaps(freq, os.path.join(plots, f"heatmap_{arm}.png"),
                                                  domains=domains, title=f"{arm}: expert use / uniform"))
         rows.append(f"| {arm} | {evals[0]['val/loss']:.4f} | {last['val/loss']:.4f} | "

@@ -33,6 +33,7 @@ from moejax import experiment
 from moejax.analysis.plots import plot_curves, plot_domain_heatmaps
 from moejax.config import (AttentionConfig, BalanceConfig, Config, DataConfig, MeshConfig,
                            ModelConfig, MoEConfig, RouterConfig, TrainConfig)
+from moejax.analysis.routing import domain_frequencies, specialisation
 from moejax.metrics import read_metrics
 from moejax.trainer import Trainer
 
@@ -87,14 +88,6 @@ def run_arm(cfg: Config, workdir: str) -> dict:
     return Trainer(cfg, workdir).run()
 
 
-def domain_frequencies(record: dict, top_k: int) -> np.ndarray:
-    """Expert selection frequency per (layer, domain, expert), relative to uniform routing
-    (1 = the uniform rate k/E; the paper's 'hot experts' are cells far above 1)."""
-    counts = np.asarray(record["moe/domain_counts"], np.float64)  # [L, D, E_all]
-    per_domain = counts.sum(-1, keepdims=True) / top_k  # tokens per domain
-    return counts / np.maximum(per_domain, 1) / (top_k / counts.shape[-1])
-
-
 def _last(recs: list[dict], prefix: str) -> float:
     """Mean over layers of the last logged values whose key starts with ``prefix``."""
     for r in reversed(recs):
@@ -115,7 +108,7 @@ def report(workdirs: dict[str, str], out_dir: str) -> str:
         with open(os.path.join(wd, "config.json")) as f:
             top_k = json.load(f)["model"]["moe"]["top_k"]
         freq = domain_frequencies(ev, top_k)
-        spec = float(np.mean(freq.max(-1)))  # mean over layers/domains of the hottest expert's rate
+        spec = specialisation(freq)  # mean over layers/domains of the hottest expert's rate
         rows.append(
             f"| {arm} | {ev['val/loss']:.3f} | {ev.get('val/loss/code', float('nan')):.3f} | "
             f"{ev.get('val/loss/prose', float('nan')):.3f} | {ev.get('val/loss/math', float('nan')):.3f} | "

@@ -33,12 +33,12 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 
 from moejax import experiment, grow_run
 from moejax.analysis.plots import plot_curves, plot_domain_heatmaps
 from moejax.config import (AttentionConfig, BalanceConfig, Config, DataConfig, GrowthConfig,
                            ModelConfig, MoEConfig, RouterConfig, TrainConfig)
+from moejax.analysis.routing import domain_frequencies, specialisation
 from moejax.metrics import read_metrics
 
 
@@ -99,12 +99,6 @@ def run_arm(cfg: Config, workdir: str) -> dict:
     return grow_run.run(cfg, workdir, source_workdir=grow_run.source_workdir_for(cfg, root))
 
 
-def domain_frequencies(record: dict, top_k: int) -> np.ndarray:
-    counts = np.asarray(record["moe/domain_counts"], np.float64)  # [L, D, E]
-    per_domain = counts.sum(-1, keepdims=True) / top_k
-    return counts / np.maximum(per_domain, 1) / (top_k / counts.shape[-1])
-
-
 def report(workdirs: dict[str, str], out_dir: str) -> str:
     plots = os.path.join(out_dir, "plots")
     rows = ["| arm | val loss at upcycling | final val loss | code | prose | math | "
@@ -120,7 +114,7 @@ def report(workdirs: dict[str, str], out_dir: str) -> str:
         ev = [r for r in recs if "moe/domain_counts" in r and r.get("phase") == "grown"]
         if ev:
             freq = domain_frequencies(ev[-1], top_k)
-            spec = f"{float(np.mean(freq.max(-1))):.2f}"
+            spec = f"{specialisation(freq):.2f}"
             heatmaps.append(plot_domain_heatmaps(
                 freq, os.path.join(plots, f"heatmap_{arm}.png"), domains=("code", "prose", "math"),
                 title=f"{arm}: expert selection rate / uniform"))
