@@ -216,6 +216,12 @@ def test_moejax_model_exports_to_transformers_with_same_logits(tmp_path, name):
     assert rel_err(ours, theirs) < 1e-4
 
 
+def write_tokenizer(directory: str) -> None:
+    with open(os.path.join(directory, "tokenizer.json"), "w") as f:
+        json.dump({"version": "1.0", "model": {"type": "WordLevel", "vocab": {"a": 0},
+                                               "unk_token": "a"}}, f)
+
+
 def _corrupt(src: str, dst: str, edit) -> None:
     shutil.copytree(src, dst)
     path = os.path.join(dst, "model.safetensors")
@@ -240,6 +246,29 @@ def test_broken_checkpoint_names_the_tensor(hf_models, tmp_path, edit, message):
     _corrupt(hf_models["moe_dense0_nonorm"][0], d, edit)
     with pytest.raises(CheckpointError, match=message.replace("[", r"\[").replace("]", r"\]")):
         H.import_hf(d, mesh=make_mesh(ONE, jax.devices()[:1]), mesh_cfg=ONE)
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_tied_checkpoint_with_a_stored_lm_head(hf_models, tmp_path, same):
+    """A tied model that also stores lm_head.weight: equal is consumed (import and workdir load),
+    different is an error naming the tensor."""
+    d, ref = hf_models["qwen3_gqa2_tied"]
+    src = str(tmp_path / "tied")
+    _corrupt(d, src, lambda t: t.__setitem__("lm_head.weight", t["model.embed_tokens.weight"]
+                                             + (0.0 if same else 1.0)))
+    write_tokenizer(src)
+    if not same:
+        with pytest.raises(CheckpointError, match="'lm_head.weight' differs"):
+            H.import_to_workdir(src, str(tmp_path / "work"), mesh_cfg=ONE)
+        return
+    work = str(tmp_path / "work")
+    cfg = H.import_to_workdir(src, work, mesh_cfg=ONE)
+    mesh = make_mesh(ONE, jax.devices()[:1])
+    abstract, shardings = H.abstract_params(cfg.model, mesh, ONE)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+    params = H.load_workdir_params(work, cfg.model, target)
+    assert rel_err(moejax_logits(cfg.model, params, mesh, ONE), ref) < 1e-4
 
 
 def test_ignored_prefix_is_reported_not_silent(hf_models, tmp_path):
@@ -278,9 +307,7 @@ def test_export_refuses_what_hf_cannot_hold(tmp_path):
 
 def test_cli_import_then_export(hf_models, tmp_path):
     d, ref = hf_models["next_shared"]
-    with open(os.path.join(d, "tokenizer.json"), "w") as f:  # a side file travels both ways
-        json.dump({"version": "1.0", "model": {"type": "WordLevel", "vocab": {"a": 0},
-                                               "unk_token": "a"}}, f)
+    write_tokenizer(d)  # a side file travels both ways
     work, out = str(tmp_path / "work"), str(tmp_path / "out")
     H.main(["import", d, "--out", work, "--mesh", "data=1"])
     saved = json.load(open(os.path.join(work, "config.json")))
@@ -292,3 +319,8 @@ def test_cli_import_then_export(hf_models, tmp_path):
     back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
         np.testing.assert_array_equal(back(torch.tensor(TOKENS)).logits.numpy(), ref)
+
+
+def test_workdir_import_without_tokenizer_needs_byte_sized_vocab(hf_models, tmp_path):
+    with pytest.raises(ConfigError, match="no tokenizer.json and vocab_size=96"):
+        H.import_to_workdir(hf_models["qwen3_mqa_untied"][0], str(tmp_path / "w"), mesh_cfg=ONE)

@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 
 from moejax import ckpt
-from moejax.config import Config, DataConfig, MeshConfig, ModelConfig
+from moejax.config import Config, ConfigError, DataConfig, MeshConfig, ModelConfig
 from moejax.interop import qwen3
 from moejax.interop.safetensors_dir import CheckpointError, SafetensorsDir, write_safetensors_dir
 from moejax.mesh import make_mesh, rules_for, use_mesh
@@ -154,12 +154,17 @@ def inspect_hf(directory: str, *, dtype: str = "float32", param_dtype: str = "au
     model_cfg = qwen3.config_from_hf(hf, dtype=dtype, param_dtype=param_dtype,
                                      scan_layers=scan_layers)
     ignored = check_tensors(reader, qwen3.plan(model_cfg), hf, ignore)
+    check_tied_head(reader, hf)
+    return model_cfg, reader, ignored
+
+
+def check_tied_head(reader: SafetensorsDir, hf: dict) -> None:
+    """A tied model may still store ``lm_head.weight``: it must equal the embedding (consumed)."""
     if hf.get("tie_word_embeddings") and "lm_head.weight" in reader.names:
         t = reader.read(["lm_head.weight", "model.embed_tokens.weight"])
         if not np.array_equal(t["lm_head.weight"], t["model.embed_tokens.weight"]):
             raise CheckpointError("tensor 'lm_head.weight' differs from 'model.embed_tokens.weight' "
                                   "but config.json says tie_word_embeddings=true")
-    return model_cfg, reader, ignored
 
 
 def build_params(reader: SafetensorsDir, model_cfg: ModelConfig, target: dict,
@@ -240,6 +245,10 @@ def import_to_workdir(directory: str, workdir: str, *, mesh_cfg: MeshConfig | No
     data = DataConfig()
     if os.path.exists(os.path.join(directory, "tokenizer.json")):
         data = dataclasses.replace(data, tokenizer=os.path.abspath(os.path.join(side, "tokenizer.json")))
+    elif model_cfg.vocab_size < 259:
+        raise ConfigError(f"{directory} has no tokenizer.json and vocab_size={model_cfg.vocab_size} "
+                          "is too small for moejax's byte tokenizer (259): add the model's "
+                          "tokenizer.json to the directory")
     cfg = Config(model=model_cfg, mesh=mesh_cfg, data=data)
     report = {"source": os.path.abspath(directory), "family": read_hf_config(directory)["model_type"],
               "tensors": len(reader.names), "ignored": ignored, "ignore_prefixes": list(ignore),
@@ -268,8 +277,9 @@ def load_workdir_params(workdir: str, model_cfg: ModelConfig, target: dict,
         with open(os.path.join(workdir, REPORT)) as f:
             prefixes = json.load(f).get("ignore_prefixes", [])
         side = os.path.join(workdir, "hf")
-        reader = SafetensorsDir(side)
-        ignored = check_tensors(reader, qwen3.plan(model_cfg), read_hf_config(side), prefixes)
+        reader, hf = SafetensorsDir(side), read_hf_config(side)
+        ignored = check_tensors(reader, qwen3.plan(model_cfg), hf, prefixes)
+        check_tied_head(reader, hf)
         return build_params(reader, model_cfg, target, ignored)
     if abstract_state is None:
         raise ValueError(f"{workdir} is not an imported WORKDIR; reading a run's checkpoint needs "
