@@ -1,4 +1,4 @@
-"""Grouped-matmul kernel bodies behind ``kernels.gmm``: XLA ragged_dot, tokamax, and the GPU seam.
+"""Grouped-matmul kernel bodies behind ``kernels.gmm``: XLA ragged_dot, tokamax, Pallas (GPU/TPU).
 
 Each takes lhs [M,K] (rows sorted by group), rhs [G,K,N], group_sizes [G] int32 and returns [M,N];
 rows past sum(group_sizes) are zeros. Selection by name happens only in ``moejax.kernels.gmm``.
@@ -31,8 +31,18 @@ def tokamax(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
 
 def pallas(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
            preferred_element_type=None) -> jax.Array:
-    """Seam for the Pallas Mosaic GPU kernel (``moejax/kernels/gmm_gpu.py``), not landed yet."""
+    """The Pallas kernels: Mosaic GPU on a CUDA GPU (``gmm_gpu``, Hopper wgmma + TMA), megablox or
+    tokamax on TPU (``gmm_tpu``). The platform picks the kernel *body*; the config picked
+    'pallas'. On CPU there is no Pallas kernel to run (interpret mode is for tests only)."""
+    platform = jax.default_backend()
+    kw = dict(preferred_element_type=preferred_element_type)
+    if platform == "gpu":
+        from moejax.kernels import gmm_gpu
+        return gmm_gpu.gmm(lhs, rhs, group_sizes, **kw)
+    if platform == "tpu":
+        from moejax.kernels import gmm_tpu
+        return gmm_tpu.gmm(lhs, rhs, group_sizes, **kw)
     raise NotImplementedError(
-        "model.moe.gmm_impl='pallas': the Hopper Pallas grouped-matmul kernel (moejax/kernels/"
-        "gmm_gpu.py, tracked in the GPU grouped-matmul kernel issue) has not landed yet; use "
-        "gmm_impl='xla' (any backend) or 'tokamax' (GPU/TPU, Python >= 3.12)")
+        f"model.moe.gmm_impl='pallas' runs the Pallas grouped-matmul kernel on a GPU (Mosaic GPU, "
+        f"moejax/kernels/gmm_gpu.py) or a TPU (megablox/tokamax, gmm_tpu.py); the backend here is "
+        f"{platform!r}: use gmm_impl='xla' (jax.lax.ragged_dot) or 'reference' (masked jnp loop)")
