@@ -23,8 +23,10 @@ with the source's ``tokenizer.json`` when it has one, else bytes (vocab must the
 Command:
     python -m experiments.finetune --source /path/to/Qwen3-0.6B --preset gpu --workdir runs/ft
 
-Presets: cpu-smoke (CI: a tiny model the test builds with transformers; all arms ~1 min), cpu (300
-steps of 16 x 256 tokens, for small sources of a few M parameters), gpu (Qwen3-0.6B-sized source,
+Presets: cpu-smoke (CI: a tiny model the test builds with transformers; all arms ~1 min), cpu (150
+steps of 16 x 256 tokens, for small sources of a few M parameters: from the exported ``pretrain``
+cpu model, 23:23 wall on 2 cores for the three arms, of which ~2.5 min plain and ~10 min each EMoE
+arm, as XLA:CPU runs the grouped matmul as a masked dense dot, 8x the expert FLOPs), gpu (Qwen3-0.6B-sized source,
 bf16 compute, 2000 steps of 32 x 2048; not run: no GPU this session).
 """
 
@@ -60,9 +62,9 @@ PRESETS: dict[str, Config] = {
     "cpu": Config(
         model=ModelConfig(dtype="float32"),
         data=DataConfig(seq_len=256, corpus_bytes_per_domain=2_000_000),
-        train=TrainConfig(steps=300, batch_size=16, lr=3e-4, min_lr_ratio=0.1, warmup_steps=20,
-                          weight_decay=0.0, log_every=10, eval_every=50, eval_batches=4,
-                          ckpt_every=100)),
+        train=TrainConfig(steps=150, batch_size=16, lr=3e-4, min_lr_ratio=0.1, warmup_steps=10,
+                          weight_decay=0.0, log_every=10, eval_every=25, eval_batches=4,
+                          ckpt_every=50)),
     "gpu": Config(
         model=ModelConfig(dtype="bfloat16", remat="dots"),
         data=DataConfig(seq_len=2048, corpus_bytes_per_domain=20_000_000, prefetch_threads=4),
@@ -113,7 +115,9 @@ def presets_for(src: Config, corpus: str | None) -> dict[str, Config]:
     for name, p in PRESETS.items():
         model = dataclasses.replace(src.model, dtype=p.model.dtype, remat=p.model.remat,
                                     param_dtype="float32")
-        data = dataclasses.replace(p.data, tokenizer=src.data.tokenizer)
+        # sequences never exceed the source's context (HF max_position_embeddings)
+        data = dataclasses.replace(p.data, tokenizer=src.data.tokenizer,
+                                   seq_len=min(p.data.seq_len, src.model.max_seq_len))
         if corpus and corpus.endswith(".jsonl"):
             domains = tuple(sorted(jsonl_documents(corpus)))
             data = dataclasses.replace(data, corpus=corpus, domains=domains,
@@ -173,7 +177,7 @@ def report(workdirs: dict[str, str], out_dir: str) -> str:
                                                  domains=domains, title=f"{arm}: expert use / uniform"))
         rows.append(f"| {arm} | {evals[0]['val/loss']:.4f} | {last['val/loss']:.4f} | "
                     + " | ".join(f"{last.get(f'val/loss/{d}', float('nan')):.3f}" for d in domains)
-                    + f" | {np.mean(ent[-5:]) if ent else float('nan'):.3f} | {spec} |")
+                    + f" | {f'{np.mean(ent[-5:]):.3f}' if ent else 'n/a'} | {spec} |")
     curves = plot_curves(workdirs, ["train/loss", "val/loss"], os.path.join(plots, "loss.png"),
                          title="fine-tuning an imported checkpoint")
     text = "\n".join([
