@@ -36,6 +36,9 @@ import numpy as np
 SHAPES = {"A": (8192, 8, 128, 2048, 768), "B": (16384, 2, 8, 4096, 14336),
           "C": (8192, 8, 64, 1024, 512)}
 SMOKE_SHAPES = {"S": (64, 2, 4, 32, 16)}
+# CPU-sized MoE layers of the cpu presets (tokens, top-k, experts, d, ff): kernels.gmm's 'auto'
+# picks 'blocked' there because ragged_dot is a G x masked dense dot on XLA:CPU
+CPU_SHAPES = {"cpu-E8": (4096, 4, 8, 256, 96), "cpu-E64": (4096, 8, 64, 128, 64)}
 CASES = ("uneven", "skewed", "empty")
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -130,6 +133,8 @@ def jax_impls(smoke: bool):
         impls["tokamax"] = lambda a, b, g: tokamax.ragged_dot(a, b, g)
     except ImportError:
         impls["tokamax"] = "n/a: tokamax not importable"
+    if jax.default_backend() == "cpu":
+        impls["blocked"] = lambda a, b, g: kernels.gmm(a, b, g, impl="blocked")
     if smoke:
         impls["reference"] = lambda a, b, g: kernels.gmm(a, b, g, impl="reference")
     return impls
@@ -297,19 +302,22 @@ def table(rows) -> str:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default="A,B,C", help="comma list of " + ",".join(SHAPES))
+    ap.add_argument("--shapes", default="A,B,C",
+                    help="comma list of " + ",".join([*SHAPES, *CPU_SHAPES]))
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--smoke", action="store_true", help="tiny shape on CPU (xla/reference)")
+    ap.add_argument("--dtype", default="bfloat16", help="operand dtype (float32 for CPU shapes)")
     ap.add_argument("--autotune", action="store_true", help="moejax times its tile candidates")
     ap.add_argument("--out", default=None, help="write the rows and the table as JSON here")
     args = ap.parse_args(argv)
     if args.autotune:
         import os
         os.environ["MOEJAX_GMM_AUTOTUNE"] = "1"
-    shapes = SMOKE_SHAPES if args.smoke else {s: SHAPES[s] for s in args.shapes.split(",")}
+    known = {**SHAPES, **CPU_SHAPES}
+    shapes = SMOKE_SHAPES if args.smoke else {s: known[s] for s in args.shapes.split(",")}
     iters = min(args.iters, 3) if args.smoke else args.iters
-    rows = run(shapes, args.cases.split(","), iters, args.smoke)
+    rows = run(shapes, args.cases.split(","), iters, args.smoke, dtype=jnp.dtype(args.dtype))
     text = table(rows)
     dev = jax.devices()[0]
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -209,7 +209,8 @@ class MoEConfig:
     dispatch: Literal["dropless", "capacity"] = "dropless"
     capacity_factor: float = 1.25
     ep_buffer_factor: float = 0.0  # dropless EP exchange buffer / mean load; 0 = worst case (exact)
-    gmm_impl: Literal["reference", "xla", "tokamax", "pallas"] = "xla"
+    # kernels.gmm: auto = 'blocked' on CPU, 'xla' (ragged_dot) on GPU/TPU
+    gmm_impl: Literal["auto", "reference", "xla", "blocked", "tokamax", "pallas"] = "auto"
     router: RouterConfig = dataclasses.field(default_factory=RouterConfig)
     balance: BalanceConfig = dataclasses.field(default_factory=BalanceConfig)
 
@@ -232,7 +233,8 @@ class MoEConfig:
         if any(l < 0 for l in self.dense_layers):
             _fail("model.moe.dense_layers", self.dense_layers, "layer indices must be >= 0")
         _check_choice("model.moe.dispatch", self.dispatch, ("dropless", "capacity"))
-        _check_choice("model.moe.gmm_impl", self.gmm_impl, ("reference", "xla", "tokamax", "pallas"))
+        _check_choice("model.moe.gmm_impl", self.gmm_impl,
+                      ("auto", "reference", "xla", "blocked", "tokamax", "pallas"))
         _check_positive("model.moe.capacity_factor", self.capacity_factor)
         if self.ep_buffer_factor < 0:
             _fail("model.moe.ep_buffer_factor", self.ep_buffer_factor, "must be >= 0 (0 = exact)")

@@ -61,22 +61,31 @@ def _cudnn_attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_positions, kv_
     return jnp.where((q_segment_ids != 0)[:, :, None, None], out, 0).astype(q.dtype)
 
 
-GMM_IMPLS = ("reference", "xla", "tokamax", "pallas")
+GMM_IMPLS = ("auto", "reference", "xla", "blocked", "tokamax", "pallas")
 # Note: the function below shadows the submodule attribute ``moejax.kernels.gmm``; reach the kernel
 # bodies with ``from moejax.kernels.gmm import xla`` (resolved through sys.modules), not attributes.
 
 
-def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, impl: str = "xla",
+def resolve_gmm_impl(impl: str) -> str:
+    """'auto' -> 'blocked' on CPU (ragged_dot is a G x dense dot there), 'xla' elsewhere."""
+    if impl == "auto":
+        return "blocked" if jax.default_backend() == "cpu" else "xla"
+    return impl
+
+
+def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, impl: str = "auto",
         preferred_element_type=None) -> jax.Array:
     """Grouped matmul for MoE experts: out[m] = lhs[m] @ rhs[g(m)].
 
     lhs: [M,K] with rows sorted by group; rhs: [G,K,N]; group_sizes: [G] int32 (sum <= M). Rows past
     sum(group_sizes) come out as zeros. Differentiable in lhs and rhs. Returns [M,N].
-    ``impl``: 'reference' (jnp masked loop), 'xla' (lax.ragged_dot), 'tokamax', 'pallas' (GPU).
+    ``impl``: 'auto' (blocked on CPU, xla elsewhere), 'reference' (jnp masked loop), 'xla'
+    (lax.ragged_dot), 'blocked' (block-sparse jnp, fast on CPU), 'tokamax', 'pallas' (GPU/TPU).
     """
     kw = dict(preferred_element_type=preferred_element_type)
+    impl = resolve_gmm_impl(impl)
     if impl == "reference":
         return reference.gmm(lhs, rhs, group_sizes, **kw)
-    if impl in ("xla", "tokamax", "pallas"):
+    if impl in ("xla", "blocked", "tokamax", "pallas"):
         return getattr(_gmm_impls, impl)(lhs, rhs, group_sizes, **kw)
     raise ValueError(f"gmm impl={impl!r} is unknown; choose one of {GMM_IMPLS}")

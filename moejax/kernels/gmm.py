@@ -1,4 +1,5 @@
-"""Grouped-matmul kernel bodies behind ``kernels.gmm``: XLA ragged_dot, tokamax, Pallas (GPU/TPU).
+"""Grouped-matmul kernel bodies behind ``kernels.gmm``: XLA ragged_dot, a blocked jnp path for CPU,
+tokamax, Pallas (GPU/TPU).
 
 Each takes lhs [M,K] (rows sorted by group), rhs [G,K,N], group_sizes [G] int32 and returns [M,N];
 rows past sum(group_sizes) are zeros. Selection by name happens only in ``moejax.kernels.gmm``.
@@ -6,7 +7,10 @@ rows past sum(group_sizes) are zeros. Selection by name happens only in ``moejax
 
 from __future__ import annotations
 
+import math
+
 import jax
+import jax.numpy as jnp
 
 
 def xla(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
@@ -15,6 +19,36 @@ def xla(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
     (about G x the FLOPs), so use it for correctness there, not for speed (notes section 2)."""
     return jax.lax.ragged_dot(lhs, rhs, group_sizes.astype("int32"),
                               preferred_element_type=preferred_element_type)
+
+
+def blocked(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
+            preferred_element_type=None, block: int | None = None) -> jax.Array:
+    """Exact block-sparse grouped matmul in plain jnp, for CPU (where ``ragged_dot`` lowers to a
+    masked dense dot costing G x the FLOPs): each group's rows are padded to a multiple of
+    ``block`` rows, every block is multiplied by its group's weights in one batched einsum
+    ([NB,b,K] x [NB,K,N]), and rows are gathered back. FLOPs ~ (M + G*block) * K * N.
+    ``block`` defaults to M/(4G) rounded down to a power of two in [8, 512] (measured on 2 CPU
+    cores: 4.7-6.8x faster than ragged_dot forward+backward at M=4k-16k, G=8)."""
+    M, K = lhs.shape
+    G, _, N = rhs.shape
+    if block is None:
+        block = int(min(512, max(8, 2 ** int(math.log2(max(M // (4 * G), 1))))))
+    gs = group_sizes.astype(jnp.int32)
+    padded = (gs + block - 1) // block * block
+    end_in, end_out = jnp.cumsum(gs), jnp.cumsum(padded)
+    start_in, start_out = end_in - gs, end_out - padded
+    NB = M // block + G  # >= sum_g ceil(gs_g / block) for any split of <= M rows
+    p = jnp.arange(NB * block, dtype=jnp.int32)  # padded row -> group, source row
+    g = jnp.minimum(jnp.searchsorted(end_out, p, side="right"), G - 1)
+    r = p - start_out[g]
+    valid = (r < gs[g]) & (p < end_out[-1])
+    x = jnp.where(valid[:, None], lhs[jnp.where(valid, start_in[g] + r, 0)], 0)
+    y = jnp.einsum("nbk,nkd->nbd", x.reshape(NB, block, K), rhs[g[::block]],
+                   preferred_element_type=preferred_element_type).reshape(NB * block, N)
+    m = jnp.arange(M, dtype=jnp.int32)  # original row -> padded row
+    gm = jnp.minimum(jnp.searchsorted(end_in, m, side="right"), G - 1)
+    pm = jnp.minimum(start_out[gm] + m - start_in[gm], NB * block - 1)
+    return jnp.where((m < end_in[-1])[:, None], y[pm], 0)
 
 
 def tokamax(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,

@@ -191,7 +191,7 @@ def capacity_local(x, experts, weights, w_gate, w_up, w_down, *, capacity: int, 
 
 def routed_experts(x: jax.Array, experts: jax.Array, weights: jax.Array, w_gate: jax.Array,
                    w_up: jax.Array, w_down: jax.Array, *, dispatch: str = "dropless",
-                   capacity_factor: float = 1.25, gmm_impl: str = "xla", dtype=None):
+                   capacity_factor: float = 1.25, gmm_impl: str = "auto", dtype=None):
     """Single-device routed experts. x [T,D], experts [T,S] int32 (-1 empty), weights [T,S].
 
     Returns (y [T,D] in ``dtype`` (default x.dtype), stats) with stats = {'dropped': int32 []

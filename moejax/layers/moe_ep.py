@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from moejax import kernels
 from moejax.layers import moe_dispatch as md
 from moejax.mesh import BATCH_AXES
 
@@ -155,7 +156,7 @@ def _capacity(x, experts, weights, w_gate, w_up, w_down, *, E, ep, capacity_fact
 def routed_experts_ep(x: jax.Array, experts: jax.Array, weights: jax.Array, w_gate: jax.Array,
                       w_up: jax.Array, w_down: jax.Array, *, dispatch: str = "dropless",
                       capacity_factor: float = 1.25, ep_buffer_factor: float = 0.0,
-                      gmm_impl: str = "xla", dtype=None, mesh=None,
+                      gmm_impl: str = "auto", dtype=None, mesh=None,
                       use_ragged: bool = False, check_vma: bool | None = None):
     """Expert-parallel ``routed_experts``: same inputs and outputs, one shard_map over the mesh.
 
@@ -202,7 +203,7 @@ def routed_experts_ep(x: jax.Array, experts: jax.Array, weights: jax.Array, w_ga
         return y.astype(dtype), stats
 
     if check_vma is None:
-        check_vma = gmm_impl in ("reference", "xla")
+        check_vma = kernels.resolve_gmm_impl(gmm_impl) in ("reference", "xla", "blocked")
     tok, w = P(batch_axes, None), P(AXIS, None, None)
     f = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, w, w, w),
                       out_specs=(tok, {"dropped": P(), "expert_tokens": P()}), check_vma=check_vma)
