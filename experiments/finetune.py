@@ -25,8 +25,9 @@ Command:
 
 Presets: cpu-smoke (CI: a tiny model the test builds with transformers; all arms ~1 min), cpu (150
 steps of 16 x 256 tokens, for small sources of a few M parameters: from the exported ``pretrain``
-cpu model, 23:23 wall on 2 cores for the three arms, of which ~2.5 min plain and ~10 min each EMoE
-arm, as XLA:CPU runs the grouped matmul as a masked dense dot, 8x the expert FLOPs), gpu (Qwen3-0.6B-sized source,
+cpu model, 23:23 wall on 2 cores for the three arms with ragged_dot as the CPU grouped matmul:
+~2.5 min plain, ~10 min per EMoE arm at 4.5 s/step; the 'blocked' CPU default since then runs
+EMoE steps at 2.7 s), gpu (Qwen3-0.6B-sized source,
 bf16 compute, 2000 steps of 32 x 2048; not run: no GPU this session).
 """
 
