@@ -69,8 +69,7 @@ CHILD = {
     "load": ("import json, jax; from moejax.interop import hf; from moejax.config import Config, "
              "MeshConfig; m = MeshConfig(data=1); cfg = Config.from_dict(json.load(open("
              "{work!r} + '/config.json'))); mesh = hf.mesh_for(m); "
-             "a, s = hf.abstract_params(cfg.model, mesh, m); "
-             "t = jax.tree.map(lambda x, y: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=y), a, s); "
+             "t = hf.abstract_params(cfg.model, mesh, m); "
              "p = hf.load_workdir_params({work!r}, cfg.model, t); jax.block_until_ready(p)"),
 }
 

@@ -57,13 +57,14 @@ def read_hf_config(directory: str) -> dict:
         return json.load(f)
 
 
-def abstract_params(model_cfg: ModelConfig, mesh, mesh_cfg: MeshConfig) -> tuple[dict, dict]:
-    """(ShapeDtypeStructs, NamedShardings) of the model's parameters as pure dicts."""
+def abstract_params(model_cfg: ModelConfig, mesh, mesh_cfg: MeshConfig) -> dict:
+    """The model's parameters as a pure dict of ShapeDtypeStructs carrying their NamedShardings."""
     with use_mesh(mesh, rules_for(mesh_cfg)):
         model = nnx.eval_shape(lambda: Model(model_cfg, rngs=nnx.Rngs(0)))
         _, params, _ = nnx.split(model, nnx.Param, ...)
         shardings = nnx.get_named_sharding(params, mesh)
-    return nnx.to_pure_dict(params), nnx.to_pure_dict(shardings)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        nnx.to_pure_dict(params), nnx.to_pure_dict(shardings))
 
 
 def mesh_for(mesh_cfg: MeshConfig):
@@ -125,16 +126,15 @@ def _leaf_array(reader: SafetensorsDir, leaf: qwen3.Leaf, sds, sharding, dtype) 
     n_stack = leaf.names.ndim
     cache: dict = {}
 
-    def element(name: str) -> np.ndarray:
-        if name not in cache:
-            cache[name] = leaf.to_param(reader.read([name])[name]).astype(dtype)
-        return cache[name]
-
     def callback(index: tuple) -> np.ndarray:
         index = tuple(index) + (slice(None),) * (len(sds.shape) - len(index))
         stack_idx, rest = index[:n_stack], index[n_stack:]
-        names = leaf.names[stack_idx]
-        flat = [element(n)[rest] for n in np.asarray(names, dtype=object).reshape(-1)]
+        names = np.asarray(leaf.names[stack_idx], dtype=object)
+        missing = [n for n in names.reshape(-1) if n not in cache]
+        # one read per shard: each file is opened once for all of this shard's tensors
+        for n, t in reader.iter_tensors(missing):
+            cache[n] = leaf.to_param(t).astype(dtype, copy=False)
+        flat = [cache[n][rest] for n in names.reshape(-1)]
         return np.stack(flat).reshape(names.shape + flat[0].shape) if n_stack else flat[0]
 
     arr = jax.make_array_from_callback(sds.shape, sharding, callback)
@@ -197,9 +197,7 @@ def import_hf(directory: str, *, mesh=None, mesh_cfg: MeshConfig | None = None,
     mesh_cfg = mesh_cfg or MeshConfig()
     mesh = mesh if mesh is not None else mesh_for(mesh_cfg)
     model_cfg.check_mesh_divisibility(dict(mesh.shape))
-    abstract, shardings = abstract_params(model_cfg, mesh, mesh_cfg)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shardings)
+    target = abstract_params(model_cfg, mesh, mesh_cfg)
     params = build_params(reader, model_cfg, target, ignored)
     report = {"source": os.path.abspath(directory), "family": read_hf_config(directory)["model_type"],
               "tensors": len(reader.names), "consumed": len(reader.consumed),
@@ -228,7 +226,7 @@ def import_to_workdir(directory: str, workdir: str, *, mesh_cfg: MeshConfig | No
                                             scan_layers=scan_layers, ignore=ignore)
     mesh_cfg = mesh_cfg or MeshConfig()
     model_cfg.check_mesh_divisibility(dict(mesh_for(mesh_cfg).shape))
-    abstract, _ = abstract_params(model_cfg, mesh_for(MeshConfig(data=1)), MeshConfig(data=1))
+    abstract = abstract_params(model_cfg, mesh_for(MeshConfig(data=1)), MeshConfig(data=1))
     for leaf in qwen3.plan(model_cfg):  # the plan and the model agree (before any file is written)
         if tuple(_get(abstract, leaf.path).shape[leaf.names.ndim:]) != leaf.shape:
             raise AssertionError(f"plan/model mismatch at {leaf.path}")
@@ -330,9 +328,7 @@ def export_workdir(workdir: str, out_dir: str, **kw) -> list[str]:
     mesh_cfg = MeshConfig(data=1)  # export gathers every tensor to the host anyway
     cfg = dataclasses.replace(cfg, mesh=mesh_cfg)
     mesh = mesh_for(mesh_cfg)
-    abstract, shardings = abstract_params(cfg.model, mesh, mesh_cfg)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shardings)
+    target = abstract_params(cfg.model, mesh, mesh_cfg)
     abstract_state = None
     if not is_imported(workdir):
         from moejax import train

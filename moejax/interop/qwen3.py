@@ -185,80 +185,75 @@ class Leaf:
 
     ``path``: keys into the params pure dict. ``names``: object array over the stacked leading dims
     of the parameter (scanned layers [L], experts [E], or both [L,E]; shape () for a plain leaf).
-    ``shape``: the parameter's shape without those dims. ``transpose``: the HF tensor is the
-    transposed matrix (``hf = param.reshape(in, out).T``) rather than the same array."""
+    ``shape``: the parameter's shape without those dims. ``in_ndim``: how many leading dims of
+    ``shape`` are the input side of an HF ``nn.Linear`` weight [out, in], i.e. ``hf =
+    param.reshape(in, out).T`` (q [D,H,hd]: 1, o [H,hd,D]: 2); 0 = the same array (norms, embedding)."""
 
     path: tuple
     names: np.ndarray
     shape: tuple[int, ...]
-    transpose: bool
+    in_ndim: int
 
     def hf_shape(self) -> tuple[int, ...]:
-        if not self.transpose:
+        if not self.in_ndim:
             return self.shape
-        return (int(np.prod(self.shape[1:])), self.shape[0]) if self._in_major() else \
-            (self.shape[-1], int(np.prod(self.shape[:-1])))
-
-    def _in_major(self) -> bool:
-        # q/k/v [D,H,hd] and 2-D matrices: [in, ...out]; o [H,hd,D]: [...in, out]
-        return not (len(self.shape) == 3 and self.path[-1] == "o")
+        k = self.in_ndim
+        return (int(np.prod(self.shape[k:])), int(np.prod(self.shape[:k])))
 
     def to_param(self, t: np.ndarray) -> np.ndarray:
         """One HF tensor -> the parameter's element (without stacked dims)."""
-        return t.T.reshape(self.shape) if self.transpose else t
+        return t.T.reshape(self.shape) if self.in_ndim else t
 
     def to_hf(self, a: np.ndarray) -> np.ndarray:
         """One parameter element -> the HF tensor."""
-        if not self.transpose:
-            return a
-        return a.reshape(self.hf_shape()[::-1]).T
+        return a.reshape(self.hf_shape()[::-1]).T if self.in_ndim else a
 
 
 def _block_leaves(m: ModelConfig, layer: int | None) -> list[tuple]:
     """(path suffix, name template under ``model.layers.{l}.`` with {e} the expert, shape,
-    transpose) for one block; ``layer`` None means a scanned (homogeneous) block."""
+    in_ndim) for one block; ``layer`` None means a scanned (homogeneous) block."""
     a, mc = m.attention, m.moe
     D, H, Hkv, hd = m.d_model, a.num_heads, a.num_kv_heads, a.head_dim
     qd = 2 * hd if a.gate_layout == "qwen3_next" and a.gate != "none" else hd
-    out = [(("attn_norm", "scale"), "input_layernorm.weight", (D,), False),
-           (("attn", "q"), "self_attn.q_proj.weight", (D, H, qd), True),
-           (("attn", "k"), "self_attn.k_proj.weight", (D, Hkv, hd), True),
-           (("attn", "v"), "self_attn.v_proj.weight", (D, Hkv, hd), True),
-           (("attn", "o"), "self_attn.o_proj.weight", (H, hd, D), True),
-           (("attn", "q_norm", "scale"), "self_attn.q_norm.weight", (hd,), False),
-           (("attn", "k_norm", "scale"), "self_attn.k_norm.weight", (hd,), False),
-           (("mlp_norm", "scale"), "post_attention_layernorm.weight", (D,), False)]
+    out = [(("attn_norm", "scale"), "input_layernorm.weight", (D,), 0),
+           (("attn", "q"), "self_attn.q_proj.weight", (D, H, qd), 1),
+           (("attn", "k"), "self_attn.k_proj.weight", (D, Hkv, hd), 1),
+           (("attn", "v"), "self_attn.v_proj.weight", (D, Hkv, hd), 1),
+           (("attn", "o"), "self_attn.o_proj.weight", (H, hd, D), 2),
+           (("attn", "q_norm", "scale"), "self_attn.q_norm.weight", (hd,), 0),
+           (("attn", "k_norm", "scale"), "self_attn.k_norm.weight", (hd,), 0),
+           (("mlp_norm", "scale"), "post_attention_layernorm.weight", (D,), 0)]
     moe = mc.is_moe_layer(0 if layer is None else layer)
     if not moe:
         F = m.d_ff
-        out += [(("mlp", "gate"), "mlp.gate_proj.weight", (D, F), True),
-                (("mlp", "up"), "mlp.up_proj.weight", (D, F), True),
-                (("mlp", "down"), "mlp.down_proj.weight", (F, D), True)]
+        out += [(("mlp", "gate"), "mlp.gate_proj.weight", (D, F), 1),
+                (("mlp", "up"), "mlp.up_proj.weight", (D, F), 1),
+                (("mlp", "down"), "mlp.down_proj.weight", (F, D), 1)]
         return out
     F = mc.d_expert
-    out += [(("mlp", "router", "w"), "mlp.gate.weight", (D, mc.num_experts), True),
-            (("mlp", "w_gate"), "mlp.experts.{e}.gate_proj.weight", (D, F), True),
-            (("mlp", "w_up"), "mlp.experts.{e}.up_proj.weight", (D, F), True),
-            (("mlp", "w_down"), "mlp.experts.{e}.down_proj.weight", (F, D), True)]
+    out += [(("mlp", "router", "w"), "mlp.gate.weight", (D, mc.num_experts), 1),
+            (("mlp", "w_gate"), "mlp.experts.{e}.gate_proj.weight", (D, F), 1),
+            (("mlp", "w_up"), "mlp.experts.{e}.up_proj.weight", (D, F), 1),
+            (("mlp", "w_down"), "mlp.experts.{e}.down_proj.weight", (F, D), 1)]
     if mc.num_shared_experts:
         S = mc.d_shared or mc.d_expert * mc.num_shared_experts
-        out += [(("mlp", "shared", "gate"), "mlp.shared_expert.gate_proj.weight", (D, S), True),
-                (("mlp", "shared", "up"), "mlp.shared_expert.up_proj.weight", (D, S), True),
-                (("mlp", "shared", "down"), "mlp.shared_expert.down_proj.weight", (S, D), True)]
+        out += [(("mlp", "shared", "gate"), "mlp.shared_expert.gate_proj.weight", (D, S), 1),
+                (("mlp", "shared", "up"), "mlp.shared_expert.up_proj.weight", (D, S), 1),
+                (("mlp", "shared", "down"), "mlp.shared_expert.down_proj.weight", (S, D), 1)]
         if mc.shared_gate:
-            out.append((("mlp", "shared_gate"), "mlp.shared_expert_gate.weight", (D, 1), True))
+            out.append((("mlp", "shared_gate"), "mlp.shared_expert_gate.weight", (D, 1), 1))
     return out
 
 
 def plan(m: ModelConfig) -> list[Leaf]:
     """Every moejax parameter of ``m`` with its checkpoint tensors (Qwen3 naming)."""
     leaves = [Leaf(("embed", "embedding"), np.array("model.embed_tokens.weight", dtype=object),
-                   (m.vocab_size, m.d_model), False),
+                   (m.vocab_size, m.d_model), 0),
               Leaf(("final_norm", "scale"), np.array("model.norm.weight", dtype=object),
-                   (m.d_model,), False)]
+                   (m.d_model,), 0)]
     if not m.tie_embeddings:
         leaves.append(Leaf(("lm_head", "kernel"), np.array("lm_head.weight", dtype=object),
-                           (m.d_model, m.vocab_size), True))
+                           (m.d_model, m.vocab_size), 1))
     E = m.moe.num_experts
 
     def names(template: str, layer: int):  # one layer's tensor name, or [E] of them
@@ -266,12 +261,12 @@ def plan(m: ModelConfig) -> list[Leaf]:
         return [base.format(e=e) for e in range(E)] if "{e}" in template else base
 
     if m.scan_layers:
-        for suffix, template, shape, tr in _block_leaves(m, None):
+        for suffix, template, shape, k in _block_leaves(m, None):
             stacked = np.array([names(template, l) for l in range(m.num_layers)], dtype=object)
-            leaves.append(Leaf(("layers",) + suffix, stacked, shape, tr))
+            leaves.append(Leaf(("layers",) + suffix, stacked, shape, k))
     else:
         for l in range(m.num_layers):
-            for suffix, template, shape, tr in _block_leaves(m, l):
+            for suffix, template, shape, k in _block_leaves(m, l):
                 leaves.append(Leaf(("layers", l) + suffix, np.array(names(template, l), dtype=object),
-                                   shape, tr))
+                                   shape, k))
     return leaves

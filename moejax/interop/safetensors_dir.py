@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 import json
 import os
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -74,18 +74,21 @@ class SafetensorsDir:
     def dtype(self, name: str) -> np.dtype:
         return self._meta[name][1]
 
-    def read(self, names: Sequence[str]) -> dict[str, np.ndarray]:
-        """Copies of the named tensors (files opened and closed within the call)."""
+    def iter_tensors(self, names: Sequence[str]) -> Iterator[tuple[str, np.ndarray]]:
+        """``(name, copy)`` for each name, one at a time (so a caller converting them holds one
+        raw tensor at a time); each file is opened once per call and closed after its tensors."""
         by_file = collections.defaultdict(list)
         for n in names:
             by_file[self.file_of[n]].append(n)
-        out = {}
         for fn, group in by_file.items():
             with safe_open(os.path.join(self.directory, fn), framework="np") as f:
                 for n in group:
-                    out[n] = np.array(f.get_tensor(n), copy=True)
-        self.consumed.update(names)
-        return out
+                    self.consumed.add(n)
+                    yield n, np.array(f.get_tensor(n), copy=True)
+
+    def read(self, names: Sequence[str]) -> dict[str, np.ndarray]:
+        """Copies of the named tensors."""
+        return dict(self.iter_tensors(names))
 
 
 def write_safetensors_dir(directory: str, tensors: Iterable[tuple[str, tuple[int, ...], np.dtype,
