@@ -192,23 +192,22 @@ def report(workdirs: dict[str, str], out_dir: str) -> str:
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False)  # what the presets depend on, read up front
     pre.add_argument("--source")
-    pre.add_argument("--workdir")
-    known, _ = pre.parse_known_args(argv)
-    if not known.source or not known.workdir:
+    known, rest = pre.parse_known_args(argv)  # rest: the shared experiment CLI, without --source
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--workdir")
+    peek.add_argument("--set", action="append", default=[])
+    seen, _ = peek.parse_known_args(rest)
+    if not known.source or not seen.workdir:
         raise SystemExit("experiments.finetune needs --source (a local HF model dir or an imported "
                          "WORKDIR) and --workdir")
-    rest = [a for i, a in enumerate(argv) if a != "--source" and (i == 0 or argv[i - 1] != "--source")
-            and not a.startswith("--source=")]
-    corpus = next((s.split("=", 1)[1] for i, s in enumerate(argv)
-                   if i and argv[i - 1] == "--set" and s.startswith("data.corpus=")), None)
-    import_dir = prepare_source(known.source, known.workdir)
+    corpus = next((kv.split("=", 1)[1] for kv in seen.set if kv.startswith("data.corpus=")), None)
+    import_dir = prepare_source(known.source, seen.workdir)
     src = source_config(import_dir)
     return experiment.main(description=__doc__, presets=presets_for(src, corpus),
                            arms=arms_for(src.model), run_arm=make_run_arm(import_dir, src),
                            report=report, argv=rest)
-
 
 if __name__ == "__main__":
     main()
