@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from moejax.config import AttentionConfig, Config, DataConfig, MeshConfig, ModelConfig, TrainConfig
 
 # fp32 tolerances: (rtol, atol)
@@ -32,6 +34,26 @@ def tiny_config(mesh: MeshConfig | None = None, **sections) -> Config:
                            "async_ckpt": False, **sections.pop("train", {})})
     assert not sections, f"unknown sections {list(sections)}"
     return Config(model=model, mesh=mesh or MeshConfig(), data=data, train=train)
+
+
+PROBE_TOKENS = np.random.RandomState(0).randint(0, 288, (2, 16))  # within tiny_model's vocab
+
+
+def setup_for(model: ModelConfig, mesh: MeshConfig = MeshConfig(data=1), devices: int = 1):
+    """``train.Setup`` of a tiny run around ``model`` on the first ``devices`` devices."""
+    import jax
+
+    from moejax import train
+    from moejax.mesh import make_mesh
+    cfg = Config(model=model, mesh=mesh, data=DataConfig(seq_len=64),
+                 train=TrainConfig(steps=10, batch_size=8, warmup_steps=1))
+    return train.setup(cfg, make_mesh(cfg.mesh, jax.devices()[:devices]))
+
+
+def logits_of(setup, state, tokens=PROBE_TOKENS):
+    """fp32 logits of ``state``'s model on ``tokens`` (one jitted forward) as numpy."""
+    import jax
+    return np.asarray(jax.jit(lambda st: setup.model(st)(tokens)[0])(state))
 
 
 def replace(cfg, **kw):

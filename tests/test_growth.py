@@ -12,25 +12,14 @@ import pytest
 from moejax import growth as G
 from moejax import grow_run
 from moejax import train as T
-from moejax.config import (Config, DataConfig, GrowthConfig, MeshConfig, MoEConfig, RouterConfig,
-                           TrainConfig)
-from moejax.mesh import make_mesh
+from moejax.config import Config, GrowthConfig, MeshConfig, MoEConfig, RouterConfig
 from moejax.metrics import read_metrics
+from moejax.testing import logits_of as _logits
+from moejax.testing import setup_for as _setup
 from moejax.testing import tiny_config, tiny_model
 
-TOKENS = np.random.RandomState(0).randint(0, 288, (2, 16))
 MOE = MoEConfig(num_experts=4, top_k=2, d_expert=32, num_shared_experts=1,
                 router=RouterConfig(aux_free_bias=True))
-
-
-def _setup(model, mesh=MeshConfig(data=1), devices=1):
-    cfg = Config(model=model, mesh=mesh, data=DataConfig(seq_len=64),
-                 train=TrainConfig(steps=10, batch_size=8, warmup_steps=1))
-    return T.setup(cfg, make_mesh(cfg.mesh, jax.devices()[:devices]))
-
-
-def _logits(s, state):
-    return np.asarray(jax.jit(lambda st: s.model(st)(TOKENS)[0])(state))
 
 
 def _layers(state, m):

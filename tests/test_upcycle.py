@@ -6,21 +6,11 @@ import pytest
 
 from moejax import train as T
 from moejax import upcycle as U
-from moejax.config import Config, DataConfig, MeshConfig, MoEConfig, RouterConfig, TrainConfig
-from moejax.mesh import make_mesh
+from moejax.config import MeshConfig, MoEConfig, RouterConfig
+from moejax.testing import logits_of as _logits
+from moejax.testing import setup_for as _setup
 from moejax.testing import tiny_model
 
-TOKENS = np.random.RandomState(0).randint(0, 288, (2, 16))
-
-
-def _setup(model, mesh=MeshConfig(data=1), devices=1):
-    cfg = Config(model=model, mesh=mesh, data=DataConfig(seq_len=64),
-                 train=TrainConfig(steps=10, batch_size=8, warmup_steps=1))
-    return T.setup(cfg, make_mesh(cfg.mesh, jax.devices()[:devices]))
-
-
-def _logits(s, state):
-    return np.asarray(jax.jit(lambda st: s.model(st)(TOKENS)[0])(state))
 
 
 @pytest.fixture(scope="module")
