@@ -288,7 +288,7 @@ def load_workdir_params(workdir: str, model_cfg: ModelConfig, target: dict,
 def export_hf(model_cfg: ModelConfig, params: dict, out_dir: str, *,
               max_shard_bytes: int = 2 << 30, side_dir: str | None = None) -> list[str]:
     """Write ``params`` (pure dict of jax/numpy arrays) as a HF model dir; returns the files."""
-    fam = qwen3.check_exportable(model_cfg)
+    qwen3.check_exportable(model_cfg)  # fail before any file is written
     dtype = np.dtype(model_cfg.param_dtype)
     leaves = qwen3.plan(model_cfg)
 
@@ -317,7 +317,6 @@ def export_hf(model_cfg: ModelConfig, params: dict, out_dir: str, *,
         for fn in SIDE_FILES:
             if os.path.exists(os.path.join(side_dir, fn)):
                 shutil.copy(os.path.join(side_dir, fn), os.path.join(out_dir, fn))
-    del fam
     return files
 
 
