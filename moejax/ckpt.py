@@ -1,36 +1,83 @@
 """Orbax checkpoints of a whole run: train state, data-iterator state and metadata, together.
 
-One ``CheckpointManager`` per workdir (``workdir/ckpt``): async saves, keep-N, and restore into
-*abstract sharded targets*, so a checkpoint written on one mesh restores onto another (Orbax
-reshards on read). The step number is the host step (batches consumed).
+One ``CheckpointManager`` per workdir (``workdir/ckpt``, local or ``gs://``): async saves, keep-N,
+and restore into *abstract sharded targets*, so a checkpoint written on one mesh restores onto
+another (Orbax reshards on read). The step number is the host step (batches consumed).
+
+``restore_latest`` survives a damaged checkpoint (a job killed while writing, a bad disk): a step
+whose saved shapes match the model but whose files do not read back is moved aside to
+``ckpt/damaged-<step>`` (Orbax no longer lists it) with a warning, and the next older step is
+restored. A checkpoint whose saved shapes differ from the model is a config mismatch and raises
+``CheckpointMismatchError`` without touching anything.
 """
 
 from __future__ import annotations
 
-import os
+import warnings
 from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
+from moejax.paths import as_path
 from moejax.train import TrainState
+
+ITEMS = ("state", "data", "meta")
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint holds a train state of another shape than the current model config."""
+
+
+class CheckpointDamagedError(RuntimeError):
+    """A checkpoint step whose files do not read back."""
 
 
 def _state_dict(state: TrainState | Any) -> dict:
-    return {"step": state.step, "params": state.params, "rest": state.rest,
+    """The saved tree; an empty ``rest`` (dense model) is None (Orbax rejects empty subtrees)."""
+    tree = {"step": state.step, "params": state.params, "rest": state.rest,
             "opt_state": state.opt_state, "rng": state.rng}
+    if not jax.tree.leaves(tree["rest"]):
+        tree["rest"] = None
+    return tree
+
+
+def _shapes(tree) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """``{path: shape}`` of a tree's leaves, paths as plain strings (dict keys, attributes and
+    indices alike, so Orbax's metadata tree and the nnx target compare)."""
+    def name(k):
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                return str(getattr(k, attr))
+        return str(k)
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {tuple(name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    text = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def _all_processes_ok(ok: bool) -> bool:
+    """Whether ``ok`` holds on every process (all must restore the same step)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+    return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
 
 
 class Checkpointer:
     """Save/restore ``{state, data, meta}`` under ``directory`` with Orbax."""
 
-    def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+    def __init__(self, directory: str | epath.Path, *, keep: int = 2, async_save: bool = True):
+        self.directory = as_path(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "data", "meta"))
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -38,37 +85,82 @@ class Checkpointer:
     def save(self, step: int, state: TrainState, data_iterator, meta: dict, *,
              force: bool = False) -> bool:
         """Start a (possibly async) save; returns whether one was started."""
-        # An empty `rest` State (dense model) is saved as None; Orbax rejects empty subtrees.
-        tree = _state_dict(state)
-        if not jax.tree.leaves(tree["rest"]):
-            tree["rest"] = None
         args = ocp.args.Composite(
-            state=ocp.args.StandardSave(tree),
+            state=ocp.args.StandardSave(_state_dict(state)),
             data=grain.checkpoint.CheckpointSave(data_iterator),
             meta=ocp.args.JsonSave(meta))
         return self.manager.save(step, args=args, force=force)
 
+    def check_matches(self, step: int, abstract_state: TrainState) -> None:
+        """Raise CheckpointMismatchError when ``step``'s saved leaves differ in path or shape from
+        ``abstract_state``; CheckpointDamagedError when its metadata does not read back."""
+        try:
+            saved = _shapes(ocp.StandardCheckpointHandler().metadata(
+                self.directory / str(step) / "state"))
+        except Exception as e:  # noqa: BLE001 -- any failure to read metadata is damage
+            raise CheckpointDamagedError(
+                f"its metadata does not read back ({_first_line(e)})") from e
+        want = _shapes(_state_dict(abstract_state))
+        if saved == want:
+            return
+        diff = sorted(set(saved) ^ set(want)) + sorted(
+            k for k in set(saved) & set(want) if saved[k] != want[k])
+        shown = ", ".join(f"{'/'.join(k)}: saved {saved.get(k)} vs model {want.get(k)}"
+                          for k in diff[:4])
+        raise CheckpointMismatchError(
+            f"checkpoint step {step} in {self.directory} holds a train state of another shape "
+            f"than the current model config ({len(diff)} leaves differ: {shown}); restore the "
+            f"config it was written with or use a new --workdir")
+
     def restore(self, step: int, abstract_state: TrainState, data_iterator) -> tuple[TrainState, dict]:
-        """Restore into ``abstract_state`` (ShapeDtypeStructs with the *current* shardings) and
-        rewind ``data_iterator`` in place. Returns the state and the saved metadata."""
+        """Restore ``step`` into ``abstract_state`` (ShapeDtypeStructs with the *current*
+        shardings) and rewind ``data_iterator`` in place. Returns the state and the saved metadata.
+        Raises CheckpointMismatchError (other shapes) or CheckpointDamagedError (unreadable)."""
+        self.check_matches(step, abstract_state)
         target = _state_dict(abstract_state)
-        empty_rest = not jax.tree.leaves(target["rest"])
-        if empty_rest:
-            target["rest"] = None
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(target),
                 data=grain.checkpoint.CheckpointRestore(data_iterator),
                 meta=ocp.args.JsonRestore()))
-        except Exception as e:  # name the path and what was expected
-            raise RuntimeError(
-                f"could not restore checkpoint step {step} from {self.directory}: expected a train "
-                f"state matching the current model config ({type(e).__name__}: {e})") from e
+        except Exception as e:  # noqa: BLE001 -- shapes matched: the files are at fault
+            raise CheckpointDamagedError(f"its files do not read back ({_first_line(e)})") from e
         tree = restored["state"]
-        rest = abstract_state.rest if empty_rest else tree["rest"]
+        rest = abstract_state.rest if target["rest"] is None else tree["rest"]
         state = TrainState(step=tree["step"], params=tree["params"], rest=rest,
                            opt_state=tree["opt_state"], rng=tree["rng"])
         return state, dict(restored["meta"])
+
+    def restore_latest(self, abstract_state: TrainState,
+                       data_iterator) -> tuple[TrainState, dict] | None:
+        """Restore the newest step that reads back on every process; damaged newer steps are set
+        aside with a warning. None when no step is left (the run starts afresh)."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                out, why = self.restore(step, abstract_state, data_iterator), None
+            except CheckpointDamagedError as e:
+                out, why = None, str(e)
+            if _all_processes_ok(out is not None):
+                return out
+            self._set_aside(step, why or "another process could not read it")
+        return None
+
+    def _set_aside(self, step: int, why: str) -> None:
+        """Move a damaged step to ``damaged-<step>`` beside the steps (kept for inspection, no
+        longer a step to Orbax) and warn naming it."""
+        target = self.directory / f"damaged-{step}"
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.directory / f"damaged-{step}-{n}"
+        if jax.process_index() == 0:
+            (self.directory / str(step)).rename(target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"moejax-set-aside-{step}")
+        self.manager.reload()
+        warnings.warn(f"checkpoint step {step} in {self.directory} is damaged: {why}; moved it to "
+                      f"{target} and restoring the next older step", RuntimeWarning, stacklevel=2)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -78,19 +170,16 @@ class Checkpointer:
         self.manager.close()
 
 
-
-def latest_params(workdir: str, abstract_state: TrainState):
+def latest_params(workdir: str | epath.Path, abstract_state: TrainState):
     """The parameters of the latest train checkpoint in ``workdir/ckpt``, restored onto
     ``abstract_state``'s shardings (the run's ``Setup.abstract_state``)."""
-    ckpt_dir = os.path.join(os.path.abspath(workdir), "ckpt")
-    manager = ocp.CheckpointManager(ckpt_dir, item_names=("state", "data", "meta"))
+    ckpt_dir = as_path(workdir) / "ckpt"
+    manager = ocp.CheckpointManager(ckpt_dir, item_names=ITEMS)
     try:
         step = manager.latest_step()
         if step is None:
             raise FileNotFoundError(f"{ckpt_dir}: no checkpoint to take the parameters from")
         target = _state_dict(abstract_state)
-        if not jax.tree.leaves(target["rest"]):
-            target["rest"] = None
         tree = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
         return tree["state"]["params"]
     finally:

@@ -33,7 +33,8 @@ class AttentionConfig:
     qk_norm: bool = True
     rope_theta: float = 10_000.0
     rope_fraction: float = 1.0  # share of head_dim that is rotated (partial RoPE < 1)
-    impl: Literal["xla", "cudnn"] = "xla"  # kernels.attention backend
+    # kernels.attention: auto = splash on TPU, cudnn on GPU for bf16/fp16, xla (reference) else
+    impl: Literal["auto", "xla", "cudnn", "splash"] = "auto"
     # Gated attention (spec section 2): where the gate acts -- g1 SDPA output (before o_proj),
     # g2 values, g3 keys, g4 queries (both after QK-norm, before RoPE), g5 after o_proj.
     gate: Literal["none", "g1", "g2", "g3", "g4", "g5"] = "none"
@@ -58,7 +59,7 @@ class AttentionConfig:
                   f"head_dim*rope_fraction={self.head_dim * self.rope_fraction:g} must be an even "
                   "integer (RoPE rotates pairs of channels)")
         _check_positive("model.attention.rope_theta", self.rope_theta)
-        _check_choice("model.attention.impl", self.impl, ("xla", "cudnn"))
+        _check_choice("model.attention.impl", self.impl, ("auto", "xla", "cudnn", "splash"))
         _check_choice("model.attention.gate", self.gate, ("none", "g1", "g2", "g3", "g4", "g5"))
         _check_choice("model.attention.gate_granularity", self.gate_granularity,
                       ("elementwise", "headwise", "head_shared"))
@@ -73,9 +74,10 @@ class AttentionConfig:
             _fail("model.attention.gate_layout", self.gate_layout,
                   "the Qwen3-Next doubled q_proj holds an elementwise SDPA-output gate: set "
                   "gate='g1' and gate_granularity='elementwise', or gate_layout='separate'")
-        if self.sink and self.impl == "cudnn":
+        if self.sink and self.impl in ("cudnn", "splash"):
             _fail("model.attention.sink", True,
-                  "the softmax sink is implemented in the reference kernel only: set impl='xla'")
+                  "the softmax sink is implemented in the reference kernel only: set impl='xla' "
+                  "or 'auto'")
 
     @property
     def rotary_dim(self) -> int:
@@ -162,6 +164,9 @@ class ModelConfig:
         if self.moe.enabled and self.moe.num_experts % e:
             _fail("model.moe.num_experts", self.moe.num_experts,
                   f"must be divisible by mesh.expert={e} (experts are split evenly over it)")
+        if self.moe.enabled and self.moe.d_expert % t:
+            _fail("model.moe.d_expert", self.moe.d_expert,
+                  f"must be divisible by mesh.tensor={t} (each expert's FFN is split over it)")
 
     def num_params(self, *, include_embeddings: bool = True, active: bool = False) -> int:
         """Trainable parameter count; ``active`` counts only the top_k routed experts a token
@@ -294,7 +299,8 @@ class TrainConfig:
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 50
-    weight_decay: float = 0.1
+    weight_decay: float = 0.1  # on matrices only (moejax.train.decay_mask: by parameter role)
+    decay_zero_centered_norms: bool = False  # also decay zero-centred norm weights (Qwen3-Next)
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8

@@ -40,7 +40,10 @@ class RouterConfig:
     maskmoe_frequent_visible: int = 4  # visible experts for frequent token ids
     maskmoe_frequent_fraction: float = 0.1  # share of ids (by frequency rank) that are frequent
     gw_entropy_threshold: float = 0.0  # GW-MoE: > 0 enables the dense mixture for uncertain tokens
-    gw_max_slots: int = 1  # uncertain tokens per sequence that get the dense mixture
+    gw_max_slots: int = 1  # uncertain tokens per document (segment) that get the dense mixture
+    # static budget of the dense mixture: batch * gw_max_slots * gw_docs_per_row token rows; in
+    # rows packing more documents, uncertain tokens past the budget keep their top-k output
+    gw_docs_per_row: int = 8
     jitter: float = 0.0  # multiplicative uniform noise 1 +- jitter on router input (train only)
     # EMoE (section 6.1) 'avg_key': logits x . k_e from a non-trainable average-key matrix [D,E]
     # (the mean of each expert's current w_gate), top-k blocks combined with weight 1; no params
@@ -61,6 +64,7 @@ class RouterConfig:
         _check_positive("model.moe.router.routed_scaling", self.routed_scaling)
         _check_positive("model.moe.router.recurrent_dim", self.recurrent_dim)
         _check_positive("model.moe.router.num_groups", self.num_groups)
+        _check_positive("model.moe.router.gw_docs_per_row", self.gw_docs_per_row)
         if not 0.0 < self.top_p <= 1.0:
             _fail("model.moe.router.top_p", self.top_p, "must lie in (0, 1]")
         for name in ("num_null_experts", "max_experts_per_token", "gw_max_slots"):
@@ -85,9 +89,13 @@ class BalanceConfig:
     z_loss_coef: float = 0.0
     device_coef: float = 0.0  # DeepSeek device-level balance over router.num_groups groups
     entropy_coef: float = 1e-4  # router entropy loss for kind='topp'
+    # what scope='sequence' (and the sequence-imbalance statistic) pools over: one document
+    # (segment of a packed row) or the whole packed row
+    sequence_unit: Literal["document", "row"] = "document"
 
     def __post_init__(self):
         _check_choice("model.moe.balance.scope", self.scope, BALANCE_SCOPES)
+        _check_choice("model.moe.balance.sequence_unit", self.sequence_unit, ("document", "row"))
         _check_positive("model.moe.balance.group_size", self.group_size)
         for name in ("coef", "micro_ratio", "z_loss_coef", "device_coef", "entropy_coef"):
             if getattr(self, name) < 0:
@@ -109,8 +117,18 @@ class MoEConfig:
     dense_layers: tuple[int, ...] = ()  # further dense layers (HF Qwen3-MoE ``mlp_only_layers``)
     dispatch: Literal["dropless", "capacity"] = "dropless"
     capacity_factor: float = 1.25
-    ep_buffer_factor: float = 0.0  # dropless EP exchange buffer / mean load; 0 = worst case (exact)
-    # kernels.gmm: auto = 'blocked' on CPU, 'xla' (ragged_dot) on GPU/TPU
+    # dropless EP: rows each device may send to one destination device, over the mean load
+    # T_local*top_k/ep. 2.0 lets one destination take twice its fair share from a source before
+    # any assignment drops (balanced routers stay well under that; drops are counted exactly in
+    # router/dropped) while the receive buffer is ep/2 times smaller than the worst case. Chunks
+    # of <= 128 rows (moe_ep.MIN_BUFFER_ROWS: decode steps, small eval batches) are sent whole.
+    # 0 = the worst case T_local*top_k rows per destination (exactly dropless; ep x the memory)
+    ep_buffer_factor: float = 2.0
+    # dropless EP exchange: 'padded' all_to_all of fixed chunks, or 'ragged' (ragged_all_to_all:
+    # only the true rows travel; GPU/TPU only, XLA:CPU cannot run it)
+    ep_exchange: Literal["padded", "ragged"] = "padded"
+    # kernels.gmm: auto = 'blocked' on CPU, tokamax (else 'blocked') on GPU, 'pallas' (megablox) on
+    # TPU; see kernels.resolve_gmm_impl
     gmm_impl: Literal["auto", "reference", "xla", "blocked", "tokamax", "pallas"] = "auto"
     router: RouterConfig = dataclasses.field(default_factory=RouterConfig)
     balance: BalanceConfig = dataclasses.field(default_factory=BalanceConfig)
@@ -139,6 +157,7 @@ class MoEConfig:
         _check_positive("model.moe.capacity_factor", self.capacity_factor)
         if self.ep_buffer_factor < 0:
             _fail("model.moe.ep_buffer_factor", self.ep_buffer_factor, "must be >= 0 (0 = exact)")
+        _check_choice("model.moe.ep_exchange", self.ep_exchange, ("padded", "ragged"))
         r = self.router
         if r.group_mode != "none" and self.num_experts % r.num_groups:
             _fail("model.moe.router.num_groups", r.num_groups,

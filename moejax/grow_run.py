@@ -37,6 +37,7 @@ from moejax import train as T
 from moejax.ckpt import Checkpointer
 from moejax.config import Config
 from moejax.metrics import read_metrics
+from moejax.paths import as_path, write_text_atomic
 from moejax.trainer import Trainer
 
 UPCYCLE = ("copy", "fine", "emoe", "emoe_learn")
@@ -48,7 +49,7 @@ def source_workdir_for(cfg: Config, root: str) -> str:
     src = growth.source_config(cfg)
     digest = hashlib.sha1(json.dumps({k: src.to_dict()[k] for k in ("model", "data", "train")},
                                      sort_keys=True).encode()).hexdigest()[:8]
-    return os.path.join(root, f"_source-{digest}")
+    return os.fspath(as_path(root) / f"_source-{digest}")
 
 
 def apply_op(cfg: Config, state: T.TrainState, src: T.Setup, dst: T.Setup, data_iterator):
@@ -73,7 +74,8 @@ def run(cfg: Config, workdir: str, *, source_workdir: str | None = None, progres
     if cfg.growth.op == "none":
         return Trainer(cfg, workdir, progress=progress, on_step=on_step).run()
     src_cfg = growth.source_config(cfg)
-    src_wd = os.path.abspath(source_workdir or os.path.join(workdir, "source"))
+    workdir = as_path(workdir)
+    src_wd = as_path(source_workdir or workdir / "source")
     src_trainer = Trainer(src_cfg, src_wd, progress=progress)
     src_summary = src_trainer.run()
     if src_summary["preempted"]:
@@ -81,7 +83,7 @@ def run(cfg: Config, workdir: str, *, source_workdir: str | None = None, progres
     same_stream = (src_cfg.data == cfg.data and src_cfg.train.batch_size == cfg.train.batch_size)
 
     def init_state_fn(setup: T.Setup, it):
-        ckpt = Checkpointer(os.path.join(src_wd, "ckpt"), keep=src_cfg.train.keep_ckpts)
+        ckpt = Checkpointer(src_wd / "ckpt", keep=src_cfg.train.keep_ckpts)
         step = ckpt.latest_step()
         if step != src_cfg.train.steps:
             raise RuntimeError(f"{src_wd}/ckpt: expected the source's final checkpoint at step "
@@ -92,20 +94,20 @@ def run(cfg: Config, workdir: str, *, source_workdir: str | None = None, progres
         ckpt.close()
         return apply_op(cfg, state, src_trainer.setup, setup, it)
 
-    trainer = Trainer(cfg, os.path.join(workdir, "grown"), progress=progress, on_step=on_step,
+    trainer = Trainer(cfg, workdir / "grown", progress=progress, on_step=on_step,
                       init_state_fn=init_state_fn)
     summary = trainer.run()
-    totals = merge_metrics(workdir, src_wd, os.path.join(workdir, "grown"), src_cfg, cfg)
+    totals = merge_metrics(workdir, src_wd, workdir / "grown", src_cfg, cfg)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(cfg.to_json())
+        write_text_atomic(workdir / "config.json", cfg.to_json())
     return {**summary, **totals, "phase": "grown"}
 
 
-def merge_metrics(workdir: str, src_wd: str, grown_wd: str, src_cfg: Config, cfg: Config) -> dict:
-    """Write ``workdir/metrics.jsonl``: source records, the grow event, offset grown records."""
-    src = read_metrics(os.path.join(src_wd, "metrics.jsonl"))
-    grown = read_metrics(os.path.join(grown_wd, "metrics.jsonl"))
+def merge_metrics(workdir, src_wd, grown_wd, src_cfg: Config, cfg: Config) -> dict:
+    """Write ``workdir/metrics.jsonl``: source records, the grow event, offset grown records
+    (the workdirs: local paths or URIs)."""
+    src = read_metrics(as_path(src_wd) / "metrics.jsonl")
+    grown = read_metrics(as_path(grown_wd) / "metrics.jsonl")
     f_src = src_cfg.model.flops_per_token(src_cfg.data.seq_len)
     f_dst = cfg.model.flops_per_token(cfg.data.seq_len)
     S = src_cfg.train.steps
@@ -124,10 +126,6 @@ def merge_metrics(workdir: str, src_wd: str, grown_wd: str, src_cfg: Config, cfg
     out.insert(len([r for r in out if r["phase"] == "source"]), event)
     last = out[-1]
     if jax.process_index() == 0:
-        path = os.path.join(workdir, "metrics.jsonl")
-        os.makedirs(workdir, exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            for r in out:
-                f.write(json.dumps(r) + "\n")
-        os.replace(path + ".tmp", path)
+        write_text_atomic(as_path(workdir) / "metrics.jsonl",
+                          "".join(json.dumps(r) + "\n" for r in out))
     return {"total_steps": last["step"], "total_tokens": last["tokens"], "flops": last["flops"]}

@@ -1,7 +1,8 @@
 """Dotted command-line overrides of a typed config (``train.lr=3e-4``, ``data.mixture=1,2,1``).
 
 Parsing and type checks are tyro's; the result is re-validated by the dataclasses' own checks and
-every failure is a ``ConfigError`` naming the field.
+every failure is a ``ConfigError`` naming the field. Booleans take true/false, 1/0 or yes/no in
+any case.
 """
 
 from __future__ import annotations
@@ -30,6 +31,20 @@ def _field_type(cls, dotted: str):
     return t
 
 
+TRUE_WORDS = ("true", "1", "yes", "on")
+FALSE_WORDS = ("false", "0", "no", "off")
+
+
+def _bool_word(key: str, value: str) -> str:
+    """A boolean as tyro spells it (True/False) from what people type (true/1/yes, any case)."""
+    word = value.strip().lower()
+    if word in TRUE_WORDS:
+        return "True"
+    if word in FALSE_WORDS:
+        return "False"
+    raise ConfigError(f"--set {key}={value!r}: expected a boolean, one of true/false, 1/0, yes/no")
+
+
 def apply_overrides(cfg, overrides: Sequence[str]):
     """Apply dotted ``key=value`` overrides (``train.lr=3e-4``, ``data.mixture=1,2,1``) via tyro.
 
@@ -46,6 +61,8 @@ def apply_overrides(cfg, overrides: Sequence[str]):
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.lr=3e-4")
         key, value = item.split("=", 1)
         t = _field_type(type(cfg), key)
+        if t is bool:
+            value = _bool_word(key, value)
         is_tuple = typing.get_origin(t) is tuple or (
             isinstance(t, types.UnionType) and any(typing.get_origin(a) is tuple for a in t.__args__))
         args += [f"--{key}", *(value.split(",") if is_tuple else [value])]

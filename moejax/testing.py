@@ -56,5 +56,21 @@ def logits_of(setup, state, tokens=PROBE_TOKENS):
     return np.asarray(jax.jit(lambda st: setup.model(st)(tokens)[0])(state))
 
 
+def documents_np(seg):
+    """[(row, positions)] of every document: maximal runs of one non-zero segment id (a loop),
+    the by-hand reference for per-document (packed-row) statistics."""
+    docs = []
+    for b, row in enumerate(seg):
+        t = 0
+        while t < len(row):
+            u = t
+            while u < len(row) and row[u] == row[t]:
+                u += 1
+            if row[t] != 0:
+                docs.append((b, np.arange(t, u)))
+            t = u
+    return docs
+
+
 def replace(cfg, **kw):
     return dataclasses.replace(cfg, **kw)

@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from moejax.config import Config, TrainConfig
+from moejax.config import Config, ConfigError, ModelConfig, TrainConfig
 from moejax.mesh import BATCH_AXES, use_mesh, rules_for
 from moejax.layers import balance
 from moejax.layers.router import maskmoe_mask, update_bias as balance_update_bias
@@ -47,17 +47,71 @@ def lr_schedule(t: TrainConfig) -> optax.Schedule:
         decay_steps=max(t.steps, t.warmup_steps + 1), end_value=t.lr * t.min_lr_ratio)
 
 
-def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
-    """AdamW (decay on matrices only) after global-norm clipping."""
-    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
-    adamw = optax.adamw(lr_schedule(t), b1=t.b1, b2=t.b2, eps=t.eps,
-                        weight_decay=t.weight_decay, mask=decay_mask)
+# Weight decay by parameter role (the parameter's own name, whatever module or layer stack holds
+# it), so scanned and unrolled models decay the same leaves. Decayed: every matrix, i.e. embeddings,
+# the LM head, attention/FFN/shared-expert projections and gates, routed experts, GatedNorm's
+# low-rank gate and the router weights (w, w_null, RMoE proj/gate and GRU w_i/w_h). Router weights
+# are decayed like any projection (Megatron-LM and OLMoE decay every matrix): it bounds the growth
+# of router logits, the instability z-loss also targets. Never decayed: norm weights (unless
+# zero-centred and switched on, below), biases and sink logits: gains and offsets, not weights
+# whose size measures capacity (the usual "no decay on 1-D parameters", minus the layer axis).
+NORM_WEIGHTS = frozenset({"scale", "pre_scale"})  # RMSNorm / GatedNorm gamma, PreAffine lambda
+NEVER_DECAYED = frozenset({"sink", "b", "b_i", "b_h", "bias"})  # sink logits, biases
+
+
+def _param_name_and_stacked(path, model: ModelConfig) -> tuple[str, int]:
+    """(the leaf's parameter name, 1 if it is stacked over scanned layers else 0)."""
+    keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    name = [k for k in keys if isinstance(k, str)][-1]
+    return name, int(model.scan_layers and keys[0] == "layers")
+
+
+def decays(name: str, per_layer_ndim: int, *, decay_norms: bool) -> bool:
+    """Whether AdamW decays parameter ``name`` (its rank without the stacked-layer axis). Norm
+    weights only under ``decay_norms`` and only gamma (``scale``); an unknown vector is an error
+    rather than a silent guess."""
+    if name in NORM_WEIGHTS:
+        return decay_norms and name == "scale"
+    if name in NEVER_DECAYED:
+        return False
+    if per_layer_ndim < 2:
+        raise ValueError(f"parameter {name!r} is a vector of no known role: add it to "
+                         "moejax.train.NORM_WEIGHTS or NEVER_DECAYED")
+    return True
+
+
+def decay_mask(params, model: ModelConfig, t: TrainConfig):
+    """The AdamW weight-decay mask (a bool per leaf of ``params``). Zero-centred norm weights
+    (w in x*(1+w), decay pulls towards scale 1) are decayed only under
+    ``train.decay_zero_centered_norms`` (Qwen3-Next does, spec section 9.2)."""
+    decay_norms = t.decay_zero_centered_norms and model.norm == "rms_zero_centered"
+
+    def leaf(path, x):
+        name, stacked = _param_name_and_stacked(path, model)
+        return decays(name, x.ndim - stacked, decay_norms=decay_norms)
+    return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def make_optimizer(t: TrainConfig, model: ModelConfig) -> optax.GradientTransformation:
+    """AdamW (decay by parameter role, ``decay_mask``) after global-norm clipping."""
+    if t.decay_zero_centered_norms and model.norm != "rms_zero_centered":
+        raise ConfigError(f"train.decay_zero_centered_norms=True needs model.norm="
+                          f"'rms_zero_centered' (got {model.norm!r}): a plain RMSNorm weight "
+                          "(scale w, init 1) would decay towards 0; set it False")
+    adamw = optax.adamw(lr_schedule(t), b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay,
+                        mask=lambda params: decay_mask(params, model, t))
     return optax.chain(optax.clip_by_global_norm(t.clip_norm), adamw) if t.clip_norm > 0 else adamw
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Batch dim over every non-tensor axis, the rest replicated."""
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
+    """The sharding of every field of a global batch (rows over the batch axes)."""
+    return {**{k: batch_sharding(mesh, 2) for k in BATCH_KEYS_2D},
+            "domain": batch_sharding(mesh, 1)}
 
 
 @dataclasses.dataclass
@@ -79,7 +133,7 @@ def setup(cfg: Config, mesh: Mesh) -> Setup:
     """Shapes and shardings of the whole train state, before allocating anything."""
     rules = rules_for(cfg.mesh)
     cfg.check_mesh_divisibility(dict(mesh.shape))
-    tx = make_optimizer(cfg.train)
+    tx = make_optimizer(cfg.train, cfg.model)
     with use_mesh(mesh, rules):
         abstract_model = nnx.eval_shape(lambda: Model(cfg.model, rngs=nnx.Rngs(0)))
         graphdef, params, rest = nnx.split(abstract_model, nnx.Param, ...)
@@ -156,26 +210,25 @@ def batch_shards(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
-def make_train_step(s: Setup, num_domains: int) -> Callable[[TrainState, dict], tuple]:
-    """Jitted ``(state, batch) -> (state, metrics)`` with gradient accumulation over
-    ``train.grad_accum`` micro-steps. The LM loss is the masked token mean over the *whole* batch,
-    so accumulation is exact; MoE balance losses are averaged over micro-steps, with the global
-    scope's count buffer carried across them. A non-finite loss or gradient never reaches the
-    parameters: the update is dropped on device and ``metrics['nonfinite']`` tells the host.
-    The aux-loss-free router bias is updated after the optimizer from the step's global counts."""
-    cfg, tx, graphdef = s.cfg, s.tx, s.graphdef
+def make_grad_fn(s: Setup, num_domains: int) -> Callable[[TrainState, dict], tuple]:
+    """``(state, batch) -> (loss, grads, sums)`` (traceable; the train step's gradient): the raw
+    gradient of the whole batch, accumulated over ``train.grad_accum`` micro-steps. The LM loss is
+    the masked token mean over the *whole* batch (each micro-step divides by the batch's token
+    count, and micro-gradients are summed), so accumulation is exact; MoE balance losses are
+    averaged over micro-steps, with the global scope's count buffer carried across them.
+    ``sums``: ``domain_loss_sum``/``domain_tokens`` [D] and the summed MoE ``stats``."""
+    cfg, graphdef = s.cfg, s.graphdef
     moe = cfg.model.moe
     accum = cfg.train.grad_accum
-    schedule = lr_schedule(cfg.train)
     groups = batch_shards(s.mesh)
     n_moe = num_moe_layers(cfg.model)
     e_all = moe.num_experts + moe.router.num_null_experts
 
-    def step_fn(state: TrainState, batch: dict):
+    def grad_fn(state: TrainState, batch: dict):
         with tracing_mesh(s):
-            return _step(state, batch)
+            return _grads(state, batch)
 
-    def _step(state: TrainState, batch: dict):
+    def _grads(state: TrainState, batch: dict):
         total_tokens = jnp.maximum(batch["loss_mask"].sum(), 1.0)
         micro = _split_microbatches(batch, accum)
         key = step_key(state)
@@ -193,13 +246,13 @@ def make_train_step(s: Setup, num_domains: int) -> Callable[[TrainState, dict], 
                                                            count_buffer=buffer)
             return lm + aux_loss / accum, (ce, lm, stats, buffer)
 
-        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+        value_and_grad = jax.value_and_grad(micro_loss, has_aux=True)
 
         def body(carry, xs):
             mb, i = xs
             grads, loss, dsum, dcount, buffer, stats = carry
-            (_, (ce, lm, st, buffer)), g = grad_fn(state.params, mb, buffer,
-                                                   jax.random.fold_in(key, i))
+            (_, (ce, lm, st, buffer)), g = value_and_grad(state.params, mb, buffer,
+                                                          jax.random.fold_in(key, i))
             ds, dc = _domain_sums(ce, mb, num_domains)
             stats = jax.tree.map(jnp.add, stats, st)
             return (jax.tree.map(jnp.add, grads, g), loss + lm, dsum + ds, dcount + dc, buffer,
@@ -212,7 +265,30 @@ def make_train_step(s: Setup, num_domains: int) -> Callable[[TrainState, dict], 
                 buffer0, stats0)
         (grads, loss, dsum, dcount, _, stats), _ = jax.lax.scan(
             body, init, (micro, jnp.arange(accum)))
+        return loss, grads, {"domain_loss_sum": dsum, "domain_tokens": dcount, "stats": stats}
 
+    return grad_fn
+
+
+def make_train_step(s: Setup, num_domains: int) -> Callable[[TrainState, dict], tuple]:
+    """Jitted ``(state, batch) -> (state, metrics)``: ``make_grad_fn``'s gradient, then the
+    optimizer. A non-finite loss or gradient never reaches the parameters: the update is dropped
+    on device and ``metrics['nonfinite']`` tells the host. The aux-loss-free router bias is
+    updated after the optimizer from the step's global counts. Metrics come back replicated (every
+    host of a multi-host run can read them whole)."""
+    cfg, tx, graphdef = s.cfg, s.tx, s.graphdef
+    moe = cfg.model.moe
+    accum = cfg.train.grad_accum
+    schedule = lr_schedule(cfg.train)
+    grad_fn = make_grad_fn(s, num_domains)
+
+    def step_fn(state: TrainState, batch: dict):
+        loss, grads, sums = grad_fn(state, batch)
+        with tracing_mesh(s):
+            return _apply(state, batch, loss, grads, sums)
+
+    def _apply(state: TrainState, batch: dict, loss, grads, sums):
+        stats = sums["stats"]
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt = tx.update(grads, state.opt_state, state.params)
@@ -228,14 +304,14 @@ def make_train_step(s: Setup, num_domains: int) -> Callable[[TrainState, dict], 
         metrics = {"train/loss": loss, "train/grad_norm": grad_norm,
                    "train/lr": schedule(state.step), "nonfinite": ~finite,
                    "train/tokens": batch["loss_mask"].sum(),
-                   "domain_loss_sum": dsum, "domain_tokens": dcount,
+                   "domain_loss_sum": sums["domain_loss_sum"],
+                   "domain_tokens": sums["domain_tokens"],
                    **{f"moe/{k}": v / (1 if k == "counts" else accum) for k, v in stats.items()}}
         return new_state, metrics
 
-    batch_sh = {k: batch_sharding(s.mesh, 2) for k in BATCH_KEYS_2D}
-    batch_sh["domain"] = batch_sharding(s.mesh, 1)
-    return jax.jit(step_fn, in_shardings=(s.state_shardings, batch_sh),
-                   out_shardings=(s.state_shardings, None), donate_argnums=(0,))
+    replicated = NamedSharding(s.mesh, P())
+    return jax.jit(step_fn, in_shardings=(s.state_shardings, batch_shardings(s.mesh)),
+                   out_shardings=(s.state_shardings, replicated), donate_argnums=(0,))
 
 
 def num_moe_layers(m) -> int:
@@ -285,27 +361,38 @@ def moe_routers(model: Model) -> list:
 
 
 def make_eval_step(s: Setup, num_domains: int) -> Callable[[TrainState, dict], dict]:
-    """Jitted ``(state, batch) -> {loss_sum [D], tokens [D]}`` for validation."""
+    """Jitted ``(state, batch) -> sums`` for validation. Every statistic is a sum over tokens, so
+    the caller adds batches up and divides once (token-weighted): ``loss_sum``/``tokens`` [D];
+    with MoE also ``domain_counts`` [L_moe, D, E_all] (selections per domain), ``topk_score_sum``
+    [L_moe] (summed over the router's tokens) and ``router_tokens`` (non-padding tokens). The
+    forward runs in ``train.grad_accum`` micro-batches, so it needs no more memory than training.
+    Outputs are replicated."""
     graphdef = s.graphdef
+    accum = s.cfg.train.grad_accum
 
     def eval_fn(state: TrainState, batch: dict):
         with tracing_mesh(s):
-            return _eval(state, batch)
+            micro = _split_microbatches(batch, accum)
+            sums = jax.lax.scan(lambda c, mb: (c, _eval(state, mb)), None, micro)[1]
+            return jax.tree.map(lambda x: x.sum(0), sums)  # [accum, ...] -> [...]
 
     def _eval(state: TrainState, batch: dict):
-        model = nnx.merge(graphdef, state.params, state.rest)
-        ce, aux = token_losses(model, batch)
+        # fresh variables at the scan's trace level (as in make_grad_fn)
+        params, rest = jax.tree.map(lambda x: x, (state.params, state.rest))
+        ce, aux = token_losses(nnx.merge(graphdef, params, rest), batch)
         dsum, dcount = _domain_sums(ce, batch, num_domains)
         out = {"loss_sum": dsum, "tokens": dcount}
         if "router/seq_counts" in aux:  # expert selections per domain [L_moe, D, E_all]
             onehot = jax.nn.one_hot(batch["domain"], num_domains, dtype=jnp.float32)
             out["domain_counts"] = jnp.einsum("lbe,bd->lde", aux["router/seq_counts"], onehot)
-            out["topk_score_sum"] = aux["router/topk_score_sum"]
+            routed = (batch["segment_ids"] != 0).sum().astype(jnp.float32)
+            # the router's mean over its (non-padding) tokens -> a sum over them
+            out["topk_score_sum"] = aux["router/topk_score_sum"] * routed
+            out["router_tokens"] = routed
         return out
 
-    batch_sh = {k: batch_sharding(s.mesh, 2) for k in BATCH_KEYS_2D}
-    batch_sh["domain"] = batch_sharding(s.mesh, 1)
-    return jax.jit(eval_fn, in_shardings=(s.state_shardings, batch_sh))
+    return jax.jit(eval_fn, in_shardings=(s.state_shardings, batch_shardings(s.mesh)),
+                   out_shardings=NamedSharding(s.mesh, P()))
 
 
 def global_batch(mesh: Mesh, local: dict) -> dict:

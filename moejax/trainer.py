@@ -1,8 +1,11 @@
 """The pretraining loop: init or resume, step, evaluate, log, checkpoint, handle preemption.
 
-``Trainer(cfg, workdir).run()`` resumes from ``workdir/ckpt`` when a checkpoint exists (model,
-optimizer, data iterator, RNG, step), saves on SIGTERM before returning, and applies the
-``train.nan_policy`` to non-finite steps (whose updates the step already dropped on device).
+``Trainer(cfg, workdir).run()`` resumes from ``workdir/ckpt`` (local or ``gs://``) when a
+checkpoint exists (model, optimizer, data iterator, RNG, step; a damaged newest step is set aside,
+see moejax.ckpt), refuses a resume whose config changes the data stream or the math, saves on
+SIGTERM or Ctrl-C before returning (with several processes at a step they all agree on, via JAX's
+preemption sync point), evaluates every ``eval_every`` and logs every ``log_every`` steps, and
+applies the ``train.nan_policy`` to non-finite steps (whose updates the step already dropped).
 """
 
 from __future__ import annotations
@@ -10,11 +13,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from typing import Callable
 
 import jax
 import numpy as np
+from etils import epath
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from moejax import train as T
@@ -23,32 +29,85 @@ from moejax.config import Config, ConfigError
 from moejax.data import prepare_data
 from moejax.mesh import make_mesh
 from moejax.metrics import MetricsLogger
+from moejax.paths import as_path, read_json, write_text_atomic
 
 
 class NonFiniteLossError(RuntimeError):
     """Raised under ``nan_policy='stop'`` when a step's loss or gradient is not finite."""
 
 
-def write_or_check_config(cfg: Config, workdir: str) -> None:
-    """Write ``config.json``; on resume the model and data sections must match the saved ones
-    (train and mesh may change: e.g. more steps, or a different mesh that reshards on load)."""
-    path = os.path.join(workdir, "config.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
-        now = cfg.to_dict()
-        for section in ("model", "data"):
-            diff = {k for k in now[section] if saved.get(section, {}).get(k) != now[section][k]}
-            # tuples serialise as lists
-            diff = {k for k in diff if json.loads(json.dumps(now[section][k])) != saved[section].get(k)}
-            if diff:
-                raise ConfigError(f"{path}: {section}.{sorted(diff)} differ from the run being "
-                                  f"resumed; use a new --workdir or restore the old values")
+class DataError(RuntimeError):
+    """The data pipeline could not be built from ``data.*`` (a missing file, too little text...);
+    the message names the field."""
+
+
+# What a resumed run may change: how the same computation is executed, how long it runs and how
+# often it reports. Every other field (data stream, model, optimisation) must match the checkpoint.
+EXECUTION_ONLY_SECTIONS = ("mesh",)  # a checkpoint reshards onto another mesh on restore
+EXECUTION_ONLY_FIELDS = frozenset({
+    "model.remat", "model.dtype", "model.attention.impl", "model.moe.gmm_impl",
+    "data.cache_dir", "data.prefetch_threads",
+    "train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.ckpt_every",
+    "train.keep_ckpts", "train.async_ckpt", "train.peak_flops", "train.nan_policy"})
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_conflicts(saved: dict, cfg: Config) -> dict[str, tuple]:
+    """``{dotted field: (saved, now)}`` for changes that would alter the data stream or the math
+    of a run resumed from ``saved`` (a config dict). A field the saved run predates counts with
+    its default value."""
+    defaults = _flatten(Config().to_dict())
+    old, now = _flatten(saved), _flatten(json.loads(json.dumps(cfg.to_dict())))  # tuples -> lists
+    out = {}
+    for k, v in now.items():
+        before = old.get(k, defaults.get(k))
+        if before != v and k.split(".")[0] not in EXECUTION_ONLY_SECTIONS \
+                and k not in EXECUTION_ONLY_FIELDS:
+            out[k] = (before, v)
+    return out
+
+
+def write_or_check_config(cfg: Config, workdir: epath.Path) -> None:
+    """Write ``config.json``; on resume refuse changes to the data stream or the math, naming the
+    fields (execution-only fields, the mesh and the step budget may change)."""
+    path = workdir / "config.json"
+    saved = read_json(path)
+    if saved is not None:
+        conflicts = resume_conflicts(saved, cfg)
+        if conflicts:
+            what = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in
+                             ((k, *ab) for k, ab in sorted(conflicts.items())))
+            raise ConfigError(
+                f"{path} holds a run with other settings ({what}): resuming it would change its "
+                f"data stream or its math. Restore the old values or use a new --workdir "
+                f"(a resume may change the mesh, train.steps and the execution-only fields "
+                f"{sorted(EXECUTION_ONLY_FIELDS - {'train.steps'})}).")
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            f.write(cfg.to_json())
-        os.replace(path + ".tmp", path)
+        write_text_atomic(path, cfg.to_json())
+
+
+def _prepare_data(cfg: Config):
+    """``moejax.data.prepare_data``; its failures (bad paths, too little text) become DataError."""
+    try:
+        return prepare_data(cfg.data, vocab_size=cfg.model.vocab_size)
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(f"the data pipeline failed: {e}") from e
+
+
+def _preemption_service_running() -> bool:
+    """Whether ``jax.distributed`` started its preemption sync manager (the default, unless
+    ``jax_enable_preemption_service`` is off): ``reached_preemption_sync_point`` needs it."""
+    from jax._src import distributed
+    return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
 
 
 class Trainer:
@@ -57,21 +116,22 @@ class Trainer:
     ``init_state_fn(setup, data_iterator) -> TrainState`` replaces the fresh init when no
     checkpoint exists (moejax.grow_run: grow a finished source run; it may rewind the iterator)."""
 
-    def __init__(self, cfg: Config, workdir: str, *,
+    def __init__(self, cfg: Config, workdir: str | os.PathLike, *,
                  on_step: Callable[["Trainer", int, dict], None] | None = None,
                  progress: bool = True,
                  init_state_fn: Callable[[T.Setup, object], T.TrainState] | None = None):
-        self.cfg, self.workdir, self.on_step = cfg, os.path.abspath(workdir), on_step
+        self.cfg, self.workdir, self.on_step = cfg, as_path(workdir), on_step
         self.init_state_fn = init_state_fn
         self.progress = progress and jax.process_index() == 0
         self._stop_requested = False
+        self._preemption_service = False
         self.mesh = make_mesh(cfg.mesh)
         self.setup = T.setup(cfg, self.mesh)
-        self.data = prepare_data(cfg.data, vocab_size=cfg.model.vocab_size)
+        self.data = _prepare_data(cfg)
         self.domains = self.data.domains
         self.train_step = T.make_train_step(self.setup, len(self.domains))
         self.eval_step = T.make_eval_step(self.setup, len(self.domains))
-        self.ckpt = Checkpointer(os.path.join(self.workdir, "ckpt"), keep=cfg.train.keep_ckpts,
+        self.ckpt = Checkpointer(self.workdir / "ckpt", keep=cfg.train.keep_ckpts,
                                  async_save=cfg.train.async_ckpt)
         self._eval_batches = None
 
@@ -82,7 +142,10 @@ class Trainer:
                                         process_count=jax.process_count())
 
     def evaluate(self, state: T.TrainState) -> dict[str, float]:
-        """Validation loss per domain on a fixed held-out set."""
+        """Validation statistics on a fixed held-out set, each token-weighted (sums over every
+        batch, divided once): loss per domain and overall, ``val/tokens/<domain>`` (the set is
+        ``train.eval_batches`` batches per domain, capped at what the domain's split holds) and,
+        with MoE, per-domain expert counts and the top-k score mass per layer."""
         if self._eval_batches is None:
             self._eval_batches = [
                 T.global_batch(self.mesh, b)
@@ -91,7 +154,8 @@ class Trainer:
                                                 global_batch=self.cfg.train.batch_size,
                                                 process_index=jax.process_index(),
                                                 process_count=jax.process_count())]
-        totals: dict[str, np.ndarray] = {}
+        n = len(self.domains)
+        totals: dict[str, np.ndarray] = {"loss_sum": np.zeros(n), "tokens": np.zeros(n)}
         for b in self._eval_batches:
             for k, v in jax.device_get(self.eval_step(state, b)).items():
                 totals[k] = totals.get(k, 0) + np.asarray(v, np.float64)
@@ -99,17 +163,43 @@ class Trainer:
         out = {f"val/loss/{d}": float(loss_sum[i] / max(tokens[i], 1.0))
                for i, d in enumerate(self.domains)}
         out["val/loss"] = float(loss_sum.sum() / max(tokens.sum(), 1.0))
+        out.update({f"val/tokens/{d}": int(tokens[i]) for i, d in enumerate(self.domains)})
         if "domain_counts" in totals:  # [L_moe, D, E_all] -> selection frequency per domain
             out["moe/domain_counts"] = totals["domain_counts"].tolist()
-            score = totals["topk_score_sum"] / len(self._eval_batches)
+            score = totals["topk_score_sum"] / max(float(totals["router_tokens"]), 1.0)
             out.update({f"val/topk_score_sum/layer{i}": float(v) for i, v in enumerate(score)})
         return out
 
     def _save(self, step: int, state, it, tokens: int, *, force: bool = False) -> None:
         self.ckpt.save(step, state, it, {"step": step, "tokens": tokens}, force=force)
 
-    def _on_sigterm(self, signum, frame):
+    # -- stopping on a signal ----------------------------------------------------------------
+    def _on_stop_signal(self, signum, frame):
+        """SIGTERM or a first Ctrl-C: finish the step, save, return; a second Ctrl-C aborts."""
+        if signum == signal.SIGINT and self._stop_requested:
+            raise KeyboardInterrupt
         self._stop_requested = True
+        if self._preemption_service:  # tell JAX's preemption notifier, so every process stops
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def _install_stop_handlers(self) -> dict:
+        """Handle SIGTERM and SIGINT (main thread only); returns the previous handlers. Under
+        JAX's preemption service SIGTERM stays with its notifier (see ``_stop_agreed``)."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        sigs = (signal.SIGINT,) if self._preemption_service else (signal.SIGTERM, signal.SIGINT)
+        return {s: signal.signal(s, self._on_stop_signal) for s in sigs}
+
+    def _stop_agreed(self, step: int) -> bool:
+        """Whether every process saves and stops after ``step``. One process: its own flag.
+        Several: JAX's preemption sync point (a notice on any process is broadcast and all agree
+        on one step), or, without that service, an all-gather of the flags every step."""
+        if jax.process_count() == 1:
+            return self._stop_requested
+        if self._preemption_service:
+            return multihost_utils.reached_preemption_sync_point(step)
+        flags = multihost_utils.process_allgather(np.int32(self._stop_requested))
+        return bool(np.max(flags))
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> dict:
@@ -118,8 +208,14 @@ class Trainer:
         write_or_check_config(cfg, self.workdir)
         it = self._iterator()
         latest = self.ckpt.latest_step()
-        if latest is not None:
-            state, meta = self.ckpt.restore(latest, self.setup.abstract_state, it)
+        if latest is not None and latest > cfg.train.steps:
+            raise ConfigError(f"train.steps={cfg.train.steps} is below step {latest} of the "
+                              f"checkpoint in {self.ckpt.directory}: raise train.steps or use a "
+                              "new --workdir")
+        restored = (None if latest is None
+                    else self.ckpt.restore_latest(self.setup.abstract_state, it))
+        if restored is not None:
+            state, meta = restored
             step, tokens = int(meta["step"]), int(meta["tokens"])
         else:
             state, step, tokens = (T.init_state(self.setup) if self.init_state_fn is None
@@ -127,13 +223,14 @@ class Trainer:
             if cfg.model.moe.enabled and cfg.model.moe.router.token_mask == "maskmoe":
                 state = T.set_token_masks(self.setup, state,
                                           self.data.token_counts(cfg.model.vocab_size))
-        logger = MetricsLogger(self.workdir, resume_step=step if latest is not None else None)
-        if latest is None:
+        logger = MetricsLogger(self.workdir, resume_step=step if restored is not None else None)
+        if restored is None:
             logger.log(0, {"tokens": 0, **self.evaluate(state)})
 
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._preemption_service = jax.process_count() > 1 and _preemption_service_running()
+        previous = self._install_stop_handlers()
         bar = tqdm(total=cfg.train.steps, initial=step, disable=not self.progress,
-                   desc=os.path.basename(self.workdir), dynamic_ncols=True)
+                   desc=self.workdir.name, dynamic_ncols=True)
         tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
         window_t, window_steps, nonfinite_steps = time.perf_counter(), 0, 0
         pending = None  # (step, metrics) of the last step, read one step late to keep dispatch async
@@ -146,13 +243,15 @@ class Trainer:
                 if pending is not None:
                     nonfinite_steps += self._check_finite(*pending)
                 pending = (step, metrics)
-                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                final = step == cfg.train.steps
+                evaluate = step % cfg.train.eval_every == 0 or final
+                if step % cfg.train.log_every == 0 or evaluate:
                     nonfinite_steps += self._check_finite(*pending)
                     pending = None
                     dt = time.perf_counter() - window_t
                     rate = window_steps * tokens_per_step / dt
                     last = self._log_record(metrics, tokens, rate, nonfinite_steps)
-                    if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+                    if evaluate:
                         last.update(self.evaluate(state))
                     logger.log(step, last)
                     if self.on_step is not None:
@@ -160,10 +259,10 @@ class Trainer:
                     bar.set_postfix(loss=f"{last['train/loss']:.3f}")
                     window_t, window_steps = time.perf_counter(), 0
                 bar.update(1)
-                saved = step % cfg.train.ckpt_every == 0 or step == cfg.train.steps
+                saved = step % cfg.train.ckpt_every == 0 or final
                 if saved:
                     self._save(step, state, it, tokens)
-                if self._stop_requested:
+                if self._stop_agreed(step) and not final:
                     if not saved:  # this step is on disk already when it was a checkpoint step
                         self._save(step, state, it, tokens, force=True)
                     preempted = True
@@ -171,7 +270,8 @@ class Trainer:
             if pending is not None:
                 nonfinite_steps += self._check_finite(*pending)
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             bar.close()
             self.ckpt.wait()
             logger.close()

@@ -11,7 +11,7 @@ the same model without experts (``dense_source``), whose FFN width ``d_ff`` fixe
               expected output under uniform routing matches the dense FFN. Exact when
               ``top_k == num_experts == m`` with ``norm_topk_prob`` (weights 1/m each).
   * ``emoe``  EMoE (section 6.1): keys = the FFN gate weights per neuron (columns of gate [D,F]),
-              L2-normalised, clustered by balanced k-means (``balanced_kmeans``: greedy
+              L2-normalised, clustered by balanced k-means (``balanced_kmeans``: exact
               capacity-constrained assignment, equal cluster sizes F/E); neurons permuted so each
               cluster is a contiguous block = one expert of ``d_expert = F/E``. Routing by average
               key with no new parameters (``router.gating='avg_key'``): a_e(x) = x . mean_{j in e}
@@ -75,33 +75,56 @@ def check(sm: ModelConfig, dm: ModelConfig, method: str) -> int:
     return segs
 
 
+def squared_distances(x: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """|x_i - c_j|^2 for points x [n,d] and centers [k,d] -> [n,k] (float64)."""
+    x, centers = np.asarray(x, np.float64), np.asarray(centers, np.float64)
+    d = (x * x).sum(1)[:, None] - 2.0 * x @ centers.T + (centers * centers).sum(1)[None]
+    return np.maximum(d, 0.0)
+
+
+def balanced_assignment(x: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """Exact size-constrained assignment: labels [n] minimising the total squared distance with
+    exactly n/k points per center. Each center becomes n/k identical slots of an [n, n] cost
+    matrix solved by ``scipy.optimize.linear_sum_assignment`` (O(n^3) time, n^2 memory: fine for
+    FFN widths of a few thousand neurons)."""
+    from scipy.optimize import linear_sum_assignment
+
+    n, k = len(x), len(centers)
+    if n % k:
+        raise ValueError(f"balanced assignment: {n} points do not split into {k} equal clusters")
+    slots = np.repeat(squared_distances(x, centers), n // k, axis=1)  # [n, n]: column s -> s // cap
+    rows, cols = linear_sum_assignment(slots)
+    labels = np.empty(n, np.int64)
+    labels[rows] = cols // (n // k)
+    return labels
+
+
+def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k initial centers [k,d]: the first uniform, each next drawn with probability proportional
+    to its squared distance from the nearest chosen one (k-means++), so blobs get one each."""
+    chosen = [int(rng.integers(len(x)))]
+    d = squared_distances(x, x[chosen]).min(1)
+    for _ in range(k - 1):
+        p = d / d.sum() if d.sum() > 0 else np.full(len(x), 1.0 / len(x))
+        chosen.append(int(rng.choice(len(x), p=p)))
+        d = np.minimum(d, squared_distances(x, x[chosen[-1:]])[:, 0])
+    return x[chosen]
+
+
 def balanced_kmeans(x: np.ndarray, k: int, *, iters: int = 30, seed: int = 0) -> np.ndarray:
     """Size-constrained k-means: labels [n] with exactly n/k points per cluster.
 
-    Lloyd iterations whose assignment step is greedy under the capacity n/k: (point, cluster)
-    pairs are taken in order of increasing squared distance, each point once, each cluster up to
-    capacity (an approximation of KMeansConstrained's min-cost-flow step). Init: k distinct
-    random points (``seed``)."""
+    Lloyd iterations whose assignment step is the exact min-cost balanced assignment
+    (``balanced_assignment``, as KMeansConstrained's min-cost flow), so the objective never
+    increases; stops when the labels repeat. Init: k-means++ (``seed``)."""
     x = np.asarray(x, np.float64)
     n = x.shape[0]
     if n % k:
         raise ValueError(f"balanced k-means: {n} points do not split into {k} equal clusters")
-    cap = n // k
-    rng = np.random.default_rng(seed)
-    c = x[rng.choice(n, k, replace=False)]
+    c = kmeans_plus_plus(x, k, np.random.default_rng(seed))
     labels = None
     for _ in range(max(iters, 1)):
-        d = (c * c).sum(1)[None] - 2.0 * x @ c.T  # [n,k] squared distance minus |x|^2
-        order = np.argsort(d, axis=None, kind="stable")
-        new = np.full(n, -1)
-        fill = np.zeros(k, int)
-        left = n
-        for flat in order:
-            i, j = divmod(int(flat), k)
-            if new[i] < 0 and fill[j] < cap:
-                new[i], fill[j], left = j, fill[j] + 1, left - 1
-                if not left:
-                    break
+        new = balanced_assignment(x, c)
         if labels is not None and np.array_equal(new, labels):
             break
         labels = new

@@ -1,5 +1,7 @@
 """Balance losses against by-hand numpy formulas, incl. grad accumulation and 8-device sharding."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moejax.layers import balance as BL
 from moejax.layers.router import topk_route
+from moejax.testing import documents_np
 
 B, T, E, K = 16, 8, 8, 2
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -176,7 +179,8 @@ def test_moe_aux_loss_combines_terms(stats):
            "router/seq_tokens": jnp.stack([jnp.asarray(tok)] * L),
            "router/z": jnp.array([2.0, 4.0]), "router/entropy": jnp.array([1.0, 1.0]),
            "router/topk_score_sum": jnp.array([0.5, 0.7]), "router/active_experts": jnp.array([2.0, 2.0]),
-           "router/dropped": jnp.array([0, 3])}
+           "router/dropped": jnp.array([0, 3]),
+           "router/doc_balance": jnp.array([1.5, 2.5]), "router/doc_imbalance": jnp.array([3.0, 4.0])}
     moe = MoEConfig(num_experts=E, top_k=K, router=RouterConfig(kind="topp", num_groups=4),
                     balance=BalanceConfig(scope="micro", coef=0.1, z_loss_coef=0.01, device_coef=0.2,
                                           entropy_coef=0.5))
@@ -190,5 +194,72 @@ def test_moe_aux_loss_combines_terms(stats):
     np.testing.assert_allclose(st["counts"], np.stack([c.sum(0)] * L), **TOL)
     np.testing.assert_allclose(st["aux_loss"], ref, **TOL)
     np.testing.assert_allclose(st["dropped"], [0, 3])
+    np.testing.assert_allclose(st["seq_imbalance"], [3.0, 4.0], **TOL)  # per document (default)
+    by_row = dataclasses.replace(moe, balance=dataclasses.replace(moe.balance, sequence_unit="row"))
     per = [r.max() / r.mean() for r in c if r.sum() > 0]
-    np.testing.assert_allclose(st["seq_imbalance"], [np.mean(per)] * L, **TOL)
+    np.testing.assert_allclose(BL.moe_aux_loss(aux, by_row, micro_groups=2)[2]["seq_imbalance"],
+                               [np.mean(per)] * L, **TOL)
+
+
+# -- per-document ('sequence' scope over packed rows) ----------------------------------------------
+
+PACKED_SEG = np.array([[1, 1, 1, 2, 2, 2, 2, 3, 3, 0, 0, 0],  # 3 documents, trailing padding
+                       [4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4],  # one document filling the row
+                       [7, 7, 9, 9, 9, 9, 9, 9, 9, 0, 0, 0]], np.int32)  # 2 documents, any ids
+
+
+@pytest.fixture(scope="module")
+def packed():
+    """Routing of 3 packed rows (6 columns: 5 real experts + 1 null) and its document stats."""
+    Bn, Tn = PACKED_SEG.shape
+    rng = np.random.default_rng(21)
+    z = jnp.asarray(rng.normal(size=(Bn * Tn, 6)) * 1.5, jnp.float32)
+    r = topk_route(z, 2, num_null=1)
+    return r, BL.document_stats(r.selected, r.probs, jnp.asarray(PACKED_SEG), num_real=5)
+
+
+def test_document_stats_match_hand_on_packed_rows(packed):
+    r, got = packed
+    Tn = PACKED_SEG.shape[1]
+    sel = np.asarray(r.selected, np.float64).reshape(-1, Tn, 6)
+    probs = np.asarray(r.probs, np.float64).reshape(-1, Tn, 6)
+    docs = documents_np(PACKED_SEG)
+    assert len(docs) == 6
+    lbls, imbs = [], []
+    for b, pos in docs:
+        c, p = sel[b, pos].sum(0), probs[b, pos].sum(0)
+        lbls.append(6 * np.sum(c / c.sum() * p / len(pos)))
+        if c[:5].sum() > 0:
+            imbs.append(c[:5].max() / c[:5].mean())
+    np.testing.assert_allclose(got["doc_balance"], np.mean(lbls), **TOL)
+    np.testing.assert_allclose(got["doc_imbalance"], np.mean(imbs), **TOL)
+    rows = [6 * np.sum(sel[b][v].sum(0) / sel[b][v].sum() * probs[b][v].sum(0) / v.sum())
+            for b, v in enumerate(PACKED_SEG != 0)]
+    assert abs(np.mean(rows) - np.mean(lbls)) > 1e-3  # per row would be a different number
+
+
+def test_sequence_scope_per_document_or_per_row(packed):
+    from moejax.config import BalanceConfig, MoEConfig
+    r, doc = packed
+    Bn, Tn = PACKED_SEG.shape
+    v = (PACKED_SEG != 0).reshape(-1, 1).astype(np.float32)
+    sc = (np.asarray(r.selected) * v).reshape(Bn, Tn, 6).sum(1)
+    ps = (np.asarray(r.probs) * v).reshape(Bn, Tn, 6).sum(1)
+    aux = {"router/seq_counts": jnp.asarray(sc)[None], "router/seq_prob_sum": jnp.asarray(ps)[None],
+           "router/seq_tokens": jnp.asarray((PACKED_SEG != 0).sum(1), jnp.float32)[None],
+           "router/z": jnp.zeros(1), "router/entropy": jnp.zeros(1),
+           **{f"router/{k}": jnp.zeros(1) for k in ("topk_score_sum", "active_experts", "dropped")},
+           **{f"router/{k}": jnp.asarray(v)[None] for k, v in doc.items()}}
+    got = {}
+    for unit in ("document", "row"):
+        moe = MoEConfig(num_experts=5, top_k=2, balance=BalanceConfig(
+            scope="sequence", coef=1.0, sequence_unit=unit))
+        got[unit] = BL.moe_aux_loss(aux, moe, micro_groups=1)[2]
+    np.testing.assert_allclose(got["document"]["balance_loss"], doc["doc_balance"], **TOL)
+    np.testing.assert_allclose(got["document"]["seq_imbalance"], [doc["doc_imbalance"]], **TOL)
+    row = np.mean([6 * np.sum(c / c.sum() * p / t) for c, p, t in
+                   zip(sc.astype(np.float64), ps.astype(np.float64), (PACKED_SEG != 0).sum(1))])
+    np.testing.assert_allclose(got["row"]["balance_loss"], row, **TOL)
+    per_row = np.mean([c[:5].max() / c[:5].mean() for c in sc])
+    np.testing.assert_allclose(got["row"]["seq_imbalance"], [per_row], **TOL)
+    assert abs(float(got["row"]["balance_loss"]) - float(doc["doc_balance"])) > 1e-3

@@ -98,6 +98,20 @@ def test_overrides_parse_types_and_revalidate():
         apply_overrides(cfg, ["train.nan_policy=bogus"])
 
 
+@pytest.mark.parametrize("spelling, value", [
+    ("True", True), ("true", True), ("TRUE", True), ("1", True), ("yes", True), ("Yes", True),
+    ("False", False), ("false", False), ("0", False), ("no", False), ("NO", False)])
+def test_boolean_overrides_accept_the_spellings_people_type(spelling, value):
+    cfg = tiny_config(train={"async_ckpt": not value})
+    out = apply_overrides(cfg, [f"model.attention.qk_norm={spelling}", f"train.async_ckpt={spelling}"])
+    assert out.model.attention.qk_norm is value and out.train.async_ckpt is value
+
+
+def test_boolean_overrides_reject_other_words():
+    with pytest.raises(ConfigError, match="model.attention.qk_norm.*'maybe'.*true/false"):
+        apply_overrides(tiny_config(), ["model.attention.qk_norm=maybe"])
+
+
 def test_json_round_trip():
     cfg = tiny_config(data={"mixture": (2.0, 1.0, 1.0)})
     back = Config.from_dict(json.loads(cfg.to_json()))

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import hashlib
 import json
+import platform
 import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from moejax.config import DataConfig
-from moejax.data import (BPETokenizer, ByteTokenizer, Tokenizer, load_documents, prepare_data,
-                         split_documents)
+from moejax.data import (BPETokenizer, ByteTokenizer, Tokenizer, corpus_provenance, load_documents,
+                         prepare_data, split_documents)
 from moejax.data import corpus as corpus_lib
 
 CAP, T, B = 300_000, 64, 8
@@ -115,7 +118,10 @@ def test_bpe_trains_roundtrips_and_loads_back(cfg, tmp_path):
     path = d.path / "tokenizer.json"
     specials = [t["content"] for t in json.loads(path.read_text())["added_tokens"]]
     assert specials == ["<pad>", "<bos>", "<eos>"]
-    samples = [_splits(cfg, "code")[0][0][:2000], "Q: What is 3 * 4?\nA: 12", "héllo ∑ 😀 中文"]
+    # 2000 characters of training code, whatever the interpreter's standard library holds
+    code = "\n".join(_splits(cfg, "code")[0])[:2000]
+    assert len(code) == 2000
+    samples = [code, "Q: What is 3 * 4?\nA: 12", "héllo ∑ 😀 中文"]
     for text in samples:
         ids = tok.encode(text)
         assert tok.decode(ids) == text and max(ids) < 300 and min(ids) >= 3
@@ -211,6 +217,48 @@ def test_local_corpus_dir(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         prepare_data(dataclasses.replace(cfg, domains=("a", "zzz"), mixture=(1.0, 1.0)))
     assert str(root / "zzz") in str(e.value) and "*.txt" in str(e.value)
+
+
+def _by_hand_sha256(docs: list[str]) -> str:
+    return hashlib.sha256("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs)
+                          .encode("utf-8")).hexdigest()
+
+
+def test_embedded_corpus_provenance(cfg, data):
+    """Python version and content hash in the manifest and in ``corpus_provenance``."""
+    prov = corpus_provenance(cfg)
+    assert prov["corpus"] == "embedded" and prov["python_version"] == platform.python_version()
+    assert list(prov["domains"]) == list(cfg.domains)
+    for dom in cfg.domains:
+        docs = load_documents(cfg.corpus, dom, cfg.corpus_bytes_per_domain, cfg.cache_dir)
+        assert prov["domains"][dom] == {"docs": len(docs), "sha256": _by_hand_sha256(docs),
+                                        "bytes": sum(len(d.encode()) for d in docs)}
+        (meta,) = (Path(cfg.cache_dir) / "corpus").glob(f"{dom}-*/meta.json")
+        manifest = json.loads(meta.read_text())
+        assert manifest["sha256"] == prov["domains"][dom]["sha256"]
+        assert manifest["python_version"] == platform.python_version()
+    assert len({m["sha256"] for m in prov["domains"].values()}) == len(cfg.domains)
+    assert json.loads(json.dumps(prov)) == prov == corpus_provenance(cfg)  # JSON-ready, stable
+
+
+def test_local_corpus_provenance_follows_content_not_path(tmp_path):
+    texts = {"a": ["alpha " * 40, "beta " * 40], "b": ["gamma " * 40, "delta " * 40]}
+    roots = [tmp_path / "one", tmp_path / "two"]
+    for root in roots:
+        for dom, docs in texts.items():
+            (root / dom).mkdir(parents=True)
+            for i, doc in enumerate(docs):
+                (root / dom / f"{i}.txt").write_text(doc)
+    cfgs = [DataConfig(corpus=str(r), cache_dir=str(tmp_path / "c"), domains=("a", "b"),
+                       mixture=(1.0, 1.0)) for r in roots]
+    first, second = (corpus_provenance(c) for c in cfgs)
+    assert first["domains"]["a"]["sha256"] == _by_hand_sha256(texts["a"])
+    assert first["sha256"] == second["sha256"] and first["corpus"] != second["corpus"]
+    (roots[1] / "b" / "1.txt").write_text("epsilon " * 40)  # another size: a new fingerprint
+    changed = corpus_provenance(cfgs[1])
+    assert changed["domains"]["a"] == first["domains"]["a"]
+    assert changed["domains"]["b"]["sha256"] == _by_hand_sha256([texts["b"][0], "epsilon " * 40])
+    assert changed["sha256"] != first["sha256"]
 
 
 def test_missing_corpus_dir_names_path(tmp_path):
@@ -351,11 +399,16 @@ def test_validation_batches_held_out_and_deterministic(cfg, data):
 
 def test_validation_past_end_is_padding(data):
     store = data.stores[("code", "val")]
-    rows_needed = store.num_tokens // T + 2
-    vals = data.eval_batches("code", num_batches=rows_needed // 4 + 1, global_batch=4)
+    rows = data.num_eval_rows("code")  # windows holding a target; any later row would be padding
+    vals = data.eval_batches("code", num_batches=rows // 4 + 2, global_batch=4)
+    assert len(vals) == -(-rows // 4)  # capped at the split: no all-padding batch
+    assert all(b["loss_mask"].sum() > 0 for b in vals)
     last = vals[-1]
-    assert (last["inputs"][-1] == data.tokenizer.pad_id).all()
-    assert (last["loss_mask"][-1] == 0).all() and (last["segment_ids"][-1] == 0).all()
+    j = (rows - 1) % 4  # the last real row; rows after it in its batch are padding
+    n = store.num_tokens - (rows - 1) * T  # real tokens in its window of T + 1
+    assert (last["inputs"][j][n:] == data.tokenizer.pad_id).all()
+    assert (last["loss_mask"][j][n - 1:] == 0).all() and (last["segment_ids"][j][n:] == 0).all()
+    assert (last["loss_mask"][j + 1:] == 0).all() and (last["segment_ids"][j + 1:] == 0).all()
     total = sum(b["loss_mask"].sum() for b in vals)
     # every target token of the stream is predicted once, minus the document boundaries
     assert total == store.num_tokens - 1 - (len(store) - 1)

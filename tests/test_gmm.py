@@ -1,5 +1,7 @@
 """kernels.gmm: every CPU implementation equals a float64 numpy loop; gradients check out."""
 
+import importlib
+
 import numpy as np
 import pytest
 
@@ -92,6 +94,39 @@ def test_blocked_gradients_numerically_and_block_sizes(operands, block):
 def test_auto_is_blocked_on_cpu():
     assert jax.default_backend() == "cpu" and kernels.resolve_gmm_impl("auto") == "blocked"
     assert kernels.resolve_gmm_impl("xla") == "xla"
+
+
+@pytest.mark.parametrize("backend,tokamax,want", [
+    ("cpu", False, "blocked"), ("cpu", True, "blocked"),
+    ("gpu", True, "tokamax"), ("gpu", False, "blocked"),  # never ragged_dot (~1% of peak there)
+    ("tpu", False, "pallas"), ("tpu", True, "pallas"),  # gmm_tpu: tokamax if importable, megablox
+])
+def test_auto_resolution_table(monkeypatch, backend, tokamax, want):
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    monkeypatch.setattr(gmm_bodies(), "have_tokamax", lambda: tokamax, raising=False)
+    assert kernels.resolve_gmm_impl("auto") == want
+    assert kernels.resolve_gmm_impl("auto", backend="cpu") == "blocked"
+    for impl in GMM_EXPLICIT:
+        assert kernels.resolve_gmm_impl(impl) == impl
+
+
+GMM_EXPLICIT = ("reference", "xla", "blocked", "tokamax", "pallas")
+
+
+def gmm_bodies():
+    """The module moejax.kernels.gmm (the package attribute of that name is the function)."""
+    return importlib.import_module("moejax.kernels.gmm")
+
+
+def test_auto_on_gpu_without_tokamax_runs_blocked(operands, monkeypatch):
+    """The GPU fallback is the exact block-padded path: same numbers as the float64 loop."""
+    lhs, rhs = operands
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(gmm_bodies(), "have_tokamax", lambda: False, raising=False)
+    monkeypatch.setattr(gmm_bodies(), "xla", None)  # ragged_dot must not be reached
+    gs = GROUPS["tail_unassigned"]
+    out = kernels.gmm(lhs, rhs, jnp.asarray(gs, jnp.int32), impl="auto")
+    np.testing.assert_allclose(np.asarray(out), np_gmm(lhs, rhs, gs), rtol=1e-5, atol=1e-5)
 
 
 def test_ragged_dot_gradients_equal_reference(operands):

@@ -19,8 +19,8 @@ import transformers
 from flax import nnx
 from safetensors.numpy import save_file
 
-from moejax.config import (AttentionConfig, ConfigError, MeshConfig, ModelConfig, MoEConfig,
-                           RouterConfig)
+from moejax.config import (AttentionConfig, Config, ConfigError, MeshConfig, ModelConfig,
+                           MoEConfig, RouterConfig)
 from moejax.interop import hf as H
 from moejax.interop.safetensors_dir import CheckpointError, SafetensorsDir
 from moejax.mesh import make_mesh, rules_for, use_mesh
@@ -129,6 +129,10 @@ def test_import_on_8_devices_shards_experts_and_matches(hf_models, case, mesh_cf
     d, ref = hf_models[case]
     mesh = make_mesh(mesh_cfg)
     model_cfg, params, _ = H.import_hf(d, mesh=mesh, mesh_cfg=mesh_cfg)
+    # parity with transformers needs every assignment: the exactly dropless EP exchange (the
+    # default finite buffer drops overflow of these deliberately skewed random routers)
+    model_cfg = dataclasses.replace(model_cfg, moe=dataclasses.replace(model_cfg.moe,
+                                                                       ep_buffer_factor=0.0))
     if model_cfg.moe.enabled:
         moe_layer = next(l for l in range(model_cfg.num_layers) if model_cfg.moe.is_moe_layer(l))
         w = params["layers"][moe_layer]["mlp"]["w_gate"]
@@ -324,3 +328,22 @@ def test_cli_import_then_export(hf_models, tmp_path):
 def test_workdir_import_without_tokenizer_needs_byte_sized_vocab(hf_models, tmp_path):
     with pytest.raises(ConfigError, match="no tokenizer.json and vocab_size=96"):
         H.import_to_workdir(hf_models["qwen3_mqa_untied"][0], str(tmp_path / "w"), mesh_cfg=ONE)
+
+
+def test_cli_import_caps_seq_len_at_a_short_model_context(hf_models, tmp_path):
+    """A Qwen3-MoE whose context (64) is shorter than the default data.seq_len imports through the
+    CLI into a WORKDIR whose config fits the model (data.seq_len capped at 64) and loads back."""
+    d = str(tmp_path / "short")
+    shutil.copytree(hf_models["moe_dense0_nonorm"][0], d)
+    with open(os.path.join(d, "config.json")) as f:
+        hf_cfg = json.load(f)
+    hf_cfg["max_position_embeddings"] = 64
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(hf_cfg, f)
+    write_tokenizer(d)
+    work = str(tmp_path / "work")
+    H.main(["import", d, "--out", work, "--mesh", "data=1"])
+    with open(os.path.join(work, "config.json")) as f:
+        cfg = Config.from_dict(json.load(f))
+    assert cfg.model.max_seq_len == 64 and cfg.data.seq_len == 64
+    assert cfg.data.tokenizer.endswith("hf/tokenizer.json")

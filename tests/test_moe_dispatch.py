@@ -13,8 +13,6 @@ from moejax.layers import moe_dispatch as md
 from moejax.layers import moe_ep
 
 T, D, F, E, S = 64, 32, 16, 8, 2
-SHARDS = 8  # batch shards in every EP mesh below (data*fsdp*expert)
-TL = T // SHARDS
 TOL = dict(rtol=2e-5, atol=2e-5)
 BATCH = ("data", "fsdp", "expert")
 
@@ -103,12 +101,13 @@ def np_capacity(ex, C):
     return kept, dropped, counts
 
 
-def np_ep_buffer(ex, ep, B):
+def np_ep_buffer(ex, ep, B, shards):
     """Dropless EP with B rows per destination: per device chunk, per owner, keep the first B
     assignments ordered by (expert, token, slot). Returns kept mask, drops, counts."""
     El = E // ep
     kept = np.zeros(ex.shape, bool)
-    for c in range(SHARDS):
+    TL = T // shards
+    for c in range(shards):
         rows = range(c * TL, (c + 1) * TL)
         asg = sorted((ex[t, s], t, s) for t in rows for s in range(S) if 0 <= ex[t, s] < E)
         for j in range(ep):
@@ -198,12 +197,19 @@ def test_expert_choice_matches_numpy(params):
 
 
 # ---------------------------------------------------------------- expert parallelism
-MESHES = {"e8": (1, 1, 8, 1), "d2e4": (2, 1, 4, 1)}
+# (data, fsdp, expert, tensor): fsdp > 1 and tensor > 1 (expert FFN split over F) included
+MESHES = {"e8": (1, 1, 8, 1), "d2e4": (2, 1, 4, 1), "d2f2e2": (2, 2, 2, 1), "e4t2": (1, 1, 4, 2)}
 
 
 def mesh_of(name):
     return jax.make_mesh(MESHES[name], ("data", "fsdp", "expert", "tensor"),
                          axis_types=(AxisType.Auto,) * 4)
+
+
+def shards_of(name) -> int:
+    """Batch shards (data * fsdp * expert) of a mesh: the device-local token chunks."""
+    d, f, e, _ = MESHES[name]
+    return d * f * e
 
 
 def shard(mesh, x, ex, w, wg, wu, wd, ct):
@@ -235,14 +241,25 @@ def ep_layers():
 
 @pytest.fixture(scope="module")
 def chunked_capacity():
-    """Single-device capacity layer applied to each device-local chunk of TL tokens (EP semantics)."""
-    def layer(x, ex, w, wg, wu, wd):
-        def one(x, ex, w):
-            return md.routed_experts(x, ex, w, wg, wu, wd, dispatch="capacity", capacity_factor=1.0)
-        y, st = jax.vmap(one)(x.reshape(SHARDS, TL, D), ex.reshape(SHARDS, TL, S),
-                              w.reshape(SHARDS, TL, S))
-        return y.reshape(T, D), jax.tree.map(lambda a: a.sum(0), st)
-    return value_and_grads(layer)
+    """shards -> single-device capacity layer applied to each device-local chunk of T/shards
+    tokens (EP semantics); one compile per chunk count."""
+    def make(shards):
+        def layer(x, ex, w, wg, wu, wd):
+            def one(x, ex, w):
+                return md.routed_experts(x, ex, w, wg, wu, wd, dispatch="capacity",
+                                         capacity_factor=1.0)
+            tl = T // shards
+            y, st = jax.vmap(one)(x.reshape(shards, tl, D), ex.reshape(shards, tl, S),
+                                  w.reshape(shards, tl, S))
+            return y.reshape(T, D), jax.tree.map(lambda a: a.sum(0), st)
+        return value_and_grads(layer)
+    cache = {}
+
+    def get(shards):
+        if shards not in cache:
+            cache[shards] = make(shards)
+        return cache[shards]
+    return get
 
 
 @pytest.mark.parametrize("mesh_name", list(MESHES))
@@ -257,13 +274,15 @@ def test_ep_dropless_equals_single_device(params, dropless, ep_layers, mesh_name
     np.testing.assert_array_equal(stats["expert_tokens"], ref[1]["expert_tokens"])
 
 
-def test_ep_dropless_without_vma_check_equals_single_device(params, dropless, ep_layers):
-    """The check_vma=False path (used with Pallas/tokamax kernels) must psum weight grads too."""
+@pytest.mark.parametrize("mesh_name", ["d2e4", "e4t2"])
+def test_ep_dropless_without_vma_check_equals_single_device(params, dropless, ep_layers, mesh_name):
+    """The check_vma=False path (used with Pallas/tokamax kernels) must psum weight grads too, and
+    under tensor > 1 sum the F-slice outputs without scaling the gradients."""
     x, wg, wu, wd, ct = params
     ex, w = ROUTINGS["full"]
     ref = dropless["xla"](x, ex, w, wg, wu, wd, ct)
-    y, stats, grads = run_ep("d2e4", ep_layers["dropless_novma"], params, "full")
-    assert_close([y, *grads], [ref[0], *ref[2]], "ep-dropless-novma")
+    y, stats, grads = run_ep(mesh_name, ep_layers["dropless_novma"], params, "full")
+    assert_close([y, *grads], [ref[0], *ref[2]], f"ep-dropless-novma/{mesh_name}")
 
 
 @pytest.mark.parametrize("mesh_name", list(MESHES))
@@ -272,9 +291,11 @@ def test_ep_capacity_equals_per_device_capacity(params, ep_layers, chunked_capac
                                                 routing):
     x, wg, wu, wd, ct = params
     ex, w = ROUTINGS[routing]
-    ref = chunked_capacity(x, ex, w, wg, wu, wd, ct)
-    C = md.capacity_of(1.0, TL, S, E)  # = 2 per expert per device chunk
-    drops = sum(np_capacity(ex[c * TL:(c + 1) * TL], C)[1] for c in range(SHARDS))
+    shards = shards_of(mesh_name)
+    ref = chunked_capacity(shards)(x, ex, w, wg, wu, wd, ct)
+    TL = T // shards
+    C = md.capacity_of(1.0, TL, S, E)  # 2 (8 shards) or 4 (4 shards) per expert per device chunk
+    drops = sum(np_capacity(ex[c * TL:(c + 1) * TL], C)[1] for c in range(shards))
     assert drops > 0 and int(ref[1]["dropped"]) == drops
     y, stats, grads = run_ep(mesh_name, ep_layers["capacity"], params, routing)
     assert int(stats["dropped"]) == drops
@@ -283,12 +304,13 @@ def test_ep_capacity_equals_per_device_capacity(params, ep_layers, chunked_capac
 
 
 @pytest.mark.parametrize("mesh_name", list(MESHES))
-def test_ep_dropless_small_buffer_counts_drops(params, mesh_name):
+def test_ep_dropless_small_buffer_counts_drops(params, mesh_name, monkeypatch):
+    monkeypatch.setattr(moe_ep, "MIN_BUFFER_ROWS", 1)  # let these 16-row chunks drop
     x, wg, wu, wd, _ = params
     ex, w = ROUTINGS["random"]
-    ep = MESHES[mesh_name][2]
-    B = moe_ep.buffer_rows(0.5, TL * S, ep)
-    kept, dropped, counts = np_ep_buffer(ex, ep, B)
+    ep, shards = MESHES[mesh_name][2], shards_of(mesh_name)
+    B = moe_ep.buffer_rows(0.5, T // shards * S, ep)
+    kept, dropped, counts = np_ep_buffer(ex, ep, B, shards)
     assert dropped > 0
     cfg = MoEConfig(num_experts=E, top_k=S, d_expert=F, dispatch="dropless", ep_buffer_factor=0.5)
     mesh = mesh_of(mesh_name)
@@ -323,3 +345,92 @@ def test_experts_not_divisible_by_expert_axis_fail_clearly(params):
             md.moe_ffn(x, ex, w, wg, wu, wd, cfg=cfg)
         with pytest.raises(ConfigError, match="divisible by mesh.expert=4"):
             moe_ep.routed_experts_ep(x, ex, w, wg, wu, wd)
+
+
+@pytest.mark.parametrize("floor", [1, None], ids=["no_floor", "floor"])
+def test_default_ep_buffer_is_finite_and_counts_drops_exactly(params, floor, monkeypatch):
+    """The config default (ep_buffer_factor=2.0) bounds each destination chunk at twice the mean
+    load; a skewed routing (every token on expert 3) drops exactly what numpy counts. With the
+    real MIN_BUFFER_ROWS floor these small (16-row) chunks are sent whole: nothing drops."""
+    if floor is not None:
+        monkeypatch.setattr(moe_ep, "MIN_BUFFER_ROWS", floor)
+    x, wg, wu, wd, _ = params
+    ex, w = ROUTINGS["one_expert"]
+    cfg = MoEConfig(num_experts=E, top_k=S, d_expert=F)
+    assert cfg.ep_buffer_factor == 2.0 and cfg.ep_exchange == "padded"
+    ep, shards = MESHES["d2e4"][2], shards_of("d2e4")
+    B = moe_ep.buffer_rows(cfg.ep_buffer_factor, T // shards * S, ep)
+    if floor is None:
+        assert B == T // shards * S  # the whole chunk
+    else:
+        assert B == 2 * (T // shards) * S // ep  # finite: ep/2 times below the worst case
+    kept, dropped, counts = np_ep_buffer(ex, ep, B, shards)
+    assert dropped == (0 if floor is None else T - shards * B)  # each chunk: T/shards rows to one
+    mesh = mesh_of("d2e4")
+    with jax.set_mesh(mesh):
+        y, stats = jax.jit(lambda *a: md.moe_ffn(*a, cfg=cfg))(*shard(mesh, x, ex, w, wg, wu, wd, x)[:6])
+    assert int(stats["dropped"]) == dropped
+    np.testing.assert_array_equal(np.asarray(stats["expert_tokens"]), counts)
+    y_ref = dense_reference(x, ex, (w * kept).astype(np.float32), wg, wu, wd)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), **TOL)
+
+
+def test_ragged_exchange_is_a_config_option_refused_on_cpu(params):
+    x, wg, wu, wd, _ = params
+    ex, w = ROUTINGS["random"]
+    cfg = MoEConfig(num_experts=E, top_k=S, d_expert=F, ep_exchange="ragged")
+    with pytest.raises(ConfigError, match="ep_exchange"):
+        MoEConfig(num_experts=E, top_k=S, d_expert=F, ep_exchange="fast")
+    with jax.set_mesh(mesh_of("d2e4")):
+        with pytest.raises(ConfigError, match=r"model.moe.ep_exchange='ragged' is invalid on CPU"):
+            md.moe_ffn(x, ex, w, wg, wu, wd, cfg=cfg)
+
+
+def test_d_expert_not_divisible_by_tensor_fails_clearly(params):
+    x, wg, wu, wd, _ = params
+    ex, w = ROUTINGS["random"]
+    cut = lambda a, ax: np.take(a, np.arange(F - 1), axis=ax)  # noqa: E731  F=15 over tensor=2
+    with jax.set_mesh(mesh_of("e4t2")):
+        with pytest.raises(ConfigError, match=r"d_expert=15 .*divisible by mesh.tensor=2"):
+            moe_ep.routed_experts_ep(x, ex, w, cut(wg, 2), cut(wu, 2), cut(wd, 1))
+
+
+ODD_T = (26, 21, 1)  # B x T = 2x13, 3x7 and a 1x1 decode step: none splits over 8 or 4 shards
+
+
+@pytest.fixture(scope="module")
+def ep_dropless_exact():
+    return value_and_grads(lambda *a: moe_ep.routed_experts_ep(*a, dispatch="dropless",
+                                                               ep_buffer_factor=0.0))
+
+
+@pytest.mark.parametrize("mesh_name,n", list(zip(["d2e4", "d2f2e2", "e4t2"], ODD_T)))
+def test_ep_any_token_count_equals_single_device(params, dropless, ep_dropless_exact, mesh_name, n):
+    """Token counts that do not split over the batch shards are padded inside the layer with
+    empty rows: values, gradients and counts equal the single-device layer on the same tokens."""
+    x, wg, wu, wd, ct = params
+    ex, w = ROUTINGS["full"]
+    x, ex, w, ct = x[:n], ex[:n], w[:n], ct[:n]
+    ref = dropless["xla"](x, ex, w, wg, wu, wd, ct)
+    with jax.set_mesh(mesh_of(mesh_name)):
+        y, stats, grads = ep_dropless_exact(x, ex, w, wg, wu, wd, ct)
+    assert y.shape == (n, D)
+    assert_close([y, *grads], [ref[0], *ref[2]], f"ep-odd/{mesh_name}/{n}")
+    assert int(stats["dropped"]) == 0
+    np.testing.assert_array_equal(stats["expert_tokens"], ref[1]["expert_tokens"])
+    np.testing.assert_array_equal(stats["expert_tokens"].sum(), n * S)  # padding counted nowhere
+
+
+def test_tensor_axis_splits_the_expert_ffn(params):
+    """Under tensor > 1 each tensor rank holds an F slice of every local expert (w_gate/w_up split
+    on F, w_down on its F rows) instead of repeating all expert work."""
+    x, wg, wu, wd, _ = params
+    ex, w = ROUTINGS["random"]
+    with jax.set_mesh(mesh_of("e4t2")):
+        jaxpr = jax.make_jaxpr(lambda *a: moe_ep.routed_experts_ep(*a))(x, ex, w, wg, wu, wd)
+    (eqn,) = [e for e in jaxpr.eqns if e.primitive.name == "shard_map"]
+    assert tuple(eqn.params["in_specs"][-3:]) == (P("expert", None, "tensor"),
+                                                 P("expert", None, "tensor"),
+                                                 P("expert", "tensor", None))
+    local_w = [v.aval.shape for v in eqn.params["jaxpr"].invars[-3:]]
+    assert local_w == [(E // 4, D, F // 2)] * 2 + [(E // 4, F // 2, D)]

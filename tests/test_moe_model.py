@@ -192,7 +192,10 @@ def single(base_cfg, base_pure, batch):
 
 
 SHARDED = {"expert4_data2": MeshConfig(data=2, expert=4), "expert8": MeshConfig(data=1, expert=8),
-           "data8": MeshConfig(data=8)}
+           "data8": MeshConfig(data=8),
+           # EP with fsdp > 1 and with tensor > 1 (expert FFN split over F inside the shard_map)
+           "expert2_fsdp2_data2": MeshConfig(data=2, fsdp=2, expert=2),
+           "expert4_tensor2": MeshConfig(data=1, expert=4, tensor=2)}
 
 
 @pytest.fixture(scope="module")
@@ -460,7 +463,11 @@ def _block_call(graphdef, state, x, segment_ids, train):
     layer = nnx.merge(graphdef, state)
     y, _, _ = layer(x, token_ids=jnp.zeros(segment_ids.shape, jnp.int32), segment_ids=segment_ids,
                     state=None, cell=None, rng=None, train=train)
-    routing, _ = layer.router(x.reshape(-1, x.shape[-1]))
+    keys = None
+    if layer.router.moe_cfg.router.gating == "avg_key":
+        keys = jnp.mean(layer.w_gate[...], axis=-1).T
+    routing, _ = layer.router(x.reshape(-1, x.shape[-1]), expert_keys=keys,
+                              valid=segment_ids.reshape(-1) != 0)
     return y, routing
 
 
@@ -592,3 +599,148 @@ def test_maskmoe_selects_only_visible_experts(base_pure, batch, monkeypatch):
             ok = ex[:, s] >= 0
             assert visible[rows[ok], ex[ok, s]].all(), f"layer {i} slot {s}"
         np.testing.assert_array_equal((ex >= 0).sum(1), np.minimum(n_vis, K))
+
+
+# -- issue 15: top-p + MaskMoE gradients, expert choice with padding, GW per document and scale ----
+
+@jax.jit(static_argnums=(0, 5))
+def _block_value_and_grad(graphdef, params, rest, x, segment_ids, train, token_ids):
+    """Forward of one MoE block and the gradient of sum(y * ct) + entropy + z (the aux terms the
+    top-p entropy loss and z-loss put in the step) w.r.t. its parameters and input."""
+    def loss(params, x):
+        layer = nnx.merge(graphdef, params, rest)
+        y, aux, _ = layer(x, token_ids=token_ids, segment_ids=segment_ids, state=None, cell=None,
+                          rng=None, train=train)
+        ct = jnp.cos(jnp.arange(y.size, dtype=jnp.float32)).reshape(y.shape)
+        return jnp.sum(y * ct) + aux["router/entropy"] + aux["router/z"], (y, aux)
+    (val, (y, aux)), g = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+    return val, y, aux, g
+
+
+def block_vg(layer, x, seg, train=True, token_ids=None):
+    g, p, r = nnx.split(layer, nnx.Param, ...)
+    tok = jnp.zeros(seg.shape, jnp.int32) if token_ids is None else jnp.asarray(token_ids)
+    return jax.device_get(_block_value_and_grad(g, p, r, x, jnp.asarray(seg), train, tok))
+
+
+def test_topp_with_maskmoe_block_gradient_is_finite():
+    """kind=topp + token_mask=maskmoe: masked experts have probability exactly 0; the entropy term
+    used to make every gradient NaN."""
+    cfg = tiny_model(moe=moe(router={"aux_free_bias": False, "kind": "topp", "top_p": 0.6,
+                                     "token_mask": "maskmoe"}))
+    layer, x = block(cfg, seed=3)
+    ids = np.random.default_rng(3).integers(0, 288, (B, S))
+    seg = np.ones((B, S), np.int32)
+    val, y, aux, (gp, gx) = block_vg(layer, x, seg, token_ids=ids)
+    mask = np.asarray(layer.router.token_mask[...])[ids.reshape(-1)]
+    assert (mask < 0).any()  # some probabilities are exactly 0
+    assert np.isfinite(val) and np.isfinite(aux["router/entropy"])
+    leaves = jax.tree.leaves(gp) + [gx]
+    assert all(np.isfinite(np.asarray(a)).all() for a in leaves)
+    assert np.abs(np.asarray(gp["router"]["w"])).max() > 0
+
+
+def test_expert_choice_padding_takes_no_slot_and_real_tokens_match_unpadded():
+    cfg = tiny_model(moe=moe(router={"aux_free_bias": False, "kind": "expert_choice",
+                                     "expert_choice_capacity": 1.0}))
+    layer, x = block(cfg, seed=4)
+    seg = np.ones((B, S), np.int32)
+    seg[1, 40:] = 0  # padding rows: trailing and a whole row
+    seg[5, :] = 0
+    valid = seg.reshape(-1) != 0
+    _, y, aux, _ = block_vg(layer, x, seg, train=False)
+    y = np.asarray(y).reshape(B * S, -1)
+    xr = np.asarray(x).reshape(B * S, -1)[valid][None]  # the same real tokens, no padding
+    _, y_ref, aux_ref, _ = block_vg(layer, jnp.asarray(xr), np.ones(xr.shape[:2], np.int32),
+                                    train=False)
+    np.testing.assert_array_equal(y[~valid], 0.0)  # no expert slot went to padding
+    np.testing.assert_allclose(y[valid], np.asarray(y_ref)[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(aux["router/counts"], aux_ref["router/counts"])
+    assert aux["router/counts"].sum() == int(np.ceil(valid.sum() * K / E)) * E
+
+
+def packed_segments():
+    """[B,S] segment ids: rows with 1, 2 or 3 packed documents and some padding."""
+    seg = np.ones((B, S), np.int32)
+    seg[0, 20:], seg[0, 45:] = 2, 3
+    seg[1, 30:] = 2
+    seg[2, 10:], seg[2, 50:] = 5, 0
+    seg[3, 5:], seg[3, 40:] = 2, 3
+    return seg
+
+
+def gw_reference(layer, x, seg, thr, slots, scale):
+    """(uncertain mask [B*S], dense mixture [B*S,D], top-k output [B*S,D]) by hand: the first
+    ``slots`` uncertain tokens of each document get scale * sum_e p_e E_e(x)."""
+    from moejax.testing import documents_np
+    xf = np.asarray(x, np.float64).reshape(B * S, -1)
+    keys = (np.asarray(layer.w_gate[...], np.float64).mean(-1).T if layer.router.moe_cfg.router.gating
+            == "avg_key" else np.asarray(layer.router.w[...], np.float64))
+    logits = xf @ keys
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    H = -(probs * np.log(probs + 1e-5)).sum(-1).reshape(B, S)
+    unc = np.zeros((B, S), bool)
+    for b, pos in documents_np(seg):
+        unc[b, pos[H[b, pos] >= thr][:slots]] = True
+    dense = scale * np.einsum("ned,ne->nd", experts_np(layer, xf), probs)
+    return unc.reshape(-1), dense, H
+
+
+def test_gw_caps_uncertain_tokens_per_document():
+    slots = 2
+    cfg = tiny_model(moe=moe(router={"aux_free_bias": False, "gw_max_slots": slots,
+                                     "gw_entropy_threshold": 1e-3}))
+    layer, x = block(cfg, seed=5)
+    seg = packed_segments()
+    _, _, H = gw_reference(layer, x, seg, 0.0, slots, 1.0)
+    thr = float(np.quantile(H, 0.3))
+    layer.cfg = dataclasses.replace(cfg, moe=dataclasses.replace(
+        cfg.moe, router=dataclasses.replace(cfg.moe.router, gw_entropy_threshold=thr)))
+    unc, dense, _ = gw_reference(layer, x, seg, thr, slots, 1.0)
+    per_row = np.zeros((B, S), bool)  # what a per-row cap would pick
+    for b in range(B):
+        per_row[b, np.nonzero((H[b] >= thr) & (seg[b] != 0))[0][:slots]] = True
+    assert (unc != per_row.reshape(-1)).any() and unc.sum() > B * slots
+    y_train, routing = call(layer, x, seg, train=True)
+    y_eval, _ = call(layer, x, seg, train=False)
+    tol = dict(rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y_train[unc], dense[unc], **tol)
+    np.testing.assert_allclose(y_train[~unc], y_eval[~unc], **tol)
+
+
+def emoe_block(cfg, seed):
+    """An EMoE (avg_key) block: no router parameters; O(1) expert weights."""
+    layer = MoE(cfg, rngs=nnx.Rngs(seed))
+    rng = np.random.default_rng(seed)
+    for name in ("w_gate", "w_up", "w_down"):
+        v = getattr(layer, name)
+        v[...] = jnp.asarray(rng.normal(size=v.shape) * 0.3, jnp.float32)
+    return layer, jnp.asarray(rng.normal(size=(B, S, cfg.d_model)), jnp.float32)
+
+
+@pytest.mark.parametrize("variant", ["emoe", "scaled_softmax"])
+def test_gw_mixture_uses_the_inference_combine_scale(variant):
+    """EMoE combines its top-k blocks with weight routed_scaling each (total K * scaling), a
+    DeepSeek-style router with total routed_scaling: the GW mixture carries the same total."""
+    router = {"aux_free_bias": False, "gw_max_slots": 4, "gw_entropy_threshold": 1e-3,
+              "routed_scaling": 2.0}
+    if variant == "emoe":
+        router["gating"] = "avg_key"
+    cfg = tiny_model(moe=moe(router=router))
+    layer, x = emoe_block(cfg, 6) if variant == "emoe" else block(cfg, seed=6)
+    seg = np.ones((B, S), np.int32)
+    scale = 2.0 * (K if variant == "emoe" else 1)
+    _, _, H = gw_reference(layer, x, seg, 0.0, 4, scale)
+    thr = float(np.median(H))
+    layer.cfg = dataclasses.replace(cfg, moe=dataclasses.replace(
+        cfg.moe, router=dataclasses.replace(cfg.moe.router, gw_entropy_threshold=thr)))
+    unc, dense, _ = gw_reference(layer, x, seg, thr, 4, scale)
+    assert unc.sum() == B * 4
+    y_train, routing = call(layer, x, seg, train=True)
+    y_eval, _ = call(layer, x, seg, train=False)
+    xf = np.asarray(x, np.float64).reshape(B * S, -1)  # outputs reach ~20 (x4 scale): atol 1e-4
+    np.testing.assert_allclose(y_eval, topk_np(layer, xf, routing), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(routing.weights).sum(-1), scale, rtol=1e-6)
+    np.testing.assert_allclose(y_train[unc], dense[unc], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(y_train[~unc], y_eval[~unc], rtol=1e-5, atol=1e-4)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from moejax import train as T
-from moejax.ckpt import Checkpointer
+from moejax.ckpt import Checkpointer, CheckpointMismatchError
 from moejax.config import MeshConfig
 from moejax.data import prepare_data
 from moejax.mesh import make_mesh
@@ -91,6 +91,56 @@ def test_restore_onto_a_different_mesh(data_cache, tmp_path):
     assert sorted(_losses(wd)) == list(range(1, 7))
 
 
+def _corrupt_data_files(step_dir):
+    """Overwrite every array data file of a checkpoint step (its metadata stays readable)."""
+    files = [os.path.join(root, f) for root, _, fs in os.walk(step_dir) for f in fs
+             if os.sep + "d" + os.sep in os.path.join(root, f) + os.sep]
+    assert files, f"no data files under {step_dir}"
+    for f in files:
+        with open(f, "r+b") as fh:
+            size = fh.seek(0, 2)
+            fh.seek(0)
+            fh.write(np.random.RandomState(0).bytes(size))
+
+
+def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_continues(straight_run, data_cache,
+                                                                        tmp_path):
+    """Checkpoints at 10 and 15, the data files of 15 destroyed: the rerun warns naming step 15,
+    moves it aside (kept, no longer a step), resumes from 10 and matches the straight run."""
+    wd = str(tmp_path / "run")
+
+    def kill_at_15(trainer, step, metrics):
+        if step == 15:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    Trainer(_cfg(data_cache, ckpt_every=5), wd, on_step=kill_at_15, progress=False).run()
+    ckpt = os.path.join(wd, "ckpt")
+    assert sorted(int(d) for d in os.listdir(ckpt) if d.isdigit()) == [10, 15]
+    _corrupt_data_files(os.path.join(ckpt, "15"))
+    with pytest.warns(RuntimeWarning, match=r"checkpoint step 15 .* is damaged.*damaged-15"):
+        summary = Trainer(_cfg(data_cache), wd, progress=False).run()
+    assert summary["step"] == STEPS and not summary["preempted"]
+    assert os.path.isdir(os.path.join(ckpt, "damaged-15"))  # kept aside, not deleted
+    reader = Checkpointer(ckpt)
+    assert list(reader.manager.all_steps()) == [10, 20]
+    reader.close()
+    ref, got = _losses(straight_run[0]), _losses(wd)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    np.testing.assert_array_equal([got[s] for s in sorted(got)], [ref[s] for s in sorted(ref)])
+
+
+def test_a_checkpoint_of_another_model_is_a_config_mismatch(data_cache, tmp_path):
+    """Shapes that differ from the model are named as a mismatch; nothing is moved aside."""
+    wd = str(tmp_path / "run")
+    Trainer(_cfg(data_cache, steps=2, ckpt_every=2), wd, progress=False).run()
+    os.remove(os.path.join(wd, "config.json"))  # bypass the config check: a real mismatch
+    other = tiny_config(model={"d_ff": 256}, data={"cache_dir": data_cache},
+                        train={"steps": 4, "ckpt_every": 2})
+    with pytest.raises(CheckpointMismatchError, match=r"step 2 .* of another shape"):
+        Trainer(other, wd, progress=False).run()
+    assert sorted(os.listdir(os.path.join(wd, "ckpt"))) == ["2"]
+
+
 WORKER = r"""
 import json, os, sys
 import jax
@@ -137,3 +187,47 @@ def test_two_processes_train_save_restore_and_match(data_cache, tmp_path):
         np.testing.assert_allclose(r["second"]["val/loss"], ref["val/loss"], rtol=1e-5)
     np.testing.assert_allclose([_losses(wd)[s] for s in range(1, 7)],
                                [_losses(single)[s] for s in range(1, 7)], rtol=1e-5)
+
+
+PREEMPT_WORKER = r"""
+import json, os, signal, sys
+import jax
+pid, port, workdir, cache, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+from moejax.mesh import initialize_distributed
+initialize_distributed(f"127.0.0.1:{port}", 2, pid, local_device_count=4, timeout_s=120)
+from moejax.testing import tiny_config
+from moejax.trainer import Trainer
+
+def sigterm_process_0_at_step_3(trainer, step, metrics):
+    if pid == 0 and step == 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+cfg = tiny_config(data={"cache_dir": cache}, train={"steps": 40, "ckpt_every": 100})
+summary = Trainer(cfg, workdir, on_step=sigterm_process_0_at_step_3, progress=False).run()
+with open(f"{out}.{pid}.json", "w") as f:
+    json.dump(summary, f)
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_saves_one_agreed_step(data_cache, tmp_path):
+    """SIGTERM reaches process 0 only: both processes stop after the same step (JAX's
+    preemption sync point), save it together and return preempted."""
+    import portpicker
+
+    script = tmp_path / "worker.py"
+    script.write_text(PREEMPT_WORKER)
+    port = portpicker.pick_unused_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    wd, out = str(tmp_path / "multi"), str(tmp_path / "out")
+    procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port), wd, data_cache, out],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    logs = [p.communicate(timeout=400)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n\n".join(x[-3000:] for x in logs)
+    results = [json.load(open(f"{out}.{i}.json")) for i in range(2)]
+    assert all(r["preempted"] for r in results)
+    assert results[0]["step"] == results[1]["step"] and 3 <= results[0]["step"] < 40
+    saved = sorted(int(d) for d in os.listdir(os.path.join(wd, "ckpt")) if d.isdigit())
+    assert saved == [results[0]["step"]]

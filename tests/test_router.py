@@ -24,7 +24,7 @@ def softmax(z):
 
 
 def sigmoid(z):
-    return 1.0 / (1.0 + np.exp(-z))
+    return np.exp(-np.logaddexp(0.0, -z))  # no overflow at the -1e9 mask
 
 
 def topk_np(score, k):
@@ -429,3 +429,25 @@ def test_routers_sharded_8_devices_equal_single(logits):
                   R.router_stats(f(jnp.asarray(logits), jnp.asarray(valid)), jnp.asarray(valid)))
         for a, b in zip(jax.tree.leaves(sharded[n]), jax.tree.leaves(single)):
             np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6, err_msg=n)
+
+
+@pytest.mark.parametrize("kind", ["topk_softmax", "topk_sigmoid", "topp", "expert_choice"])
+def test_entropy_gradient_finite_where_a_probability_is_zero(logits, kind):
+    """A MaskMoE-masked column (and a confident router) gives probabilities exactly 0: the entropy
+    and its gradient must stay finite (xlogy(p, p) had a NaN gradient there)."""
+    z = np.array(logits[:8], np.float64)
+    z[:, 3] += R.MASK_VALUE  # masked expert: p == 0 exactly
+    z[1, 0] += 200.0  # a confident token: every other softmax probability underflows to 0
+    route = {"topk_softmax": lambda a: R.topk_route(a, 2),
+             "topk_sigmoid": lambda a: R.topk_route(a, 2, score="sigmoid"),
+             "topp": lambda a: R.topp_route(a, 0.6, 4),
+             "expert_choice": lambda a: R.expert_choice_route(a, 1.0, 2)}[kind]
+    ent, g = jax.value_and_grad(lambda a: R.router_stats(route(a))["entropy"])(jnp.asarray(z, jnp.float32))
+    assert np.isfinite(np.asarray(g)).all() and np.abs(np.asarray(g)).max() > 0
+    if kind == "topk_sigmoid":
+        s = sigmoid(z)
+        p = s / s.sum(-1, keepdims=True)
+    else:
+        p = softmax(z)
+    ref = -np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0).sum(-1).mean()
+    np.testing.assert_allclose(ent, ref, rtol=1e-5, atol=1e-6)

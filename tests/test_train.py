@@ -1,16 +1,22 @@
-"""Train step on 8 CPU devices: sharded == single device, gradient accumulation is exact,
-no recompiles, and non-finite steps never reach the parameters."""
+"""Train step on 8 CPU devices: sharded == single device and gradient accumulation is exact (raw
+gradients, which Adam would hide a global scale of), no recompiles, replicated metrics, weight decay
+by parameter role (the same with and without scan_layers), and non-finite steps never reach the
+parameters."""
+
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from moejax import train as T
-from moejax.config import MeshConfig
+from moejax.config import Config, ConfigError, DataConfig, MeshConfig, TrainConfig
+from moejax.model import Model
 from moejax.data import prepare_data
 from moejax.mesh import make_mesh
-from moejax.testing import TOL_SHARDED_FP32, tiny_config
+from moejax.testing import TOL_SHARDED_FP32, tiny_config, tiny_model
 from moejax.trainer import NonFiniteLossError, Trainer
 
 MESHES = {
@@ -43,7 +49,8 @@ def _run_steps(cfg, mesh_cfg, ndev, batch, steps=3):
         state, m = step(state, gb)
         losses.append(float(m["train/loss"]))
     params = jax.device_get(jax.tree.leaves(state.params))
-    return dict(eval0=eval0, losses=losses, params=params, state=state, step=step, setup=s)
+    return dict(eval0=eval0, losses=losses, params=params, state=state, step=step, setup=s,
+                metrics=m)
 
 
 @pytest.fixture(scope="module")
@@ -80,13 +87,203 @@ def test_step_compiles_once(runs):
         assert r["step"]._cache_size() == 1, name
 
 
-def test_grad_accumulation_is_exact(runs, batch, data_cache):
-    cfg = tiny_config(data={"cache_dir": data_cache}, train={"grad_accum": 4})
-    got = _run_steps(cfg, MeshConfig(data=2), 2, batch)
-    ref = runs["single"]
-    np.testing.assert_allclose(got["losses"], ref["losses"], rtol=2e-5, atol=2e-5)
-    for a, b in zip(got["params"], ref["params"]):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+# (mesh, devices, grad_accum): every split of the batch must give the gradient of the whole batch
+GRAD_SPLITS = {
+    "accum2": (MeshConfig(data=1), 1, 2),
+    "data2_accum4": (MeshConfig(data=2), 2, 4),
+    "data2_fsdp2_tensor2": (MeshConfig(data=2, fsdp=2, tensor=2), 8, 1),
+    "data8": (MeshConfig(data=8), 8, 1),
+}
+
+
+def _grads(mesh_cfg, ndev, accum, host_state, batch, data_cache):
+    """(loss, raw accumulated gradients) of ``host_state`` on ``batch`` (host copies)."""
+    cfg = tiny_config(mesh=mesh_cfg, data={"cache_dir": data_cache}, train={"grad_accum": accum})
+    s = T.setup(cfg, make_mesh(mesh_cfg, jax.devices()[:ndev]))
+    grad_fn = jax.jit(T.make_grad_fn(s, 3),
+                      in_shardings=(s.state_shardings, T.batch_shardings(s.mesh)))
+    loss, grads, _ = grad_fn(jax.device_put(host_state, s.state_shardings),
+                             T.global_batch(s.mesh, batch))
+    return float(loss), jax.device_get(grads)
+
+
+@pytest.fixture(scope="module")
+def initial_state(data_cache):
+    """The initial train state (host copy): every gradient below is taken at it."""
+    cfg = tiny_config(data={"cache_dir": data_cache})
+    return jax.device_get(T.init_state(T.setup(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))))
+
+
+@pytest.fixture(scope="module")
+def reference_grads(initial_state, batch, data_cache):
+    return _grads(MeshConfig(data=1), 1, 1, initial_state, batch, data_cache)
+
+
+@pytest.mark.parametrize("name", list(GRAD_SPLITS))
+def test_accumulated_and_sharded_gradients_equal_one_device(initial_state, reference_grads, batch,
+                                                            data_cache, name):
+    """Raw gradients (fp32), not post-Adam parameters: Adam is blind to a global gradient scale,
+    so a sum of per-micro-batch means (accum x the gradient) would pass a parameter comparison."""
+    loss, grads = _grads(*GRAD_SPLITS[name], initial_state, batch, data_cache)
+    ref_loss, ref = reference_grads
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    leaves = jax.tree_util.tree_leaves_with_path(ref)
+    for (path, r), g in zip(leaves, jax.tree.leaves(grads), strict=True):
+        scale = float(np.abs(r).max())
+        assert scale > 0, jax.tree_util.keystr(path)
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * scale,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def test_train_step_applies_the_accumulated_gradient(runs, initial_state, reference_grads, batch):
+    """The step's reported gradient norm is the norm of ``make_grad_fn``'s gradients."""
+    _, ref = reference_grads
+    s = runs["single"]["setup"]
+    state = jax.device_put(initial_state, s.state_shardings)
+    _, m = runs["single"]["step"](state, T.global_batch(s.mesh, batch))
+    norm = np.sqrt(sum(np.sum(np.square(np.asarray(g, np.float64))) for g in jax.tree.leaves(ref)))
+    np.testing.assert_allclose(float(m["train/grad_norm"]), norm, rtol=1e-5)
+
+
+def _sharding_kind(attrs: str) -> str:
+    """'replicated', 'sharded' or 'unspecified' (left to XLA) from one result's MLIR attributes
+    (Shardy ``sdy.sharding`` or GSPMD ``mhlo.sharding``)."""
+    sdy = re.search(r"sdy\.sharding = #sdy\.sharding<@\w+, \[([^\]]*)\]([^>]*)>", attrs)
+    if sdy:
+        dims = [d.strip() for d in sdy.group(1).split(",") if d.strip()]
+        return "replicated" if all(d == "{}" for d in dims) else "sharded"
+    hlo = re.search(r'mhlo\.sharding = "([^"]*)"', attrs)
+    if hlo:
+        return "replicated" if hlo.group(1) == "{replicated}" else "sharded"
+    return "unspecified"
+
+
+def _declared_metric_shardings(step, s: T.Setup, batch) -> dict[str, str]:
+    """{metric: the kind of sharding the jitted step declares for it}, read from the lowered
+    program's result attributes (no compile)."""
+    gb = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=T.batch_shardings(s.mesh)[k])
+          for k, v in batch.items()}
+    main = next(line for line in step.lower(s.abstract_state, gb).as_text().splitlines()
+                if "func.func public @main" in line)
+    out = {}
+    for piece in main[main.index("->"):].split("jax.result_info = ")[1:]:  # one per result
+        name = re.match(r"\"result\[1\]\['([^']+)'\]\"", piece)
+        if name:
+            out[name.group(1)] = _sharding_kind(piece)
+    assert out, main[-500:]
+    return out
+
+
+@pytest.mark.parametrize("name", ["data2_fsdp2_tensor2", "data8"])
+def test_step_metrics_are_replicated(runs, batch, name):
+    """Every metric is declared and comes back fully replicated, so each host of a multi-host run
+    can ``device_get`` it whole (e.g. MoE [L, E] counts); XLA's own choice is not a contract."""
+    declared = _declared_metric_shardings(runs[name]["step"], runs[name]["setup"], batch)
+    assert set(declared) == set(runs[name]["metrics"])
+    assert all(v == "replicated" for v in declared.values()), declared
+    for key, v in runs[name]["metrics"].items():
+        assert v.sharding.is_fully_replicated, (key, v.sharding)
+
+
+# -- weight decay by parameter role ----------------------------------------------------------------
+# Every norm kind (PreAffine attention norm, GatedNorm FFN and final norms, QK-norm), sink logits, an
+# attention gate, an untied head; the MoE adds experts, a shared expert with its gate, a null expert
+# and the RMoE GRU (matrices and biases).
+EVERY_NORM = dict(norm_variant_attn="preaffine", norm_variant_ffn="gated", norm_variant_final="gated",
+                  attention=dict(sink=True, gate="g1"), tie_embeddings=False)
+EVERY_PARAM_MOE = dict(num_experts=4, top_k=2, d_expert=32, num_shared_experts=1, shared_gate=True,
+                       router={"num_null_experts": 1, "recurrent": "gru", "recurrent_dim": 8})
+NOT_DECAYED = {"attn_norm/pre_scale", "attn_norm/scale", "mlp_norm/scale", "final_norm/scale",
+               "attn/q_norm/scale", "attn/k_norm/scale", "attn/sink", "router_cell/b_i",
+               "router_cell/b_h"}
+DECAYED = {"embed/embedding", "lm_head/kernel", "attn/q", "attn/k", "attn/v", "attn/o", "attn/gate",
+           "mlp_norm/down", "mlp_norm/up", "final_norm/down", "final_norm/up", "mlp/w_gate",
+           "mlp/w_up", "mlp/w_down", "mlp/router/proj", "mlp/router/gate", "mlp/router/w_null",
+           "mlp/shared/gate", "mlp/shared/up", "mlp/shared/down", "mlp/shared_gate",
+           "router_cell/w_i", "router_cell/w_h"}
+
+
+def _wd_config(scan: bool, norm: str = "rms", moe: bool = False, **train) -> Config:
+    from moejax.config_moe import MoEConfig, RouterConfig
+    moe_cfg = MoEConfig()
+    if moe:
+        kw = dict(EVERY_PARAM_MOE)
+        moe_cfg = MoEConfig(**{**kw, "router": RouterConfig(**kw["router"])})
+    model = tiny_model(scan_layers=scan, norm=norm, moe=moe_cfg, **EVERY_NORM)
+    t = dict(steps=10, batch_size=8, warmup_steps=0, lr=1e-2, weight_decay=0.5, **train)
+    return Config(model=model, mesh=MeshConfig(data=1), data=DataConfig(seq_len=64),
+                  train=TrainConfig(**t))
+
+
+def _role_names(path) -> str:
+    """'attn/q_norm/scale' for a leaf path, with the layer index / stacked 'layers' dropped."""
+    keys = [getattr(k, "key", None) for k in path]
+    return "/".join(k for k in keys if isinstance(k, str) and k not in ("layers", "value"))
+
+
+def _decayed(cfg: Config) -> dict[str, bool]:
+    """{role path: decayed?} from the optimizer's mask over the abstract parameters."""
+    abstract = nnx.eval_shape(lambda: Model(cfg.model, rngs=nnx.Rngs(0)))
+    params = nnx.split(abstract, nnx.Param, ...)[1]
+    out: dict[str, set] = {}
+    for path, d in jax.tree_util.tree_leaves_with_path(T.decay_mask(params, cfg.model, cfg.train)):
+        out.setdefault(_role_names(path), set()).add(bool(d))
+    assert all(len(v) == 1 for v in out.values()), out  # every layer alike
+    return {k: v.pop() for k, v in out.items()}
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_decay_mask_by_parameter_role(scan):
+    got = _decayed(_wd_config(scan, moe=True))
+    assert {k for k, d in got.items() if not d} == NOT_DECAYED
+    assert {k for k, d in got.items() if d} == DECAYED
+
+
+def test_zero_centred_norm_decay_is_an_explicit_switch():
+    """Qwen3-Next decays its zero-centred norm weights (w in x*(1+w), pulled towards scale 1):
+    only with train.decay_zero_centered_norms; PreAffine's lambda (init 1) never."""
+    off = _decayed(_wd_config(True, norm="rms_zero_centered"))
+    assert {k for k, d in off.items() if not d} == {n for n in NOT_DECAYED if "router_cell" not in n}
+    on = _decayed(_wd_config(True, norm="rms_zero_centered", decay_zero_centered_norms=True))
+    assert {k for k, d in on.items() if not d} == {"attn_norm/pre_scale", "attn/sink"}
+    with pytest.raises(ConfigError, match="decay_zero_centered_norms"):
+        T.make_optimizer(_wd_config(True, decay_zero_centered_norms=True).train,
+                         _wd_config(True).model)
+
+
+def _stacked(s: T.Setup, unrolled: T.TrainState) -> T.TrainState:
+    """``unrolled``'s parameters in the scanned layout of ``s`` (layers stacked on a new axis 0)."""
+    pure = nnx.to_pure_dict(unrolled.params)
+    layers = [pure["layers"][i] for i in range(s.cfg.model.num_layers)]
+    pure["layers"] = jax.tree.map(lambda *xs: np.stack(xs), *layers)
+    _, params, rest = nnx.split(nnx.eval_shape(lambda: Model(s.cfg.model, rngs=nnx.Rngs(0))),
+                                nnx.Param, ...)
+    nnx.replace_by_pure_dict(params, pure)
+    params = jax.tree.map(jnp.asarray, params)
+    state = T.TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
+                         opt_state=s.tx.init(params), rng=unrolled.rng)
+    return jax.device_put(state, s.state_shardings)
+
+
+def test_weight_decay_same_with_and_without_scan(batch):
+    """Two AdamW steps (weight decay 0.5, lr 1e-2 from step 1) from the same initial weights give
+    the same parameters with layers unrolled and scanned: under scan the stacked [L, d] norm
+    scales and [L, H] sink logits are not mistaken for matrices."""
+    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    unrolled, scanned = (T.setup(_wd_config(scan), mesh) for scan in (False, True))
+    state_u = T.init_state(unrolled)
+    state_s = _stacked(scanned, jax.device_get(state_u))
+    step_u, step_s = T.make_train_step(unrolled, 3), T.make_train_step(scanned, 3)
+    gb = T.global_batch(mesh, batch)
+    for _ in range(2):
+        state_u, _ = step_u(state_u, gb)
+        state_s, _ = step_s(state_s, gb)
+    got = nnx.to_pure_dict(jax.device_get(state_s.params))
+    ref = nnx.to_pure_dict(jax.device_get(state_u.params))
+    ref["layers"] = jax.tree.map(lambda *xs: np.stack(xs), *[ref["layers"][i] for i in range(2)])
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(ref),
+                            strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=jax.tree_util.keystr(path))
 
 
 def test_nonfinite_step_is_dropped_on_device(runs, batch):

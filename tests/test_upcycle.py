@@ -1,5 +1,8 @@
 """Dense -> MoE upcycling (moejax.upcycle): copy, fine-grained, EMoE."""
 
+import functools
+import itertools
+
 import jax
 import numpy as np
 import pytest
@@ -12,12 +15,93 @@ from moejax.testing import setup_for as _setup
 from moejax.testing import tiny_model
 
 
-
 @pytest.fixture(scope="module")
 def dense():
     s = _setup(tiny_model())  # d_ff = 128
     state = T.init_state(s)
     return s, state, _logits(s, state)
+
+
+def _planted_blobs(k: int, per: int, dim: int, seed: int):
+    """k well-separated Gaussian blobs of ``per`` points each, shuffled: (x [k*per, dim],
+    planted labels [k*per])."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(k, dim)) * 20.0
+    planted = np.repeat(np.arange(k), per)
+    order = rng.permutation(k * per)
+    return centers[planted[order]] + rng.normal(size=(k * per, dim)), planted[order]
+
+
+def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    """Labels ``a`` and ``b`` are the same partition up to renaming the clusters."""
+    pairs = set(zip(a.tolist(), b.tolist()))
+    return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
+
+
+@pytest.mark.parametrize("k,per,seed", [(4, 16, 0), (8, 8, 1), (16, 4, 2)])
+def test_balanced_kmeans_recovers_planted_clusters(k, per, seed):
+    x, planted = _planted_blobs(k, per, dim=8, seed=seed)
+    labels = U.balanced_kmeans(x, k, seed=seed)
+    assert np.bincount(labels, minlength=k).tolist() == [per] * k
+    assert _same_partition(labels, planted)
+    assert not _same_partition(np.roll(labels, 1), planted)  # the check can fail
+
+
+def _sq_cost(x, centers, labels) -> float:
+    return float(((x - centers[labels]) ** 2).sum())
+
+
+def _greedy_labels(x, centers) -> np.ndarray:
+    """The old greedy step: (point, cluster) pairs by increasing distance, capacity n/k each."""
+    n, k = len(x), len(centers)
+    d = ((x[:, None] - centers[None]) ** 2).sum(-1)
+    labels, fill = np.full(n, -1), np.zeros(k, int)
+    for flat in np.argsort(d, axis=None, kind="stable"):
+        i, j = divmod(int(flat), k)
+        if labels[i] < 0 and fill[j] < n // k:
+            labels[i], fill[j] = j, fill[j] + 1
+    return labels
+
+
+@functools.cache
+def _balanced_labellings(n: int, k: int) -> np.ndarray:
+    """Every labelling of n points with exactly n/k per cluster: [count, n]."""
+    return np.array(sorted(set(itertools.permutations(np.repeat(np.arange(k), n // k)))))
+
+
+def _brute_force_cost(x, centers) -> float:
+    """Minimum assignment cost over every labelling with exactly n/k points per cluster."""
+    d = ((x[:, None] - centers[None]) ** 2).sum(-1)  # [n,k]
+    return float(d[np.arange(len(x)), _balanced_labellings(len(x), len(centers))].sum(1).min())
+
+
+def test_balanced_assignment_is_optimal_where_greedy_is_not():
+    """1-D: point 1 is nearest to centre 0 and the greedy step takes that pair first, pushing -5 to
+    centre 10 (cost 1 + 225); the optimum swaps them (81 + 25)."""
+    x, c = np.array([[1.0], [-5.0]]), np.array([[0.0], [10.0]])
+    assert _sq_cost(x, c, _greedy_labels(x, c)) == 226.0
+    assert _sq_cost(x, c, U.balanced_assignment(x, c)) == 106.0 == _brute_force_cost(x, c)
+    rng = np.random.default_rng(0)
+    worse = 0
+    for _ in range(20):  # random tiny instances: 8 points, 4 clusters of 2 (2520 labellings)
+        x, c = rng.normal(size=(8, 2)), rng.normal(size=(4, 2))
+        best = _brute_force_cost(x, c)
+        labels = U.balanced_assignment(x, c)
+        assert np.bincount(labels, minlength=4).tolist() == [2] * 4
+        np.testing.assert_allclose(_sq_cost(x, c, labels), best, rtol=1e-12)
+        worse += _sq_cost(x, c, _greedy_labels(x, c)) > best + 1e-9
+    assert worse >= 3  # instances where greedy is suboptimal are common, not a corner case
+
+
+def test_balanced_kmeans_labels_are_optimal_for_their_centroids():
+    """At convergence the labels are the best balanced assignment to their own centroids (the
+    greedy step stopped at labels it could not improve but an exact step can)."""
+    for seed in range(12):  # 8 points, 4 clusters of 2
+        x = np.random.default_rng(seed).normal(size=(8, 2))
+        labels = U.balanced_kmeans(x, 4, seed=0)
+        centroids = np.stack([x[labels == j].mean(0) for j in range(4)])
+        np.testing.assert_allclose(_sq_cost(x, centroids, labels),
+                                   _brute_force_cost(x, centroids), rtol=1e-12, err_msg=seed)
 
 
 def test_balanced_kmeans_equal_sizes():

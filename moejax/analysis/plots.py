@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import io
 from typing import Sequence
 
 import matplotlib
@@ -11,6 +11,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from moejax.metrics import read_metrics  # noqa: E402
+from moejax.paths import as_path  # noqa: E402
+
+
+def _save_png(fig, out_png: str) -> str:
+    """Save ``fig`` as a PNG at ``out_png`` (a local path or a gs:// URI) and close it."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    path = as_path(out_png)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buf.getvalue())
+    return out_png
 
 
 def plot_curves(runs: dict[str, str], keys: Sequence[str], out_png: str, *,
@@ -19,7 +31,7 @@ def plot_curves(runs: dict[str, str], keys: Sequence[str], out_png: str, *,
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.5), squeeze=False)
     for ax, key in zip(axes[0], keys):
         for label, workdir in runs.items():
-            recs = [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if key in r]
+            recs = [r for r in read_metrics(as_path(workdir) / "metrics.jsonl") if key in r]
             if recs:
                 ax.plot([r[x] for r in recs], [r[key] for r in recs], label=label, marker=".")
         ax.set_title(key, fontsize=9)
@@ -32,10 +44,7 @@ def plot_curves(runs: dict[str, str], keys: Sequence[str], out_png: str, *,
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(out_png) or ".", exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return _save_png(fig, out_png)
 
 
 def plot_domain_heatmaps(freq, out_png: str, *, title: str = "",
@@ -58,7 +67,4 @@ def plot_domain_heatmaps(freq, out_png: str, *, title: str = "",
     fig.colorbar(im, ax=axes[:, 0].tolist(), fraction=0.03)
     if title:
         fig.suptitle(title, fontsize=9)
-    os.makedirs(os.path.dirname(out_png) or ".", exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return _save_png(fig, out_png)

@@ -12,6 +12,7 @@ import ast
 import hashlib
 import json
 import os
+import platform
 import random
 import shutil
 import sys
@@ -19,9 +20,12 @@ import sysconfig
 import threading
 import uuid
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from moejax.config import DataConfig
 
 EMBEDDED_DOMAINS = ("code", "prose", "math")
 CODE_ORDER_SEED = 1234
@@ -228,10 +232,23 @@ def embedded_key(domain: str, cap: int) -> str:
                         "math_seed": MATH_SEED})
 
 
+def _jsonl_line(doc: str) -> str:
+    return json.dumps(doc, ensure_ascii=False) + "\n"
+
+
+def documents_sha256(docs: Iterable[str]) -> str:
+    """Content hash of a domain's documents in order: sha256 of their JSON-lines UTF-8 text (the
+    bytes of an embedded domain's ``docs.jsonl``), independent of where they were read from."""
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(_jsonl_line(d).encode("utf-8"))
+    return h.hexdigest()
+
+
 def _write_jsonl(path: Path, docs: list[str]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for d in docs:
-            f.write(json.dumps(d, ensure_ascii=False) + "\n")
+            f.write(_jsonl_line(d))
 
 
 def _read_jsonl(path: Path) -> list[str]:
@@ -239,8 +256,8 @@ def _read_jsonl(path: Path) -> list[str]:
         return [json.loads(line) for line in f]
 
 
-def embedded_domain(domain: str, cap: int, cache_dir: str) -> list[str]:
-    """The documents of one embedded domain, built once into ``cache_dir/corpus/`` and reused."""
+def _embedded_dir(domain: str, cap: int, cache_dir: str) -> Path:
+    """The published cache dir of one embedded domain (docs.jsonl + meta.json), built if missing."""
     if domain not in BUILDERS:
         raise ValueError(f"data.domains: {domain!r} is not an embedded domain; choose from "
                          f"{EMBEDDED_DOMAINS} or set data.corpus to a directory of <domain>/*.txt")
@@ -253,10 +270,28 @@ def embedded_domain(domain: str, cap: int, cache_dir: str) -> list[str]:
         tmp = make_tmp(root, domain)
         _write_jsonl(tmp / "docs.jsonl", docs)
         (tmp / "meta.json").write_text(json.dumps(
-            {"domain": domain, "cap": cap, "python": sys.version, "docs": len(docs),
-             "bytes": sum(len(d.encode()) for d in docs)}, indent=1))
+            {"domain": domain, "cap": cap, "corpus_version": CORPUS_VERSION,
+             "python_version": platform.python_version(), "python": sys.version,
+             "docs": len(docs), "bytes": sum(len(d.encode()) for d in docs),
+             "sha256": documents_sha256(docs)}, indent=1))
         publish(tmp, final)
-    return _read_jsonl(final / "docs.jsonl")
+    return final
+
+
+def embedded_domain(domain: str, cap: int, cache_dir: str) -> list[str]:
+    """The documents of one embedded domain, built once into ``cache_dir/corpus/`` and reused."""
+    return _read_jsonl(_embedded_dir(domain, cap, cache_dir) / "docs.jsonl")
+
+
+def embedded_manifest(domain: str, cap: int, cache_dir: str) -> dict:
+    """The manifest (meta.json) of one embedded domain: Python version it was built with, document
+    and byte counts, content sha256 (hashed from docs.jsonl for caches that predate the field)."""
+    final = _embedded_dir(domain, cap, cache_dir)
+    meta = json.loads((final / "meta.json").read_text())
+    if "sha256" not in meta:
+        meta["sha256"] = hashlib.sha256((final / "docs.jsonl").read_bytes()).hexdigest()
+    meta.setdefault("python_version", meta["python"].split()[0])
+    return meta
 
 
 def local_domain_files(corpus_dir: str, domain: str) -> list[Path]:
@@ -333,3 +368,45 @@ def split_documents(docs: list[str], domain: str, val_fraction: float,
     n_val = min(max(1, round(len(docs) * val_fraction)), len(docs) - 1)
     cut = len(docs) - n_val
     return [docs[i] for i in order[:cut]], [docs[i] for i in order[cut:]]
+
+
+# -- provenance -----------------------------------------------------------------------------------
+
+def _local_manifest(cfg: "DataConfig", domain: str) -> dict:
+    """Document/byte counts and content sha256 of one domain of a local corpus, cached under
+    ``cache_dir/corpus/`` by the files' names, sizes and mtimes (re-hashed when a file changes)."""
+    source = str(Path(os.path.expanduser(cfg.corpus)).resolve())
+    key = stable_hash({"v": CORPUS_VERSION, "corpus": source, "domain": domain,
+                       "files": local_fingerprint(cfg.corpus, [domain])})
+    path = cache_root(cfg.cache_dir) / "corpus" / f"provenance-{domain}-{key}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    docs = load_documents(cfg.corpus, domain, cfg.corpus_bytes_per_domain, cfg.cache_dir)
+    meta = {"domain": domain, "docs": len(docs), "bytes": sum(len(d.encode()) for d in docs),
+            "sha256": documents_sha256(docs)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, path)
+    return meta
+
+
+def corpus_provenance(cfg: "DataConfig") -> dict:
+    """What a run trained on, for reports and summary.json: the corpus, the Python version it was
+    built with (the embedded corpus is the interpreter's own standard library, so its content
+    differs between Python versions), and per domain the documents, bytes and content sha256, plus
+    one sha256 over all domains. Builds the corpus if it is not cached yet."""
+    embedded = cfg.corpus == "embedded"
+    metas = {dom: embedded_manifest(dom, cfg.corpus_bytes_per_domain, cfg.cache_dir) if embedded
+             else _local_manifest(cfg, dom) for dom in cfg.domains}
+    domains = {dom: {k: m[k] for k in ("docs", "bytes", "sha256")} for dom, m in metas.items()}
+    combined = json.dumps([[dom, m["sha256"]] for dom, m in domains.items()])
+    return {
+        "corpus": cfg.corpus,
+        "python_version": (metas[cfg.domains[0]]["python_version"] if embedded
+                           else platform.python_version()),
+        "corpus_version": CORPUS_VERSION,
+        "corpus_bytes_per_domain": cfg.corpus_bytes_per_domain if embedded else None,
+        "sha256": hashlib.sha256(combined.encode()).hexdigest(),
+        "domains": domains,
+    }

@@ -154,18 +154,29 @@ class Data:
         return iter(ds.to_iter_dataset(opts))
 
     # validation -----------------------------------------------------------------------------
+    def num_eval_rows(self, domain: str) -> int:
+        """Rows the held-out split of ``domain`` yields: windows of ``seq_len + 1`` tokens with
+        stride ``seq_len`` that hold at least one target (the last one may be padded)."""
+        return -(-max(self.num_tokens(domain, "val") - 1, 0) // self.cfg.seq_len)
+
+    def num_eval_batches(self, domain: str, global_batch: int) -> int:
+        """Global batches covering every eval row of ``domain`` (the last may be padded)."""
+        return -(-self.num_eval_rows(domain) // global_batch)
+
     def eval_batches(self, domain: str, num_batches: int, global_batch: int,
                      process_index: int = 0, process_count: int = 1) -> list[dict[str, np.ndarray]]:
         """Fixed held-out batches: global row w is the window at token w*seq_len of the val stream.
 
-        Windows of ``seq_len + 1`` tokens with stride ``seq_len`` (each target predicted once);
-        past the end of the stream rows are padding with ``loss_mask`` 0.
+        Windows of ``seq_len + 1`` tokens with stride ``seq_len`` (each target predicted once).
+        At most ``num_eval_batches(domain, global_batch)`` batches, whatever ``num_batches`` asks:
+        none is all padding; rows of the last one past the end of the stream are padding with
+        ``loss_mask`` 0. Every process gets the same number of batches.
         """
         if domain not in self.domains:
             raise KeyError(f"unknown domain {domain!r}; configured: {self.domains}")
         store, d = self.stores[(domain, "val")], self.domains.index(domain)
         out = []
-        for k in range(num_batches):
+        for k in range(min(num_batches, self.num_eval_batches(domain, global_batch))):
             rows = [make_row(store, w * self.cfg.seq_len, self.cfg.seq_len, self.tokenizer.pad_id)
                     for w in local_rows(k, global_batch, process_index, process_count)]
             batch = {key: np.stack([r[key] for r in rows]) for key in rows[0]}

@@ -214,6 +214,12 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copyfile(src, dst)
 
 
+def data_config_for(model_cfg: ModelConfig) -> DataConfig:
+    """The default data config with ``seq_len`` capped at the model's context, so an imported
+    short-context model (e.g. ``max_position_embeddings=64``) gets a WORKDIR config that validates."""
+    return DataConfig(seq_len=min(DataConfig().seq_len, model_cfg.max_seq_len))
+
+
 def import_to_workdir(directory: str, workdir: str, *, mesh_cfg: MeshConfig | None = None,
                       dtype: str = "float32", param_dtype: str = "auto", scan_layers: bool = False,
                       ignore: Sequence[str] = ()) -> Config:
@@ -240,7 +246,7 @@ def import_to_workdir(directory: str, workdir: str, *, mesh_cfg: MeshConfig | No
         for fn in SIDE_FILES + ("config.json",):
             if os.path.exists(os.path.join(directory, fn)):
                 shutil.copy(os.path.join(directory, fn), os.path.join(side, fn))
-    data = DataConfig()
+    data = data_config_for(model_cfg)
     if os.path.exists(os.path.join(directory, "tokenizer.json")):
         data = dataclasses.replace(data, tokenizer=os.path.abspath(os.path.join(side, "tokenizer.json")))
     elif model_cfg.vocab_size < 259:

@@ -1,5 +1,5 @@
-"""Grouped-matmul kernel bodies behind ``kernels.gmm``: XLA ragged_dot, a blocked jnp path for CPU,
-tokamax, Pallas (GPU/TPU).
+"""Grouped-matmul kernel bodies behind ``kernels.gmm``: XLA ragged_dot, a blocked jnp path (CPU, and
+GPU without tokamax), tokamax, Pallas (GPU/TPU).
 
 Each takes lhs [M,K] (rows sorted by group), rhs [G,K,N], group_sizes [G] int32 and returns [M,N];
 rows past sum(group_sizes) are zeros. Selection by name happens only in ``moejax.kernels.gmm``.
@@ -7,6 +7,7 @@ rows past sum(group_sizes) are zeros. Selection by name happens only in ``moejax
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -28,7 +29,9 @@ def blocked(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
     ``block`` rows, every block is multiplied by its group's weights in one batched einsum
     ([NB,b,K] x [NB,K,N]), and rows are gathered back. FLOPs ~ (M + G*block) * K * N.
     ``block`` defaults to M/(4G) rounded down to a power of two in [8, 512] (measured on 2 CPU
-    cores: 4.7-6.8x faster than ragged_dot forward+backward at M=4k-16k, G=8)."""
+    cores: 4.7-6.8x faster than ragged_dot forward+backward at M=4k-16k, G=8). Also the GPU
+    fallback without tokamax: dense batched matmuls instead of ragged_dot's ~1% of peak (the
+    block heuristic and the gathered [NB,K,N] weights are not yet measured on a GPU)."""
     M, K = lhs.shape
     G, _, N = rhs.shape
     if block is None:
@@ -51,6 +54,16 @@ def blocked(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
     return jnp.where((m < end_in[-1])[:, None], y[pm], 0)
 
 
+@functools.lru_cache(maxsize=None)
+def have_tokamax() -> bool:
+    """Whether the optional tokamax package imports (it needs jax >= 0.11.1, Python >= 3.12)."""
+    try:
+        import tokamax as _  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
 def tokamax(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
             preferred_element_type=None) -> jax.Array:
     """tokamax's ragged_dot (Mosaic GPU / TPU kernels with their own VJP); an optional extra."""
@@ -68,7 +81,8 @@ def pallas(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
     """The Pallas kernels: Mosaic GPU on a CUDA GPU (``gmm_gpu``, Hopper wgmma + TMA), megablox or
     tokamax on TPU (``gmm_tpu``). The platform picks the kernel *body*; the config picked
     'pallas'. On CPU there is no Pallas kernel to run (interpret mode is for tests only)."""
-    platform = jax.default_backend()
+    from moejax.kernels.platform import current
+    platform = current()
     kw = dict(preferred_element_type=preferred_element_type)
     if platform == "gpu":
         from moejax.kernels import gmm_gpu

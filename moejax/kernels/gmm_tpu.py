@@ -20,6 +20,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from moejax.kernels.gmm import have_tokamax
+
 IMPLS = ("auto", "tokamax", "megablox")
 
 
@@ -30,14 +32,6 @@ def _tile(dim: int, prefs=(512, 256, 128)) -> tuple[int, int]:
             return t, dim
     padded = -(-dim // 128) * 128
     return max(t for t in prefs if padded % t == 0), padded
-
-
-def _have_tokamax() -> bool:
-    try:
-        import tokamax  # noqa: F401
-        return True
-    except ImportError:
-        return False
 
 
 def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, preferred_element_type=None,
@@ -53,7 +47,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, preferred_ele
     lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
     gs = jnp.asarray(group_sizes).astype(jnp.int32)
     out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(lhs.dtype, rhs.dtype))
-    if impl == "tokamax" or (impl == "auto" and not interpret and _have_tokamax()):
+    if impl == "tokamax" or (impl == "auto" and not interpret and have_tokamax()):
         import tokamax
         return tokamax.ragged_dot(lhs, rhs, gs, preferred_element_type=out_dtype)
     return _megablox(lhs, rhs, gs, out_dtype, tiling, interpret)

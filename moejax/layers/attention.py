@@ -27,6 +27,7 @@ from flax import nnx
 from moejax import kernels
 from moejax.layers import param, zeros_init
 from moejax.layers.embed import apply_rope
+from moejax.layers.mlp import linear
 from moejax.layers.norms import make_norm
 from moejax.mesh import constrain
 
@@ -165,15 +166,15 @@ class Attention(nnx.Module):
         """
         dt = self.dtype
         pos, gran, _, form, layout = self.gate_cfg
-        q = jnp.einsum("btd,dhk->bthk", x, self.q[...].astype(dt))
+        q = linear(x, self.q[...].astype(dt))  # [B,T,H,q_dim]
         qg = None
         if layout == "qwen3_next":
             hd = q.shape[-1] // 2
             q, qg = q[..., :hd], q[..., hd:]
         gate = self._gate(x, qg)
         gated = functools.partial(apply_gate, act=gate, granularity=gran, form=form)
-        k = jnp.einsum("btd,dhk->bthk", x, self.k[...].astype(dt))
-        v = jnp.einsum("btd,dhk->bthk", x, self.v[...].astype(dt))
+        k = linear(x, self.k[...].astype(dt))  # [B,T,Hkv,hd]
+        v = linear(x, self.v[...].astype(dt))
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
         k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
@@ -198,12 +199,12 @@ class Attention(nnx.Module):
         out = kernels.attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=kv_seg,
                                 q_positions=positions, kv_positions=kv_pos,
                                 impl="xla" if probes else self.impl, sink_logits=sink,
-                                return_stats=probes)
+                                return_stats=probes, self_attention=cache is None)
         out, kstats = out if probes else (out, None)
         out = constrain(out, ("batch", "length", "heads", "head_dim"))  # [B,T,H,hd]
         if pos == "g1":
             out = gated(out)
-        y = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(dt))
+        y = linear(out, self.o[...].astype(dt), n_in=2)  # [B,T,D]
         if pos == "g5":
             y = gated(y)
         y = constrain(y, ("batch", "length", "embed"))

@@ -10,7 +10,10 @@ masked out, never NaN). Every function returns the value without its coefficient
 
 Inputs come from the MoE layer's aux: ``seq_counts [B,E]`` (stop-gradient selection counts per
 sequence), ``seq_prob_sum [B,E]`` (differentiable sum of probs over the sequence's valid tokens),
-``seq_tokens [B]``; a leading layer axis ``[L,B,E]`` is allowed and averaged over.
+``seq_tokens [B]``; a leading layer axis ``[L,B,E]`` is allowed and averaged over. A packed row
+holds several documents; ``balance.sequence_unit='document'`` (default) makes scope 'sequence' and
+the sequence imbalance per document. Documents per row vary, so the layer reduces them itself
+(``document_stats``: per-layer scalars ``doc_balance`` and ``doc_imbalance``); 'row' pools the row.
 """
 
 from __future__ import annotations
@@ -148,6 +151,33 @@ def imbalance(counts: jax.Array) -> jax.Array:
     return _safe_div(jnp.max(counts, -1), jnp.mean(counts, -1))
 
 
+def document_ids(segment_ids: jax.Array) -> jax.Array:
+    """[B,T] segment ids -> [B,T] int32 index of each token's document within its row (0, 1, ...):
+    a new document starts at position 0 and wherever the segment id changes."""
+    start = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                             segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    return jnp.cumsum(start.astype(jnp.int32), axis=1) - 1
+
+
+def document_stats(selected: jax.Array, probs: jax.Array, segment_ids: jax.Array, *,
+                   num_real: int) -> dict:
+    """Per-document balance of one layer: selected, probs [B*T, E_all]; segment_ids [B,T] (0 =
+    padding) -> {'doc_balance': mean over documents of lbl (differentiable through probs),
+    'doc_imbalance': mean over documents with selections of max/mean load of the real experts}."""
+    B, T = segment_ids.shape
+    doc = document_ids(segment_ids)  # [B,T]
+    v = (segment_ids != 0).astype(jnp.float32)  # [B,T]
+    per_doc = jax.vmap(lambda a, d: jax.ops.segment_sum(a, d, num_segments=T))  # [B,T,X]->[B,T,X]
+    counts = jax.lax.stop_gradient(per_doc(selected.reshape(B, T, -1) * v[..., None], doc))
+    prob_sum = per_doc(probs.reshape(B, T, -1).astype(jnp.float32) * v[..., None], doc)
+    tokens = per_doc(v[..., None], doc)[..., 0]  # [B,T] (documents; unused ids hold 0)
+    real = counts[..., :num_real]
+    return {"doc_balance": _masked_mean(lbl(counts, prob_sum, tokens).reshape(-1),
+                                        tokens.reshape(-1) > 0),
+            "doc_imbalance": jax.lax.stop_gradient(_masked_mean(
+                imbalance(real).reshape(-1), jnp.sum(real, -1).reshape(-1) > 0))}
+
+
 def sequence_imbalance(seq_counts: jax.Array) -> jax.Array:
     """Mean over sequences (with selections) of per-sequence max/mean load: [..., B, E] -> [...]."""
     per = imbalance(seq_counts)  # [...,B]
@@ -169,16 +199,21 @@ def moe_aux_loss(aux: dict, moe, *, micro_groups: int, count_buffer: jax.Array |
     """All MoE aux losses of one (micro-)step from the model's aux -> (loss, buffer, stats).
 
     Reads ``router/seq_counts``, ``router/seq_prob_sum`` [L,B,E_all], ``router/seq_tokens`` [L,B],
-    ``router/z`` and ``router/entropy`` [L]; ``moe`` is the MoEConfig. loss = coef * balance (scope
-    from the config) + z_loss_coef * z + device_coef * device balance (real experts, router.num_groups
-    groups) + entropy_coef * entropy (kind='topp' only). stats (stop-gradient) follow ``zero_stats``:
+    ``router/z`` and ``router/entropy`` [L], and with ``balance.sequence_unit='document'``
+    ``router/doc_balance`` and ``router/doc_imbalance`` [L]; ``moe`` is the MoEConfig.
+    loss = coef * balance (scope from the config; 'sequence' per document or per row, see
+    ``balance.sequence_unit``) + z_loss_coef * z + device_coef * device balance (real experts,
+    router.num_groups groups) + entropy_coef * entropy (kind='topp' only). stats (stop-gradient) follow ``zero_stats``:
     counts [L,E_all] of this step's batch and each unscaled loss term.
     """
     b, r = moe.balance, moe.router
     sc, ps, tok = aux["router/seq_counts"], aux["router/seq_prob_sum"], aux["router/seq_tokens"]
     zero = jnp.zeros((), jnp.float32)
     bal, buf = zero, count_buffer
-    if b.scope != "none" and b.coef > 0:
+    per_document = b.sequence_unit == "document"
+    if b.scope == "sequence" and per_document and b.coef > 0:
+        bal = jnp.mean(aux["router/doc_balance"])
+    elif b.scope != "none" and b.coef > 0:
         bal, buf = balance_loss(sc, ps, tok, scope=b.scope, group_size=b.group_size,
                                 micro_groups=micro_groups, count_buffer=count_buffer,
                                 micro_ratio=b.micro_ratio)
@@ -190,7 +225,9 @@ def moe_aux_loss(aux: dict, moe, *, micro_groups: int, count_buffer: jax.Array |
                                   jnp.sum(tok, -1), r.num_groups)
     ent = entropy_loss(aux["router/entropy"]) if r.kind == "topp" and b.entropy_coef > 0 else zero
     loss = b.coef * bal + b.z_loss_coef * zl + b.device_coef * dev + b.entropy_coef * ent
-    per_layer = {"seq_imbalance": sequence_imbalance(sc[..., :moe.num_experts]),
+    seq_imb = (aux["router/doc_imbalance"] if per_document
+               else sequence_imbalance(sc[..., :moe.num_experts]))
+    per_layer = {"seq_imbalance": seq_imb,
                  **{k: aux[f"router/{k}"] for k in LAYER_STAT_KEYS[1:]}}
     stats = {"counts": jnp.sum(sc, -2).astype(jnp.float32),
              **dict(zip(STAT_KEYS, (loss, bal, zl, dev, ent))),

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax.layers import param
+from moejax.layers.mlp import linear
 from moejax.mesh import constrain
 
 
@@ -48,8 +49,8 @@ class Embed(nnx.Module):
 
     def attend(self, h: jax.Array) -> jax.Array:
         """h [B,T,D] -> fp32 logits [B,T,V]."""
-        logits = jnp.einsum("btd,vd->btv", h, self.embedding[...].astype(self.dtype),
-                            preferred_element_type=jnp.float32)
+        logits = linear(h, self.embedding[...].astype(self.dtype).T,
+                        preferred_element_type=jnp.float32)
         return constrain(logits, ("batch", "length", "vocab"))
 
 
@@ -64,6 +65,5 @@ class LMHead(nnx.Module):
 
     def __call__(self, h: jax.Array) -> jax.Array:
         """h [B,T,D] -> fp32 logits [B,T,V]."""
-        logits = jnp.einsum("btd,dv->btv", h, self.kernel[...].astype(self.dtype),
-                            preferred_element_type=jnp.float32)
+        logits = linear(h, self.kernel[...].astype(self.dtype), preferred_element_type=jnp.float32)
         return constrain(logits, ("batch", "length", "vocab"))

@@ -1,4 +1,5 @@
-"""Dense SwiGLU MLP: down(silu(x @ gate) * (x @ up))."""
+"""Dense SwiGLU MLP: down(silu(x @ gate) * (x @ up)), and ``linear``, the one matmul form every
+dense projection uses."""
 
 from __future__ import annotations
 
@@ -10,6 +11,18 @@ from flax import nnx
 
 from moejax.layers import param
 from moejax.mesh import constrain
+
+
+def linear(x: jax.Array, w: jax.Array, *, n_in: int = 1, preferred_element_type=None) -> jax.Array:
+    """x [..., *w.shape[:n_in]] contracted with w -> [..., *w.shape[n_in:]], as one 2-D matmul
+    [M,K] x [K,N]. XLA:CPU runs the 2-D dot and its two gradient dots ~1.5x faster than the same
+    einsum with [B,T] leading dims (the weight gradient of the 3-D form adds transposed copies)."""
+    k_shape, n_shape = w.shape[:n_in], w.shape[n_in:]
+    assert x.shape[x.ndim - n_in:] == k_shape, (x.shape, w.shape, n_in)
+    lead = x.shape[:x.ndim - n_in]
+    K, N = math.prod(k_shape), math.prod(n_shape)
+    y = jnp.dot(x.reshape(-1, K), w.reshape(K, N), preferred_element_type=preferred_element_type)
+    return y.reshape(*lead, *n_shape)
 
 
 class MLP(nnx.Module):
@@ -27,8 +40,8 @@ class MLP(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [B,T,D] -> [B,T,D]."""
         dt = self.dtype
-        g = jnp.einsum("btd,df->btf", x, self.gate[...].astype(dt))
-        u = jnp.einsum("btd,df->btf", x, self.up[...].astype(dt))
+        g = linear(x, self.gate[...].astype(dt))
+        u = linear(x, self.up[...].astype(dt))
         h = constrain(jax.nn.silu(g) * u, ("batch", "length", "mlp"))  # [B,T,F]
-        y = jnp.einsum("btf,fd->btd", h, self.down[...].astype(dt))
+        y = linear(h, self.down[...].astype(dt))
         return constrain(y, ("batch", "length", "embed"))

@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax.config import ModelConfig
+from moejax.config import ModelConfig, MoEConfig
 from moejax.layers import param
+from moejax.layers.balance import document_stats
 from moejax.layers.mlp import MLP
 from moejax.layers.moe_dispatch import expert_choice_experts, moe_ffn
 from moejax.layers.router import ExpertChoice, RecurrentCell, Router, router_stats, uncertain_tokens
@@ -67,7 +68,8 @@ class MoE(nnx.Module):
         if m.router.gating == "avg_key":  # EMoE: mean key of each block, from the live gates
             keys = jnp.mean(self.w_gate[...].astype(jnp.float32), axis=-1).T  # [D,E]
         routing, new_state = self.router(xf, token_ids=token_ids.reshape(B * T), state=state,
-                                         cell=cell, rng=rng, train=train, expert_keys=keys)
+                                         cell=cell, rng=rng, train=train, valid=valid,
+                                         expert_keys=keys)
         w = (self.w_gate[...].astype(dt), self.w_up[...].astype(dt), self.w_down[...].astype(dt))
         if isinstance(routing, ExpertChoice):
             y = expert_choice_experts(xf.astype(dt), routing.tokens, routing.weights, *w)
@@ -75,7 +77,7 @@ class MoE(nnx.Module):
         else:
             y, dispatch = moe_ffn(xf.astype(dt), routing.experts, routing.weights, *w, cfg=m, dtype=dt)
         if train and m.router.gw_entropy_threshold > 0:
-            y = self._gw_mixture(xf, y, routing.probs, valid, B, w)
+            y = self._gw_mixture(xf, y, routing.probs, segment_ids, w)
         y = y.reshape(B, T, D)
         if self.shared is not None:
             s = self.shared(x)
@@ -87,17 +89,21 @@ class MoE(nnx.Module):
         aux["router/dropped"] = aux.get("router/dropped", 0) + dispatch["dropped"]
         aux.update({f"router/{k}": v for k, v in
                     seq_stats(routing.selected, routing.probs, valid, B).items()})
+        aux.update({f"router/{k}": v for k, v in document_stats(
+            routing.selected, routing.probs, segment_ids, num_real=m.num_experts).items()})
         return constrain(y.astype(x.dtype), ("batch", "length", "embed")), aux, new_state
 
-    def _gw_mixture(self, xf, y, probs, valid, batch, w):
-        """GW-MoE (section 7): the first ``gw_max_slots`` uncertain tokens of each sequence get the
-        dense probability-weighted mixture of all experts instead of their top-k output."""
-        r = self.cfg.moe.router
-        E = self.cfg.moe.num_experts
-        T = xf.shape[0] // batch
-        mask = uncertain_tokens(probs[:, :E].reshape(batch, T, E), valid.reshape(batch, T),
+    def _gw_mixture(self, xf, y, probs, segment_ids, w):
+        """GW-MoE (section 7): the first ``gw_max_slots`` uncertain tokens of each document
+        (segment) get the dense probability-weighted mixture of all experts, times the same combine
+        scale as the top-k output (``gw_combine_scale``), instead of their top-k output."""
+        m = self.cfg.moe
+        r, E = m.router, m.num_experts
+        batch, T = segment_ids.shape
+        mask = uncertain_tokens(probs[:, :E].reshape(batch, T, E), segment_ids,
                                 r.gw_entropy_threshold, r.gw_max_slots).reshape(-1)  # [B*T]
-        U, N = batch * r.gw_max_slots, xf.shape[0]
+        N = xf.shape[0]
+        U = min(N, batch * r.gw_max_slots * r.gw_docs_per_row)  # static budget of dense rows
         # [U] token rows; unused entries get the out-of-range row N and are dropped by the scatter
         # (a fill of a real row, e.g. 0, would write that row twice and the stale top-k value
         # could win, since the order of duplicate scatter writes is unspecified)
@@ -105,6 +111,18 @@ class MoE(nnx.Module):
         rows = jnp.minimum(idx, N - 1)
         xu = xf[rows].astype(self.dtype)  # [U, D]
         wg, wu, wd = w
+        mix = probs[rows, :E] * gw_combine_scale(m)  # [U, E]
         h = jax.nn.silu(jnp.einsum("ud,edf->uef", xu, wg)) * jnp.einsum("ud,edf->uef", xu, wu)
-        out = jnp.einsum("uef,efd,ue->ud", h, wd, probs[rows, :E].astype(self.dtype))  # [U, D]
+        out = jnp.einsum("uef,efd,ue->ud", h, wd, mix.astype(self.dtype))  # [U, D]
         return y.at[idx].set(out.astype(y.dtype), mode="drop")
+
+
+def gw_combine_scale(m: MoEConfig) -> float:
+    """Total combine weight the top-k output gives a token whose probability mass sits on its
+    top-k: routed_scaling for renormalised/raw-probability top-k, top_k * routed_scaling for EMoE
+    (avg_key: each selected block has weight routed_scaling), 1 for top-p / expert choice. The GW
+    dense mixture sum_e p_e E_e(x) is multiplied by it so train and inference outputs share a scale."""
+    r = m.router
+    if r.kind != "topk":
+        return 1.0
+    return r.routed_scaling * (m.top_k if r.gating == "avg_key" else 1)

@@ -234,11 +234,12 @@ def expert_choice_experts(x: jax.Array, tokens: jax.Array, weights: jax.Array, w
 
 
 def moe_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, w_gate: jax.Array,
-            w_up: jax.Array, w_down: jax.Array, *, cfg, dtype=None, use_ragged: bool = False):
+            w_up: jax.Array, w_down: jax.Array, *, cfg, dtype=None):
     """Routed experts for ``cfg: MoEConfig``. Under any multi-device mesh this is the shard_map
     path (expert-parallel when expert > 1; with expert == 1 every device dispatches its own tokens
     to its full set of experts, so no global sort); without a mesh the single-device layer.
-    Capacity is per device-local tokens under a mesh (see ``moe_ep``).
+    Capacity is per device-local tokens under a mesh (see ``moe_ep``); the EP exchange is
+    ``cfg.ep_exchange`` with ``cfg.ep_buffer_factor``.
 
     x [T,D] (T batch-major flattened, sharded over the batch axes), experts/weights [T,S],
     w_* [E,...] sharded over 'expert'. Returns (y [T,D], stats) as ``routed_experts``.
@@ -260,6 +261,6 @@ def moe_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, w_gate: jax.Ar
         return moe_ep.routed_experts_ep(
             x, experts, weights, w_gate, w_up, w_down, dispatch=cfg.dispatch,
             capacity_factor=cfg.capacity_factor, ep_buffer_factor=cfg.ep_buffer_factor,
-            gmm_impl=cfg.gmm_impl, dtype=dtype, mesh=mesh, use_ragged=use_ragged)
+            gmm_impl=cfg.gmm_impl, dtype=dtype, mesh=mesh, exchange=cfg.ep_exchange)
     return routed_experts(x, experts, weights, w_gate, w_up, w_down, dispatch=cfg.dispatch,
                           capacity_factor=cfg.capacity_factor, gmm_impl=cfg.gmm_impl, dtype=dtype)

@@ -1,9 +1,13 @@
 """Expert parallelism: routed experts as one ``jax.shard_map`` over the whole mesh.
 
-Tokens enter sharded over the batch axes ('data','fsdp','expert'); expert weights enter as
-P('expert', None, None) (local experts, replicated over fsdp/tensor: XLA gathers them on entry).
-Inside, each device routes its local assignments to the owner of the expert (owner = e // (E/ep)),
-exchanges over 'expert', computes its local experts, exchanges back and combines.
+Tokens enter sharded over the batch axes ('data','fsdp','expert'), padded with empty rows (expert
+-1: routed nowhere, counted nowhere) to a multiple of the batch shards so any token count works
+(decode steps, odd eval batches). Expert weights enter with their experts over 'expert' and their
+hidden dim F over 'tensor' (w_gate/w_up P('expert', None, 'tensor'), w_down P('expert', 'tensor',
+None); replicated over fsdp: XLA gathers them on entry). Inside, each device routes its local
+assignments to the owner of the expert (owner = e // (E/ep)), exchanges over 'expert', computes its
+local experts on its F slice, exchanges back and combines; the partial outputs of the F slices are
+summed over 'tensor' (one psum of y), so tensor ranks split the expert work instead of repeating it.
 
 Capacity under EP: the single-device rule applied to each device's local tokens, i.e.
 C_local = ceil(capacity_factor * T_local * S / E) per (expert, source device), earlier local tokens
@@ -11,16 +15,20 @@ first. It equals ``routed_experts(dispatch='capacity')`` run separately on each 
 T_local tokens (chunks in (data, fsdp, expert) row-major order), and each expert sees at most
 n_batch_shards * C_local ~= capacity_factor * T * S / E assignments in total.
 
-Dropless under EP: ``ragged_all_to_all`` is not implemented on XLA:CPU, so the default exchange is
-a fixed-size ``all_to_all`` of per-destination chunks of B rows padded with zeros (plus the local
-expert id of every row). ``ep_buffer_factor=0`` gives B = T_local*S (the worst case: exactly
-dropless); a positive factor gives B = ceil(factor * T_local * S / ep), and the assignments past B
-in a destination's chunk (sorted by expert, then token: the highest expert ids of that destination
-lose first) are dropped and counted exactly.
+Dropless under EP: ``exchange='padded'`` (default) is a fixed-size ``all_to_all`` of
+per-destination chunks of B rows padded with zeros (plus the local expert id of every row);
+``exchange='ragged'`` sends only the true rows with ``ragged_all_to_all`` into the same [ep*B]
+receive buffer (GPU/TPU only: XLA:CPU has no ragged-all-to-all, so it is refused there with a
+ConfigError). ``ep_buffer_factor=0`` gives B = T_local*S (the worst case: exactly dropless, an
+ep-times larger receive buffer than the mean load); a positive factor gives
+B = ceil(factor * T_local * S / ep) (at least ``MIN_BUFFER_ROWS``), and the assignments past B in a destination's chunk (sorted by
+expert, then token: the highest expert ids of that destination lose first) are dropped and counted
+exactly (``dropped``; the MoE block adds it to ``router/dropped``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -28,17 +36,28 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from moejax import kernels
+from moejax.config import ConfigError
 from moejax.layers import moe_dispatch as md
 from moejax.mesh import BATCH_AXES
 
 AXIS = "expert"
+TENSOR = "tensor"
+EXCHANGES = ("padded", "ragged")
+
+
+# Floor of the finite buffer: chunks this small cost nothing to send whole, and small local
+# batches (decode steps, eval tails) are where the per-destination load varies most, so they never
+# drop (a decode token whose top-k experts share one device would otherwise lose some).
+MIN_BUFFER_ROWS = 128
 
 
 def buffer_rows(ep_buffer_factor: float, local_assignments: int, ep: int) -> int:
-    """Rows per destination chunk B of the padded dropless exchange (0 = worst case, exact)."""
+    """Rows per destination chunk B of the padded dropless exchange: ceil(factor * A / ep) for the
+    A = T_local * S local assignments, at least MIN_BUFFER_ROWS, at most A (0 = A: exact)."""
     if ep_buffer_factor <= 0:
         return local_assignments
-    return max(1, min(local_assignments, math.ceil(ep_buffer_factor * local_assignments / ep)))
+    return min(local_assignments,
+               max(MIN_BUFFER_ROWS, math.ceil(ep_buffer_factor * local_assignments / ep)))
 
 
 def _exchange_plan(p: md.SortPlan, E: int, ep: int, B: int):
@@ -98,10 +117,12 @@ def _dropless_padded(x, experts, weights, w_gate, w_up, w_down, *, E, ep, B, gmm
 
 
 def _dropless_ragged(x, experts, weights, w_gate, w_up, w_down, *, E, ep, B, gmm_impl, dtype):
-    """As ``_dropless_padded`` but sends only the true rows with ``ragged_all_to_all`` (GPU/TPU).
+    """As ``_dropless_padded`` but sends only the true rows with ``ragged_all_to_all`` (GPU/TPU;
+    ``model.moe.ep_exchange='ragged'``).
 
-    UNTESTED on CPU: XLA:CPU has no ragged-all-to-all thunk (notes section 3b). Same drop rule and
-    same [ep*B] receive buffer as the padded path; only the bytes on the wire shrink.
+    Not run on CPU (XLA:CPU has no ragged-all-to-all thunk: ``routed_experts_ep`` refuses it there);
+    it compiles for TPU (shared/notes/tpu-aot.md). Same drop rule and same [ep*B] receive buffer as
+    the padded path; only the bytes on the wire shrink.
     """
     Tl, S = experts.shape
     D = x.shape[1]
@@ -153,19 +174,54 @@ def _capacity(x, experts, weights, w_gate, w_up, w_down, *, E, ep, capacity_fact
     return y, plan.dropped, plan.expert_tokens
 
 
+def _platform(mesh) -> str | None:
+    """The device platform of ``mesh`` (a Mesh or AbstractMesh; 'tpu' for an AOT TPU topology)."""
+    amesh = getattr(mesh, "abstract_mesh", mesh)
+    return getattr(getattr(amesh, "abstract_device", None), "platform", None)
+
+
+def _check_layout(amesh, E: int, F: int, dispatch: str, exchange: str) -> None:
+    """ConfigErrors naming the field for what the EP layout cannot split or run."""
+    ep = amesh.shape[AXIS]
+    tensor = amesh.shape.get(TENSOR, 1)
+    if E % ep:
+        raise ConfigError(f"model.moe.num_experts={E} is invalid: must be divisible by "
+                          f"mesh.expert={ep} (experts are split evenly over it)")
+    if F % tensor:
+        raise ConfigError(f"model.moe.d_expert={F} is invalid: must be divisible by "
+                          f"mesh.tensor={tensor} (each expert's FFN is split over it)")
+    if exchange not in EXCHANGES:
+        raise ConfigError(f"model.moe.ep_exchange={exchange!r} is invalid: choose one of {EXCHANGES}")
+    if dispatch == "dropless" and exchange == "ragged" and _platform(amesh) == "cpu":
+        raise ConfigError("model.moe.ep_exchange='ragged' is invalid on CPU: XLA:CPU cannot run "
+                          "ragged-all-to-all; use model.moe.ep_exchange='padded' (ragged is for "
+                          "GPU/TPU)")
+
+
+def _pad_tokens(x, experts, weights, shards: int):
+    """Pad T to a multiple of ``shards`` with empty rows (expert -1, weight 0, x 0) -> (x, e, w)."""
+    T = experts.shape[0]
+    n = -T % shards
+    if n == 0:
+        return x, experts, weights
+    rows = lambda a, v: jnp.pad(a, ((0, n), (0, 0)), constant_values=v)  # noqa: E731
+    return rows(x, 0), rows(experts, -1), rows(weights, 0)
+
+
 def routed_experts_ep(x: jax.Array, experts: jax.Array, weights: jax.Array, w_gate: jax.Array,
                       w_up: jax.Array, w_down: jax.Array, *, dispatch: str = "dropless",
                       capacity_factor: float = 1.25, ep_buffer_factor: float = 0.0,
                       gmm_impl: str = "auto", dtype=None, mesh=None,
-                      use_ragged: bool = False, check_vma: bool | None = None):
+                      exchange: str = "padded", check_vma: bool | None = None):
     """Expert-parallel ``routed_experts``: same inputs and outputs, one shard_map over the mesh.
 
-    x [T,D], experts/weights [T,S] sharded (or reshardable) over the batch axes; w_* [E,...] over
-    'expert'. ``mesh``: default the active mesh. ``use_ragged``: dropless exchange with
-    ``ragged_all_to_all`` (GPU/TPU only; untested on CPU). ``check_vma``: default True for the
-    jnp/XLA kernels, False for Pallas/tokamax kernels (which cannot carry varying-axis types).
-    Returns (y [T,D] in ``dtype`` (default x.dtype), {'dropped': int32 [], 'expert_tokens': int32
-    [E]}), both global (summed over the batch shards).
+    x [T,D], experts/weights [T,S] (any T: padded inside to the batch shards) sharded (or
+    reshardable) over the batch axes; w_* [E,...] over 'expert' (F over 'tensor'). ``mesh``:
+    default the active mesh. ``ep_buffer_factor``: dropless exchange rows per destination over the
+    mean (0 = worst case, exact). ``exchange``: 'padded' or 'ragged' (GPU/TPU). ``check_vma``:
+    default True for the jnp/XLA kernels, False for Pallas/tokamax kernels (which cannot carry
+    varying-axis types). Returns (y [T,D] in ``dtype`` (default x.dtype), {'dropped': int32 [],
+    'expert_tokens': int32 [E]}), both global (summed over the batch shards).
     """
     dtype = jnp.dtype(x.dtype if dtype is None else dtype)
     amesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
@@ -173,38 +229,57 @@ def routed_experts_ep(x: jax.Array, experts: jax.Array, weights: jax.Array, w_ga
     if AXIS not in names:
         raise ValueError(f"routed_experts_ep needs a mesh with an {AXIS!r} axis; got {names}")
     ep = amesh.shape[AXIS]
-    E = w_gate.shape[0]
-    if E % ep:
-        from moejax.config import ConfigError
-        raise ConfigError(f"model.moe.num_experts={E} is invalid: must be divisible by "
-                          f"mesh.expert={ep} (experts are split evenly over it)")
+    E, F = w_gate.shape[0], w_gate.shape[2]
+    _check_layout(amesh, E, F, dispatch, exchange)
+    tensor = amesh.shape.get(TENSOR, 1)
     batch_axes = tuple(a for a in BATCH_AXES if a in names)
     shards = math.prod(amesh.shape[a] for a in batch_axes)
     T, S = experts.shape
-    if T % shards:
-        raise ValueError(f"routed_experts_ep: {T} tokens do not split over the batch axes "
-                         f"{batch_axes} ({shards} shards)")
-    Tl = T // shards
+    x, experts, weights = _pad_tokens(x, experts, weights, shards)
+    Tl = experts.shape[0] // shards
     if dispatch == "capacity":
         local = lambda *a: _capacity(*a, E=E, ep=ep, capacity_factor=capacity_factor, dtype=dtype)
     elif dispatch == "dropless":
-        if use_ragged and not hasattr(jax.lax, "ragged_all_to_all"):
-            raise NotImplementedError("use_ragged=True needs jax.lax.ragged_all_to_all")
-        fn = _dropless_ragged if use_ragged else _dropless_padded
+        fn = _dropless_ragged if exchange == "ragged" else _dropless_padded
         B = buffer_rows(ep_buffer_factor, Tl * S, ep)
         local = lambda *a: fn(*a, E=E, ep=ep, B=B, gmm_impl=gmm_impl, dtype=dtype)
     else:
         raise ValueError(f"dispatch={dispatch!r} is unknown; choose 'dropless' or 'capacity'")
+    if check_vma is None:
+        check_vma = kernels.resolve_gmm_impl(gmm_impl) in ("reference", "xla", "blocked")
+    split_f = tensor > 1
 
     def body(x, experts, weights, w_gate, w_up, w_down):
         y, dropped, counts = local(x, experts, weights, w_gate, w_up, w_down)
+        if split_f:  # each tensor rank computed its F slice: sum the partial outputs
+            y = jax.lax.psum(y, TENSOR) if check_vma else _psum_unchecked(y, tensor)
         stats = {"dropped": jax.lax.psum(dropped, batch_axes),
                  "expert_tokens": jax.lax.psum(counts, batch_axes)}
         return y.astype(dtype), stats
 
-    if check_vma is None:
-        check_vma = kernels.resolve_gmm_impl(gmm_impl) in ("reference", "xla", "blocked")
-    tok, w = P(batch_axes, None), P(AXIS, None, None)
-    f = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, w, w, w),
+    ft = TENSOR if split_f else None
+    tok, w_in, w_out = P(batch_axes, None), P(AXIS, None, ft), P(AXIS, ft, None)
+    f = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out),
                       out_specs=(tok, {"dropped": P(), "expert_tokens": P()}), check_vma=check_vma)
-    return f(x, experts, weights, w_gate, w_up, w_down)
+    y, stats = f(x, experts, weights, w_gate, w_up, w_down)
+    return y[:T], stats
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _psum_unchecked(y: jax.Array, n: int) -> jax.Array:
+    """psum over 'tensor' of the F-slice partial outputs when varying-axis checks are off (Pallas
+    kernels). Unchecked, shard_map hands an output replicated over 'tensor' the cotangent / n and
+    sums the cotangents of inputs replicated over it; the backward undoes the 1/n, so every rank's
+    F slice sees the full cotangent and x / routing-weight gradients sum over the slices."""
+    return jax.lax.psum(y, TENSOR)
+
+
+def _psum_unchecked_fwd(y, n):
+    return jax.lax.psum(y, TENSOR), None
+
+
+def _psum_unchecked_bwd(n, _, g):
+    return (g * n,)
+
+
+_psum_unchecked.defvjp(_psum_unchecked_fwd, _psum_unchecked_bwd)

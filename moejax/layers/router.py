@@ -29,8 +29,9 @@ class Routing:
     experts: jax.Array  # [T,S] int32 expert id per slot; -1 = empty slot
     weights: jax.Array  # [T,S] f32 combine weight per slot (0 for empty slots)
     probs: jax.Array  # [T,E_all] f32 probabilities p_i for the balance loss (sigmoid: s / sum s)
-    logits: jax.Array  # [T,E_all] f32 raw logits (z-loss, entropy)
+    logits: jax.Array  # [T,E_all] f32 raw logits (z-loss)
     selected: jax.Array  # [T,E_all] f32 0/1 selection mask (null experts included)
+    log_probs: jax.Array  # [T,E_all] f32 log(probs) from the logits (finite where probs == 0)
     dropped: jax.Array  # [T] f32 selections lost to a slot cap (top-p max_slots); 0 elsewhere
 
 
@@ -44,6 +45,7 @@ class ExpertChoice:
     probs: jax.Array  # [T,E] f32
     logits: jax.Array  # [T,E] f32
     selected: jax.Array  # [T,E] f32 0/1: token t is processed by expert e
+    log_probs: jax.Array  # [T,E] f32 log_softmax(logits)
 
 
 def _renorm(w: jax.Array) -> jax.Array:
@@ -94,10 +96,11 @@ def topk_route(logits: jax.Array, k: int, *, score: str = "softmax", norm_topk_p
         logits = logits + jnp.pad(mask.astype(jnp.float32), ((0, 0), (0, num_null)))
     if score == "softmax":
         s = jax.nn.softmax(logits, axis=-1)
-        probs = s
+        probs, log_probs = s, jax.nn.log_softmax(logits, axis=-1)
     elif score == "sigmoid":
         s = jax.nn.sigmoid(logits)
-        probs = s / jnp.maximum(jnp.sum(s, axis=-1, keepdims=True), 1e-20)
+        total = jnp.maximum(jnp.sum(s, axis=-1, keepdims=True), 1e-20)
+        probs, log_probs = s / total, jax.nn.log_sigmoid(logits) - jnp.log(total)
     else:
         raise ValueError(f"score={score!r}: choose 'softmax' or 'sigmoid'")
     sel = s if bias is None else s + jnp.pad(bias.astype(jnp.float32), (0, num_null))  # [T,E_all]
@@ -138,7 +141,7 @@ def topk_route(logits: jax.Array, k: int, *, score: str = "softmax", norm_topk_p
     if norm_topk_prob or num_null:
         w = _renorm(w)
     w = w * routed_scaling
-    return Routing(experts, w, probs, logits, sel_mask, jnp.zeros((T,), jnp.float32))
+    return Routing(experts, w, probs, logits, sel_mask, log_probs, jnp.zeros((T,), jnp.float32))
 
 
 def topp_route(logits: jax.Array, p: float, max_slots: int, *, num_null: int = 0) -> Routing:
@@ -162,26 +165,44 @@ def topp_route(logits: jax.Array, p: float, max_slots: int, *, num_null: int = 0
     chosen = jnp.where(keep, idx[:, :S], -1)
     experts = jnp.where(chosen >= E, -1, chosen).astype(jnp.int32)
     weights = jnp.where(experts >= 0, ps[:, :S], 0.0)
-    return Routing(experts, weights, probs, logits, _selected_mask(chosen, E_all), dropped)
+    return Routing(experts, weights, probs, logits, _selected_mask(chosen, E_all),
+                   jax.nn.log_softmax(logits, axis=-1), dropped)
+
+
+def expert_choice_capacity(capacity: float, tokens, k: int, num_experts: int):
+    """Tokens per expert C = min(T, ceil(capacity * T * k / E)); works on a traced token count."""
+    if isinstance(tokens, int):
+        return min(tokens, int(math.ceil(capacity * tokens * k / num_experts)))
+    c = jnp.ceil(capacity * tokens.astype(jnp.float32) * k / num_experts).astype(jnp.int32)
+    return jnp.minimum(tokens.astype(jnp.int32), c)
 
 
 def expert_choice_route(logits: jax.Array, capacity: float, k: int,
                         valid: jax.Array | None = None) -> ExpertChoice:
     """Expert choice (Zhou et al. 2022): each expert takes its top-C tokens by softmax score.
 
-    logits [T,E]; C = min(T, ceil(capacity * T * k / E)). Padding tokens (``valid`` [T] False) rank
-    below every real token, so they are only taken when real tokens run out.
+    logits [T,E]; C = min(T, ceil(capacity * T * k / E)) slots per expert. With ``valid`` [T]
+    (False = padding) only the n valid tokens compete and only the first
+    min(n, ceil(capacity * n * k / E)) slots are used (the rest hold token -1, weight 0), so a
+    padded batch routes its real tokens exactly as the same tokens without padding.
     """
     logits = logits.astype(jnp.float32)
     T, E = logits.shape
-    C = min(T, int(math.ceil(capacity * T * k / E)))
+    C = expert_choice_capacity(capacity, T, k, E)
     probs = jax.nn.softmax(logits, axis=-1)
     full = _replicated(probs)  # each expert ranks all tokens: gather a batch-sharded token axis
-    rank = full if valid is None else jnp.where(_replicated(valid)[:, None], full, -1.0)
+    if valid is None:
+        rank, used = full, jnp.ones((C,), bool)
+    else:
+        v = _replicated(valid)
+        rank = jnp.where(v[:, None], full, -1.0)
+        used = jnp.arange(C) < expert_choice_capacity(capacity, jnp.sum(v), k, E)  # [C]
     _, tokens = jax.lax.top_k(rank.T, C)  # [E,C]
-    weights = jnp.take_along_axis(full.T, tokens, axis=1)
+    weights = jnp.where(used[None, :], jnp.take_along_axis(full.T, tokens, axis=1), 0.0)
+    tokens = jnp.where(used[None, :], tokens, -1)
     selected = jnp.sum(jax.nn.one_hot(tokens, T, dtype=jnp.float32), axis=1).T  # [T,E]
-    return ExpertChoice(tokens.astype(jnp.int32), weights, probs, logits, selected)
+    return ExpertChoice(tokens.astype(jnp.int32), weights, probs, logits, selected,
+                        jax.nn.log_softmax(logits, axis=-1))
 
 
 def maskmoe_mask(token_frequencies, num_experts: int, *, frequent_fraction: float,
@@ -269,6 +290,12 @@ def jitter(x: jax.Array, rng: jax.Array, eps: float) -> jax.Array:
     return (x.astype(jnp.float32) * noise).astype(x.dtype)
 
 
+def entropy(probs: jax.Array, log_probs: jax.Array) -> jax.Array:
+    """-sum p log p over the last axis, with log p from the logits (log_softmax): finite value and
+    gradient where p == 0 (xlogy(p, p) has a NaN gradient there, e.g. MaskMoE-masked experts)."""
+    return -jnp.sum(probs * log_probs, axis=-1)
+
+
 def router_stats(r: Routing | ExpertChoice, valid: jax.Array | None = None, *,
                  num_null: int = 0) -> dict:
     """Per-layer fp32 statistics over valid tokens (valid [T] bool; None = all).
@@ -293,7 +320,7 @@ def router_stats(r: Routing | ExpertChoice, valid: jax.Array | None = None, *,
         "counts": jax.lax.stop_gradient(jnp.sum(sel, axis=0)),
         "prob_mean": jnp.sum(probs * v[:, None], axis=0) / n,
         "z": mean(jax.nn.logsumexp(r.logits, axis=-1) ** 2),
-        "entropy": mean(-jnp.sum(jax.scipy.special.xlogy(r.probs, r.probs), axis=-1)),
+        "entropy": mean(entropy(r.probs, r.log_probs)),
         "topk_score_sum": mean(jnp.sum(r.selected[:, :E] * probs, axis=-1)),
         "active_experts": jax.lax.stop_gradient(mean(jnp.sum(r.selected[:, :E], axis=-1))),
         "dropped": jax.lax.stop_gradient(dropped),
@@ -393,7 +420,7 @@ class Router(nnx.Module):
         """x [T,D] -> (Routing | ExpertChoice, new recurrent state [T,p] or None).
 
         token_ids [T] (MaskMoE), state [T,p] (RMoE; None = h_0 = 0), cell: the shared RecurrentCell,
-        rng: jitter noise (train only), valid [T] (expert choice ranks padding last).
+        rng: jitter noise (train only), valid [T] (expert choice: padding takes no slot).
         """
         m, r = self.moe_cfg, self.moe_cfg.router
         f32 = lambda a: a[...].astype(jnp.float32)  # noqa: E731
