@@ -42,6 +42,9 @@ Presets and runtime:
     gpu        12 layers, d=768, 2048-token rows, BPE 8k, bf16, cudnn attention (probes use the
                reference kernel on a 4-sequence validation slice), 6000 steps x 32 x 2048
                = 393M tokens per arm, about 2 h per arm on one H100 (estimate).
+    tpu-v5e-16 ~1B parameters (20 layers, d=2048), FSDP over 16 v5e chips, splash attention,
+               64 x 2048 tokens per step (python -m moejax.aot --experiment gated_attention
+               --preset tpu-v5e-16 --arms g1_elementwise compiles and fits it)
 
 Probes are collected at evaluation time, with no second forward: after training, one
 ``model(..., probes=True)`` call on a fixed validation batch (``moejax.analysis.sinks``).
@@ -61,7 +64,8 @@ import numpy as np
 from moejax import experiment
 from moejax.analysis import sinks
 from moejax.analysis.plots import plot_curves
-from moejax.config import AttentionConfig, Config, DataConfig, ModelConfig, TrainConfig
+from moejax.config import (AttentionConfig, Config, DataConfig, MeshConfig, ModelConfig,
+                           TrainConfig)
 from moejax.metrics import read_metrics
 from moejax.trainer import Trainer
 
@@ -93,6 +97,15 @@ PRESETS: dict[str, Config] = {
                         corpus_bytes_per_domain=12_000_000, prefetch_threads=4),
         train=TrainConfig(steps=6000, batch_size=32, lr=BASE_LR, warmup_steps=300, log_every=5,
                           eval_every=1000, eval_batches=8, ckpt_every=1000)),
+    "tpu-v5e-16": Config(
+        model=ModelConfig(vocab_size=8192, d_model=2048, num_layers=20, d_ff=5632,
+                          max_seq_len=2048, dtype="bfloat16", scan_layers=True, remat="full",
+                          attention=AttentionConfig(num_heads=16, num_kv_heads=8, head_dim=128)),
+        mesh=MeshConfig(data=1, fsdp=-1),
+        data=DataConfig(seq_len=2048, tokenizer="bpe", bpe_vocab_size=8192,
+                        corpus_bytes_per_domain=12_000_000, prefetch_threads=8),
+        train=TrainConfig(steps=20000, batch_size=64, lr=BASE_LR / 4, warmup_steps=1000,
+                          log_every=20, eval_every=1000, eval_batches=8, ckpt_every=1000)),
 }
 
 _G1 = ("model.attention.gate=g1",)

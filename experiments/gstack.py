@@ -26,7 +26,8 @@ Command:
 Presets and runtime (2 shared CPU cores): cpu-smoke (CI; ~1.5 min for all arms), cpu (target
 8 layers d=128, 160 scratch-equivalent steps of 16 x 128 tokens, source 40 steps of the 2-layer
 model; measured 8:10 wall for all four arms incl. the corpus build, quiet machine, 2026-11-23),
-gpu (24 layers d=1024 grown from 6, one H100; not run).
+gpu (24 layers d=1024 grown from 6, one H100; not run), tpu-v5p-64 (1.5B target, 24 layers
+d=2048 grown from 6, FSDP over 32 chips; compiles and fits per ``python -m moejax.aot``).
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ import numpy as np
 
 from moejax import experiment, grow_run
 from moejax.analysis.plots import plt
-from moejax.config import (AttentionConfig, Config, DataConfig, GrowthConfig, ModelConfig,
-                           TrainConfig)
+from moejax.config import (AttentionConfig, Config, DataConfig, GrowthConfig, MeshConfig,
+                           ModelConfig, TrainConfig)
 from moejax.metrics import read_metrics
 
 
@@ -72,6 +73,16 @@ PRESETS: dict[str, Config] = {
                           warmup_steps=200, log_every=20, eval_every=250, eval_batches=8,
                           ckpt_every=1000),
         growth=GrowthConfig(factor=4, source_steps=1200)),
+    "tpu-v5p-64": Config(
+        model=_model(2048, 24, 16, 8, 128, 2048, vocab_size=8192, dtype="bfloat16",
+                     scan_layers=True, remat="full"),
+        mesh=MeshConfig(data=1, fsdp=-1),
+        data=DataConfig(seq_len=2048, tokenizer="bpe", bpe_vocab_size=8192,
+                        corpus_bytes_per_domain=12_000_000, prefetch_threads=8),
+        train=TrainConfig(steps=20000, batch_size=256, lr=6e-4, min_lr_ratio=0.1,
+                          warmup_steps=1000, log_every=50, eval_every=500, eval_batches=8,
+                          ckpt_every=1000),
+        growth=GrowthConfig(factor=4, source_steps=4000)),
 }
 
 ARMS: dict[str, tuple[str, ...]] = {

@@ -5,7 +5,8 @@ at small scale on the embedded multi-domain corpus (code, prose, math). Same MoE
 budget in every arm; only the scope of the balance loss changes:
 
     micro         LBL per micro-batch (what one device sees in one accumulation micro-step)
-    sequence      LBL per sequence
+    sequence      LBL per document (a segment of a packed row; model.moe.balance.sequence_unit=row
+                  pools the whole packed row instead)
     global        LBL over the whole global batch (count buffer across micro-steps)
     global+micro  global + 0.01 x micro (the Qwen efficiency add-on)
     aux_free      no LBL; DeepSeek-V3 selection bias updated from global counts
@@ -18,7 +19,10 @@ Command:
     python -m experiments.lbl_scope --preset cpu --workdir runs/lbl_scope
 
 Presets and runtime: cpu-smoke (tiny, ~10 s per arm, CI), cpu (8 experts top-2, 160 steps;
-~3 min per arm; the 5 arms with the report in 14.9 min on 2 quiet CPU cores, measured), gpu (one H100, ~150M total params, 64 experts top-4), tpu-v5p-64.
+~3 min per arm; the 5 arms with the report in 14.9 min on 2 quiet CPU cores, measured), gpu
+(one H100, ~150M total params, 64 experts top-4), tpu-v5p-64 (1.7B, 64 experts top-8, EP 8),
+tpu-v5p-128 (Qwen3-30B-A3B-shaped, EP 16 x FSDP 4); both compile and fit per
+``python -m moejax.aot`` (table: benchmarks/RESULTS.md).
 The micro-batch is ``train.batch_size / train.grad_accum`` sequences per batch shard.
 """
 
@@ -73,6 +77,17 @@ PRESETS: dict[str, Config] = {
                         corpus_bytes_per_domain=12_000_000, prefetch_threads=8),
         train=TrainConfig(steps=20000, batch_size=512, grad_accum=4, lr=6e-4, warmup_steps=1000,
                           log_every=50, eval_every=1000, eval_batches=8, ckpt_every=1000)),
+    # Qwen3-30B-A3B-shaped (48 layers, d=2048, 32/4 heads of 128, 128 experts top-8 of 768,
+    # its 151936 vocabulary): 30B parameters, 3B active; experts over expert=16 x fsdp=4 (a
+    # 4x4x4 torus has no 8 x 8 split without cutting a physical axis: jax.make_mesh refuses it)
+    "tpu-v5p-128": Config(
+        model=_moe_model(2048, 48, 32, 4, 128, 128, 8, 768, 2048, vocab_size=151936,
+                         dtype="bfloat16", scan_layers=True, remat="full"),
+        mesh=MeshConfig(data=1, fsdp=4, expert=16),
+        data=DataConfig(seq_len=2048, tokenizer="bpe", bpe_vocab_size=8192,
+                        corpus_bytes_per_domain=12_000_000, prefetch_threads=8),
+        train=TrainConfig(steps=20000, batch_size=256, grad_accum=2, lr=3e-4, warmup_steps=1000,
+                          log_every=50, eval_every=1000, eval_batches=8, ckpt_every=1000)),
 }
 
 ARMS: dict[str, tuple[str, ...]] = {
@@ -100,7 +115,7 @@ def _last(recs: list[dict], prefix: str) -> float:
 def report(workdirs: dict[str, str], out_dir: str) -> str:
     plots = os.path.join(out_dir, "plots")
     rows = ["| arm | val loss | code | prose | math | top-k score sum | global max/mean load | "
-            "per-seq max/mean load | domain specialisation |", "|---" * 9 + "|"]
+            "per-doc max/mean load | domain specialisation |", "|---" * 9 + "|"]
     heatmaps = []
     for arm, wd in workdirs.items():
         recs = read_metrics(os.path.join(wd, "metrics.jsonl"))
@@ -121,7 +136,8 @@ def report(workdirs: dict[str, str], out_dir: str) -> str:
                          title="LBL scope: loss")
     text = "\n".join([
         "# Load-balancing scope (Demons in the Detail, small scale)", "",
-        "Final evaluation. Top-k score sum and loads are means over MoE layers; domain "
+        "Final evaluation. Top-k score sum and loads are means over MoE layers; the per-doc load "
+        "is per document (packed-row segment) unless model.moe.balance.sequence_unit=row; domain "
         "specialisation is the mean over layers and domains of the hottest expert's selection rate "
         "relative to uniform routing (1.0 = flat).", "", *rows, "",
         f"![loss](plots/{os.path.basename(curves)})", "",

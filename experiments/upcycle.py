@@ -25,7 +25,9 @@ Command:
 
 Presets and runtime (2 shared CPU cores): cpu-smoke (CI, ~1 min for all arms), cpu (4 layers
 d=128, d_ff 512, 200 dense steps + 150 steps per arm: measured 10:38 wall for all arms incl. the
-corpus build, quiet machine, 2026-11-23), gpu (12 layers d=768, one H100; not run).
+corpus build, quiet machine, 2026-11-23), gpu (12 layers d=768, one H100; not run),
+tpu-v5p-64 (16 layers d=1024 upcycled to 8 experts, EP 8 over 32 chips; compiles and fits per
+``python -m moejax.aot``).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import os
 from moejax import experiment, grow_run
 from moejax.analysis.plots import plot_curves, plot_domain_heatmaps
 from moejax.config import (AttentionConfig, BalanceConfig, Config, DataConfig, GrowthConfig,
-                           ModelConfig, MoEConfig, RouterConfig, TrainConfig)
+                           MeshConfig, ModelConfig, MoEConfig, RouterConfig, TrainConfig)
 from moejax.analysis.routing import domain_frequencies, specialisation
 from moejax.metrics import read_metrics
 
@@ -71,6 +73,15 @@ PRESETS: dict[str, Config] = {
         train=TrainConfig(steps=3000, batch_size=64, lr=6e-4, warmup_steps=100, log_every=20,
                           eval_every=250, eval_batches=8, ckpt_every=1000),
         growth=GrowthConfig(source_steps=3000)),
+    "tpu-v5p-64": Config(
+        model=_model(1024, 16, 16, 4, 64, 2048, vocab_size=8192, dtype="bfloat16",
+                     scan_layers=True, remat="full"),
+        mesh=MeshConfig(data=-1, expert=8),
+        data=DataConfig(seq_len=2048, tokenizer="bpe", bpe_vocab_size=8192,
+                        corpus_bytes_per_domain=12_000_000, prefetch_threads=8),
+        train=TrainConfig(steps=10000, batch_size=256, lr=3e-4, warmup_steps=500, log_every=50,
+                          eval_every=500, eval_batches=8, ckpt_every=1000),
+        growth=GrowthConfig(source_steps=10000)),
 }
 
 

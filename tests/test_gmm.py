@@ -30,6 +30,8 @@ GROUPS = {
     "one_takes_all": np.array([0, 0, M, 0, 0, 0]),
     "tail_unassigned": np.array([5, 0, 9, 0, 12, 1]),  # sum 27 < M: rows 27.. are zeros
     "all_empty": np.zeros(G, int),
+    # block 8: ceil-sums to 11 = M/8 + G - 1 blocks, the most any split of M rows can need
+    "most_padding": np.array([9, 9, 9, 9, 9, 3]),
 }
 
 

@@ -146,7 +146,8 @@ def test_dry_run_copy_ships_the_checkout_with_scp():
     ([*SLICE, "--rev", "no-such-rev", "--repo", REPO, "--", "x"], "is not a commit"),
 ])
 def test_run_rejects_bad_arguments_with_a_usage_message(args, message):
-    out = bash("run.sh", "--dry-run", *args)
+    # no git repository to infer --repo from (a CI clone has an `origin` remote; this one has none)
+    out = bash("run.sh", "--dry-run", *args, env={"GIT_DIR": "/nonexistent/.git"})
     assert out.returncode == 2 and message in out.stderr, out.stderr
     assert "--help" in out.stderr and "Traceback" not in out.stderr
 

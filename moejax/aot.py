@@ -1,0 +1,574 @@
+"""Compile an experiment's train (and eval) step for a TPU pod ahead of time, on a CPU host.
+
+``python -m moejax.aot --experiment pretrain --preset tpu-v5p-64 [--arms a] [--set k=v ...]
+[--topology v5p:2x4x4] [--slices 2] [--json out.json]`` builds the run's exact programs (the
+experiment's preset, arm and ``--set`` overrides through ``experiment.build_config``; the mesh of
+``moejax.mesh.make_mesh`` over the topology's devices; ``train.setup`` / ``make_train_step`` /
+``make_eval_step`` with their shardings, remat, scan and kernels resolved for TPU), lowers them
+with ShapeDtypeStruct inputs (nothing is allocated), compiles them with libtpu and prints per chip:
+HBM (arguments, temporaries, outputs; total against the chip), FLOPs per step (compiled, weighted
+by loop trip counts, vs the analytic count), the collectives (count and bytes per step), the Pallas
+kernels in the program and a roofline lower bound on the step time with the MFU it implies: the
+largest of compute (the program's matmul and kernel FLOPs, grouped matmuls at the rows balanced
+routing fills) at peak, estimated HBM traffic at full bandwidth, and ICI / DCN bytes at the
+chip's link bandwidth (``moejax.tpu_specs``); MFU counts the analytic 6 N tokens + attention.
+
+Errors with a name: ``DoesNotFit`` (HBM; with the numbers and the knob to turn), ``KernelMissing``
+(the config selects a Pallas kernel or ragged exchange the compiled program lacks: no silent
+fallback), ``LibtpuMissing`` (the CLI prints the one-line install instead of a traceback).
+Multi-slice (``--slices N``): the config's mesh is laid over each slice's chips (ICI) and N slices
+add a DCN factor to the ``data`` axis (``mesh_utils.create_hybrid_device_mesh``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib
+import importlib.util
+import json
+import math
+import os
+import re
+import sys
+import time
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AxisType, Mesh
+
+from moejax import hlo_stats, tpu_specs
+from moejax.config import Config, ConfigError, MeshConfig
+
+GiB = tpu_specs.GiB
+INSTALL_LINE = f'pip install "jax[tpu]=={jax.__version__}"   (or: pip install -e ".[tpu]")'
+
+
+class LibtpuMissing(RuntimeError):
+    """libtpu (the TPU compiler) is not installed; the message is the install command."""
+
+
+class DoesNotFit(ConfigError):
+    """The compiled program needs more HBM per chip than the chip has."""
+
+
+class KernelMissing(RuntimeError):
+    """The config selects a TPU kernel (splash, megablox gmm, ragged exchange) that the compiled
+    program does not contain."""
+
+
+# -- topology and mesh ----------------------------------------------------------------------------
+
+def require_libtpu() -> None:
+    if importlib.util.find_spec("libtpu") is None:
+        raise LibtpuMissing(f"compiling for TPU needs libtpu: {INSTALL_LINE}")
+
+
+def topology_devices(topology: str, slices: int = 1) -> list:
+    """The compile-only devices of ``slices`` copies of a TPU slice ('v5p:2x4x4')."""
+    require_libtpu()
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no GCE metadata queries off a TPU VM
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from jax.experimental import topologies
+    kw = {"num_slices": slices} if slices > 1 else {}
+    return list(topologies.get_topology_desc(topology_name=topology, platform="tpu", **kw).devices)
+
+
+def make_aot_mesh(cfg: MeshConfig, devices: Sequence, slices: int = 1) -> Mesh:
+    """The run's mesh over ``devices``. One slice: ``moejax.mesh.make_mesh`` (what a run builds).
+    Several: the config's axes over each slice (ICI) with the ``data`` axis also spanning the
+    slices (DCN), as ``mesh_utils.create_hybrid_device_mesh`` lays them out."""
+    from moejax.mesh import MESH_AXES, make_mesh
+    if slices == 1:
+        return make_mesh(cfg, devices)
+    from jax.experimental import mesh_utils
+    per_slice = len(devices) // slices
+    ici = cfg.resolve(per_slice)
+    ici_shape = tuple(ici[a] for a in MESH_AXES)
+    dcn_shape = tuple(slices if a == "data" else 1 for a in MESH_AXES)
+    grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def default_topology(preset: str) -> str:
+    """'tpu-v5p-64' -> 'v5p:2x4x4' (accelerator type in the preset name, cores counted)."""
+    m = re.fullmatch(r"tpu-(v\w+?-\d+)(?:-.*)?", preset)
+    if not m:
+        raise ConfigError(f"preset {preset!r} names no accelerator type (tpu-<gen>-<cores>): pass "
+                          "--topology, e.g. --topology v5p:2x4x4")
+    return tpu_specs.topology_for_accelerator(m.group(1))
+
+
+# -- building and compiling the programs ----------------------------------------------------------
+
+def abstract_batch(mesh: Mesh, batch_size: int, seq_len: int) -> dict:
+    """ShapeDtypeStructs of one global batch, sharded as ``train.global_batch`` shards it."""
+    from moejax import train as T
+    sh = T.batch_shardings(mesh)
+    out = {k: jax.ShapeDtypeStruct((batch_size, seq_len),
+                                   jnp.float32 if k == "loss_mask" else jnp.int32, sharding=sh[k])
+           for k in T.BATCH_KEYS_2D}
+    out["domain"] = jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=sh["domain"])
+    return out
+
+
+@contextlib.contextmanager
+def tpu_tracing() -> Iterator[None]:
+    """Kernels resolved for TPU, default matmul precision (Mosaic rejects fp32 contraction of bf16
+    that 'highest' asks for; runs use the default) and no persistent-cache entries (a TPU
+    executable cannot be read back on a CPU host)."""
+    from moejax import kernels
+    cache = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        with kernels.target_platform("tpu"), jax.default_matmul_precision("default"):
+            yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache)
+
+
+@dataclasses.dataclass
+class Program:
+    """One compiled program: its text, per-chip memory, XLA's cost analysis and timings."""
+
+    name: str
+    text: str
+    memory: dict  # argument/output/alias/temp/generated_code bytes per chip
+    cost: dict  # XLA cost_analysis (loop bodies counted once)
+    lower_s: float
+    compile_s: float
+
+
+def compile_program(name: str, fn, *args) -> Program:
+    """Lower and compile jitted ``fn`` for the abstract ``args``; out-of-HBM -> DoesNotFit."""
+    t0 = time.perf_counter()
+    with tpu_tracing():
+        lowered = fn.lower(*args)
+        t1 = time.perf_counter()
+        try:
+            compiled = lowered.compile()
+        except Exception as e:  # XlaRuntimeError: the TPU compiler's buffer assignment failed
+            if "RESOURCE_EXHAUSTED" in str(e) or "Ran out of memory" in str(e):
+                raise DoesNotFit(_oom_message(name, str(e))) from None
+            raise
+    t2 = time.perf_counter()
+    m = compiled.memory_analysis()
+    memory = {k: int(getattr(m, f"{k}_size_in_bytes", 0) or 0)
+              for k in ("argument", "output", "alias", "temp", "generated_code")}
+    cost = compiled.cost_analysis() or {}
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    keep = ("flops", "bytes accessed", "transcendentals")
+    cost = {k: float(v) for k, v in cost.items() if k in keep}
+    return Program(name, compiled.as_text(), memory, cost, t1 - t0, t2 - t1)
+
+
+def _oom_message(name: str, err: str) -> str:
+    """DoesNotFit text from the TPU compiler's out-of-memory error, with its numbers."""
+    need = re.search(r"required for ([\w ]+?) \(([\d.]+[KMGT]?)\) exceeds available HBM "
+                     r"\(([\d.]+[KMGT]?)\)", err)
+    used = re.search(r"Used ([\d.]+[KMGT]?) of ([\d.]+[KMGT]?) hbm", err)
+    if need:
+        nums = (f"needs {need.group(2)} of HBM for {need.group(1)} where {need.group(3)} is "
+                "available")
+    elif used:
+        nums = f"uses {used.group(1)} of {used.group(2)} HBM per chip"
+    else:
+        nums = f"runs out of HBM ({err.strip().splitlines()[0][:200]})"
+    return (f"the {name} step {nums} per chip: raise train.grad_accum or lower train.batch_size "
+            "(activations), set model.remat='full', or shard the state further (mesh.fsdp, "
+            "mesh.expert for experts)")
+
+
+def build_programs(cfg: Config, mesh: Mesh, *, eval_step: bool = True) -> dict[str, Program]:
+    """Compile the run's train step (and eval step) exactly as ``Trainer`` builds them."""
+    from moejax import train as T
+    with tpu_tracing():
+        s = T.setup(cfg, mesh)
+        n_domains = len(cfg.data.domains)
+        batch = abstract_batch(mesh, cfg.train.batch_size, cfg.data.seq_len)
+        progs = {"train": compile_program("train", T.make_train_step(s, n_domains),
+                                          s.abstract_state, batch)}
+        if eval_step:
+            progs["eval"] = compile_program("eval", T.make_eval_step(s, n_domains),
+                                            s.abstract_state, batch)
+    return progs
+
+
+# -- what the program should contain --------------------------------------------------------------
+
+def expected_kernels(cfg: Config, mesh: Mesh) -> dict[str, str]:
+    """What the config selects on TPU: {kernel-name prefix or HLO op: the config field}."""
+    from moejax import kernels
+    m, want = cfg.model, {}
+    if kernels.resolve_attention_impl(m.attention.impl, jnp.dtype(m.dtype),
+                                      needs_reference=m.attention.sink, self_attention=True,
+                                      seq_len=cfg.data.seq_len, backend="tpu") == "splash":
+        want["splash_mha_fwd"] = "model.attention.impl"
+    moe = m.moe
+    if moe.enabled and moe.router.kind != "expert_choice" and moe.dispatch == "dropless" \
+            and kernels.resolve_gmm_impl(moe.gmm_impl, backend="tpu") == "pallas":
+        want["gmm"] = "model.moe.gmm_impl"
+    if moe.enabled and moe.dispatch == "dropless" and moe.ep_exchange == "ragged" \
+            and mesh.shape.get("expert", 1) > 1:
+        want["ragged-all-to-all"] = "model.moe.ep_exchange"
+    return want
+
+
+def check_kernels(cfg: Config, mesh: Mesh, stats: hlo_stats.StepStats, program: str) -> None:
+    """KernelMissing unless every kernel the config selects is in the compiled program."""
+    have = set(stats.kernels) | {k for k, v in stats.collectives.items() if v["count"]}
+    missing = {k: f for k, f in expected_kernels(cfg, mesh).items()
+               if not any(h.startswith(k) for h in have)}
+    if missing:
+        what = ", ".join(f"{k} ({f})" for k, f in missing.items())
+        raise KernelMissing(f"the compiled {program} step lacks {what}; it has kernels "
+                            f"{sorted(stats.kernels) or 'none'}: the config's TPU path fell back")
+
+
+# -- analytic estimates ---------------------------------------------------------------------------
+
+def per_chip_bytes(abstract_tree) -> int:
+    """Bytes one chip holds of a tree of sharded ShapeDtypeStructs (its own shard of each)."""
+    total = 0
+    for x in jax.tree.leaves(abstract_tree):
+        shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) else x.shape
+        total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
+    return total
+
+
+def estimate_memory(cfg: Config, mesh: Mesh, abstract_state) -> dict:
+    """Analytic per-chip bytes of the train step: the state and batch it takes (arguments:
+    exact, each leaf's own shard), the f32 gradients (the accumulated sum and one micro-step's;
+    sharded like the parameters) and the activations: the residual stream saved at every layer
+    boundary under remat (all of a layer's values without it), one layer's forward values being
+    recomputed, and the fp32 logits with their gradient."""
+    m, t = cfg.model, cfg.train
+    batch_shards = math.prod(mesh.shape.get(a, 1) for a in ("data", "fsdp", "expert"))
+    b = t.micro_batch_size // batch_shards  # rows per chip per micro-step
+    T, D, act = cfg.data.seq_len, m.d_model, jnp.dtype(m.dtype).itemsize
+    a = m.attention
+    tensor = mesh.shape.get("tensor", 1)
+    ffn = (m.moe.top_k * m.moe.d_expert * max(m.moe.ep_buffer_factor, 1.0)
+           + (m.moe.d_shared or m.moe.d_expert * m.moe.num_shared_experts)
+           if m.moe.enabled else m.d_ff)
+    # one layer's forward values per token: norms/residual (4 D), q,k,v,attn-out, ffn 3x hidden
+    layer = b * T * act * (4 * D + (2 * a.num_heads + 2 * a.num_kv_heads) * a.head_dim / tensor
+                           + 3 * ffn / tensor)
+    saved = m.num_layers * (b * T * D * act if m.remat != "none" else layer)
+    logits = 2 * b * T * m.vocab_size * 4 / tensor
+    params = per_chip_bytes(abstract_state.params)
+    args = per_chip_bytes(abstract_state) + per_chip_bytes(
+        abstract_batch(mesh, t.batch_size, T))
+    grads = 2 * params * 4 // max(jnp.dtype(m.param_dtype).itemsize, 1)
+    activations = saved + layer + logits
+    return {"arguments": args, "gradients": grads, "activations": activations,
+            "temporaries": grads + activations, "total": args + grads + activations}
+
+
+def analytic_flops_per_chip(cfg: Config, chips: int) -> float:
+    """6 N_active tokens + attention (``ModelConfig.flops_per_token``) per chip per step."""
+    tokens = cfg.train.batch_size * cfg.data.seq_len
+    return cfg.model.flops_per_token(cfg.data.seq_len) * tokens / chips
+
+
+def analytic_split(cfg: Config, chips: int) -> dict:
+    """The analytic FLOPs per chip per step (``flops_per_token``) split into the layers'
+    parameter matmuls (6 N_active tokens), the LM head (6 V D tokens) and attention (QK^T and
+    PV over the causal half)."""
+    m = cfg.model
+    tokens = cfg.train.batch_size * cfg.data.seq_len / chips
+    layers = 6.0 * m.num_params(include_embeddings=False, active=True) * tokens
+    head = 6.0 * m.vocab_size * m.d_model * tokens
+    return {"layers": layers, "head": head,
+            "attention": analytic_flops_per_chip(cfg, chips) - layers - head}
+
+
+def gmm_row_share(cfg: Config, mesh: Mesh) -> float:
+    """Share of the grouped-matmul rows that hold tokens when routing is balanced. Dropless EP
+    receives into ep*B rows per chip (B = ``moe_ep.buffer_rows``) for a mean load of
+    T_local*top_k; megablox's cost estimate counts every row, the kernel visits the filled ones."""
+    moe = cfg.model.moe
+    ep = mesh.shape.get("expert", 1)
+    if not moe.enabled or ep == 1 or moe.dispatch != "dropless":
+        return 1.0
+    from moejax.layers.moe_ep import buffer_rows
+    shards = math.prod(mesh.shape.get(a, 1) for a in ("data", "fsdp", "expert"))
+    assignments = cfg.train.micro_batch_size * cfg.data.seq_len // shards * moe.top_k
+    return assignments / (ep * buffer_rows(moe.ep_buffer_factor, assignments, ep))
+
+
+def remat_factor(cfg: Config) -> float:
+    """Compiled / analytic FLOPs to expect from recomputation: full remat reruns the forward
+    (4 forward-equivalents instead of 3), 'dots' saves the matmul outputs."""
+    return 4.0 / 3.0 if cfg.model.remat == "full" else 1.0
+
+
+# -- the report -----------------------------------------------------------------------------------
+
+def roofline(flops: float, hbm_bytes: float, ici_bytes: float, chip: tpu_specs.ChipSpec,
+             dcn_bytes: float = 0.0) -> dict:
+    """Lower bounds (s) on one step, perfectly overlapped: compute at peak bf16, HBM traffic at
+    full bandwidth, ICI bytes sent at the chip's total egress (every port busy: optimistic for a
+    collective over one mesh axis) and DCN bytes at the chip's share of the host NICs."""
+    terms = {"compute": flops / chip.peak_bf16_flops, "hbm": hbm_bytes / chip.hbm_bw,
+             "ici": ici_bytes / chip.ici_egress_bw, "dcn": dcn_bytes / chip.dcn_bw}
+    bound = max(terms, key=terms.get)
+    return {**{f"{k}_s": v for k, v in terms.items()}, "step_s": terms[bound], "bound_by": bound}
+
+
+def program_report(cfg: Config, mesh: Mesh, prog: Program, chip: tpu_specs.ChipSpec,
+                   expected_args: int | None = None) -> dict:
+    """Memory, FLOPs, collectives, kernels and roofline of one compiled program (per chip)."""
+    chips = mesh.devices.size
+    stats = hlo_stats.step_stats(prog.text, chips)
+    mem = prog.memory
+    total = mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
+    ici = sum(v["wire_bytes"] for k, v in stats.collectives.items() if k != hlo_stats.DCN)
+    dcn = stats.collectives.get(hlo_stats.DCN, {}).get("wire_bytes", 0.0)
+    analytic = analytic_flops_per_chip(cfg, chips)
+    if prog.name != "train":  # forward only: a third of the training FLOPs
+        analytic /= 3.0
+    by = stats.flops_by_source
+    share = gmm_row_share(cfg, mesh)
+    executed = stats.flops - by.get("pallas_matmul", 0.0) * (1.0 - share)  # filled gmm rows only
+    rl = roofline(executed, stats.hbm_bytes, ici, chip, dcn)
+    split = analytic_split(cfg, chips)
+    scale = 1.0 if prog.name == "train" else 1.0 / 3.0
+    remat = remat_factor(cfg) if prog.name == "train" else 1.0
+    # gmm kernels at the rows balanced routing fills (their estimates count the whole buffer)
+    matmul = by.get("xla_matmul", 0.0) + by.get("pallas_matmul", 0.0) * share
+    expect = (split["layers"] * remat + split["head"]) * scale  # remat reruns the layers only
+    matmul_ratio = matmul / expect if expect else None
+    attn_ratio = (by.get("splash", 0.0) / (split["attention"] * scale)
+                  if split["attention"] and by.get("splash") else None)
+    return {
+        "program": prog.name,
+        "memory": {**mem, "total": total, "capacity": chip.hbm_bytes,
+                   "fraction": total / chip.hbm_bytes,
+                   **({"expected_arguments": expected_args} if expected_args is not None else {})},
+        "flops": {"compiled": stats.flops, "by_source": stats.flops_by_source,
+                  "gmm_row_share": share, "executed_balanced": executed,
+                  "analytic": analytic, "ratio": stats.flops / analytic if analytic else None,
+                  "expected_ratio": remat_factor(cfg) if prog.name == "train" else 1.0,
+                  "analytic_split": {k: v * scale for k, v in split.items()},
+                  # parameter matmuls (XLA dots + gmm kernels at balanced rows) over 6 N tokens,
+                  # the layers' share times the remat recompute
+                  "matmul_ratio_remat_adjusted": matmul_ratio,
+                  # splash kernels over the causal-half QK^T/PV count (fwd + bwd = 3 fwd)
+                  "attention_ratio": attn_ratio,
+                  "xla_cost_analysis": prog.cost.get("flops")},
+        "hbm_bytes_est": stats.hbm_bytes,
+        "collectives": stats.collectives,
+        "ici_wire_bytes": ici,
+        "dcn_bytes": dcn,
+        "kernels": stats.kernels,
+        "roofline": {**rl, "mfu_bound": analytic / chip.peak_bf16_flops / rl["step_s"]
+                     if rl["step_s"] else None},
+        "lower_s": prog.lower_s, "compile_s": prog.compile_s,
+        "warnings": stats.warnings,
+    }
+
+
+def check_fits(report: dict, cfg: Config) -> None:
+    """DoesNotFit when the program's per-chip total exceeds the chip's HBM."""
+    mem = report["memory"]
+    if mem["total"] <= mem["capacity"]:
+        return
+    knob = ("the state is most of it: shard it further (mesh.fsdp; mesh.expert for experts)"
+            if mem["argument"] > mem["temp"] else
+            "activations are most of it: raise train.grad_accum or lower train.batch_size"
+            + ("" if cfg.model.remat == "full" else ", or set model.remat='full'"))
+    raise DoesNotFit(f"the {report['program']} step needs {mem['total'] / GiB:.2f} GiB per chip "
+                     f"(arguments {mem['argument'] / GiB:.2f}, "
+                     f"temporaries {mem['temp'] / GiB:.2f}, "
+                     f"outputs {(mem['output'] - mem['alias']) / GiB:.2f}) of "
+                     f"{mem['capacity'] / GiB:.0f} GiB: {knob}")
+
+
+def analyze(cfg: Config, topology: str, *, slices: int = 1, eval_step: bool = True,
+            dump_prefix: str | None = None) -> dict:
+    """Compile the run's programs for ``topology`` and return the report (raises the named
+    errors above). ``dump_prefix``: also write each compiled HLO to ``<prefix>.<program>.hlo``."""
+    chip = tpu_specs.chip(topology)
+    devices = topology_devices(topology, slices)
+    mesh = make_aot_mesh(cfg.mesh, devices, slices)
+    progs = build_programs(cfg, mesh, eval_step=eval_step)
+    from moejax import train as T
+    with tpu_tracing():
+        s = T.setup(cfg, mesh)
+    args = per_chip_bytes(s.abstract_state) + per_chip_bytes(
+        abstract_batch(mesh, cfg.train.batch_size, cfg.data.seq_len))
+    reports = {}
+    for name, prog in progs.items():
+        if dump_prefix:
+            from moejax.paths import as_path, write_text_atomic
+            write_text_atomic(as_path(f"{dump_prefix}.{name}.hlo"), prog.text)
+        rep = program_report(cfg, mesh, prog, chip, expected_args=args)
+        check_kernels(cfg, mesh, hlo_stats.step_stats(prog.text, mesh.devices.size), name)
+        check_fits(rep, cfg)
+        reports[name] = rep
+    return {"topology": topology, "slices": slices, "chips": int(mesh.devices.size),
+            "chip": chip.name, "mesh": dict(mesh.shape),
+            "params": cfg.model.num_params(), "active_params": cfg.model.num_params(active=True),
+            "tokens_per_step": cfg.train.batch_size * cfg.data.seq_len, "programs": reports}
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def short_kernel(name: str) -> str:
+    """'splash_mha_fwd_segmented_residuals' -> 'splash_fwd'."""
+    return re.sub(r"_segmented|_(no_)?residuals", "", name).replace("splash_mha_", "splash_")
+
+
+def format_table(title: str, rep: dict) -> str:
+    """The report as a plain-text table (one column per program)."""
+    progs = rep["programs"]
+    g = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
+    rows = [("HBM arguments", lambda p: g(p["memory"]["argument"])),
+            ("HBM temporaries", lambda p: g(p["memory"]["temp"])),
+            ("HBM outputs (not aliased)",
+             lambda p: g(p["memory"]["output"] - p["memory"]["alias"])),
+            ("HBM total / chip", lambda p: f"{g(p['memory']['total'])} of "
+                                           f"{p['memory']['capacity'] / GiB:.0f} "
+                                           f"({p['memory']['fraction']:.0%})"),
+            ("FLOPs/step/chip compiled", lambda p: f"{p['flops']['compiled']:.3e}"),
+            ("FLOPs/step/chip analytic", lambda p: f"{p['flops']['analytic']:.3e}"),
+            ("compiled / analytic", lambda p: f"{p['flops']['ratio']:.2f} (remat "
+                                              f"{p['flops']['expected_ratio']:.2f})"),
+            ("matmul: compiled/(6N, remat)",
+             lambda p: _fmt(p["flops"]["matmul_ratio_remat_adjusted"])),
+            ("attention: splash/analytic", lambda p: _fmt(p["flops"]["attention_ratio"])),
+            ("HBM traffic est./step", lambda p: g(p["hbm_bytes_est"]))]
+    kinds = sorted({k for p in progs.values() for k in p["collectives"]})
+    for k in kinds:
+        rows.append((f"{k} n / payload", lambda p, k=k: (
+            f"{p['collectives'].get(k, {}).get('count', 0):.0f} / "
+            f"{g(p['collectives'].get(k, {}).get('payload_bytes', 0))}")))
+    rows += [("ICI bytes sent/chip", lambda p: g(p["ici_wire_bytes"])),
+             ("Pallas kernels", lambda p: ", ".join(f"{short_kernel(k)} x{v:.0f}" for k, v in
+                                                    sorted(p["kernels"].items())) or "none"),
+             ("roofline compute/HBM/ICI/DCN", lambda p: "/".join(
+                 f"{p['roofline'][f'{t}_s'] * 1e3:.1f}" for t in ("compute", "hbm", "ici", "dcn"))
+              + " ms"),
+             ("step lower bound", lambda p: f"{p['roofline']['step_s'] * 1e3:.1f} ms "
+                                            f"({p['roofline']['bound_by']})"),
+             ("MFU bound", lambda p: f"{p['roofline']['mfu_bound']:.0%}"),
+             ("lower / compile", lambda p: f"{p['lower_s']:.1f} s / {p['compile_s']:.1f} s")]
+    slices = f" x {rep['slices']} slices" if rep["slices"] > 1 else ""
+    head = (f"{title}: {rep['topology']}{slices}, "
+            f"{rep['chips']} chips ({rep['chip']}), mesh {rep['mesh']}, "
+            f"{rep['params'] / 1e9:.2f}B params ({rep['active_params'] / 1e9:.2f}B active), "
+            f"{rep['tokens_per_step']:,} tokens/step")
+    width = max(len(r[0]) for r in rows)
+    cols = list(progs)
+    lines = [head, f"{'':{width}}  " + "  ".join(f"{c:>28}" for c in cols)]
+    for label, fn in rows:
+        lines.append(f"{label:{width}}  " + "  ".join(f"{fn(progs[c]):>28}" for c in cols))
+    return "\n".join(lines)
+
+
+MD_HEADER = ("| run | topology (mesh) | params (active) | program | HBM/chip: args + temp + out "
+             "= total (of cap) | FLOPs/step/chip compiled / analytic (matmul ratio, attention "
+             "ratio) | collectives/step/chip (n, payload) | roofline compute/HBM/ICI/DCN ms | "
+             "MFU bound (bound by) | compile s |\n|" + "---|" * 10)
+
+
+def markdown_rows(key: str, rep: dict) -> list[str]:
+    """One results-table row per program of a report (see ``MD_HEADER``)."""
+    mesh = ",".join(f"{k[0]}{v}" for k, v in rep["mesh"].items() if v > 1)
+    g = lambda b: f"{b / GiB:.2f}"  # noqa: E731
+    slices = f" x{rep['slices']} slices" if rep["slices"] > 1 else ""
+    rows = []
+    for name, p in rep["programs"].items():
+        m, f, r = p["memory"], p["flops"], p["roofline"]
+        coll = "; ".join(f"{k} {v['count']:.0f}, {g(v['payload_bytes'])} GiB"
+                         for k, v in sorted(p["collectives"].items()))
+        terms = "/".join(f"{r[f'{t}_s'] * 1e3:.0f}" for t in ("compute", "hbm", "ici", "dcn"))
+        rows.append(
+            f"| {key} | {rep['topology']}{slices} ({mesh}) | "
+            f"{rep['params'] / 1e9:.2f}B ({rep['active_params'] / 1e9:.2f}B) | {name} | "
+            f"{g(m['argument'])} + {g(m['temp'])} + {g(m['output'] - m['alias'])} = "
+            f"{g(m['total'])} GiB (of {m['capacity'] / GiB:.0f}, {m['fraction']:.0%}) | "
+            f"{f['compiled']:.3g} / {f['analytic']:.3g} ({_fmt(f['matmul_ratio_remat_adjusted'])}, "
+            f"{_fmt(f['attention_ratio'])}) | {coll} | {terms} | "
+            f"{r['mfu_bound']:.0%} ({r['bound_by']}) | {p['compile_s']:.0f} |")
+    return rows
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+def load_experiment(name: str):
+    """The experiment module ``experiments.<name>`` (its PRESETS and ARMS)."""
+    try:
+        return importlib.import_module(f"experiments.{name}")
+    except ModuleNotFoundError as e:
+        raise SystemExit(f"--experiment {name!r}: no module experiments.{name} ({e})") from None
+
+
+def arm_config(experiment: str, mod, cfg: Config) -> Config:
+    """The config the experiment's ``run_arm`` trains: the module's ``arm_config(cfg)`` where it
+    has one, else ``cfg``, except for ``upcycle``, whose arms give ``model.moe.d_expert`` as a
+    divisor of d_ff that its ``run_arm`` resolves (the same rule, repeated here)."""
+    hook = getattr(mod, "arm_config", None)
+    if hook is not None:
+        return hook(cfg)
+    if experiment == "upcycle" and cfg.model.moe.enabled:
+        m = cfg.model
+        moe = dataclasses.replace(m.moe, d_expert=m.d_ff // m.moe.d_expert)
+        return dataclasses.replace(cfg, model=dataclasses.replace(m, moe=moe))
+    return cfg
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument("--experiment", required=True, help="experiments.<name>, e.g. pretrain")
+    p.add_argument("--preset", required=True, help="a preset of that experiment, e.g. tpu-v5p-64")
+    p.add_argument("--arms", default=None, help="comma-separated arms (default: the first)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--topology", default=None,
+                   help="e.g. v5p:2x4x4 (default: from the preset name)")
+    p.add_argument("--slices", type=int, default=1, help="slices joined over DCN (data axis)")
+    p.add_argument("--no-eval", action="store_true", help="compile only the train step")
+    p.add_argument("--json", default=None, help="write the report(s) here")
+    p.add_argument("--markdown", action="store_true", help="also print results-table rows")
+    p.add_argument("--dump-hlo", default=None, metavar="DIR",
+                   help="write the compiled HLO of each program into DIR")
+    args = p.parse_args(argv)
+    if importlib.util.find_spec("libtpu") is None:
+        print(f"moejax.aot compiles for TPU with libtpu, which is not installed: {INSTALL_LINE}",
+              file=sys.stderr)
+        raise SystemExit(2)
+    from moejax import experiment
+    mod = load_experiment(args.experiment)
+    arms = args.arms.split(",") if args.arms else [next(iter(mod.ARMS))]
+    topology = args.topology or default_topology(args.preset)
+    out = {}
+    with experiment.user_errors(experiment.debug_from_env()):
+        for arm in arms:
+            cfg = arm_config(args.experiment, mod, experiment.build_config(
+                mod.PRESETS, mod.ARMS, args.preset, arm, args.set))
+            try:
+                dump = (os.path.join(args.dump_hlo, f"{args.experiment}.{args.preset}.{arm}")
+                        if args.dump_hlo else None)
+                rep = analyze(cfg, topology, slices=args.slices, eval_step=not args.no_eval,
+                              dump_prefix=dump)
+            except KernelMissing as e:
+                print(f"error: {e}", file=sys.stderr)
+                raise SystemExit(3) from None
+            key = f"{args.experiment}/{args.preset}/{arm}"
+            print(format_table(key, rep), flush=True)
+            if args.markdown:
+                print("\n".join([MD_HEADER, *markdown_rows(key, rep)]), flush=True)
+            out[key] = rep
+    if args.json:
+        from moejax.paths import as_path, write_text_atomic
+        write_text_atomic(as_path(args.json), json.dumps(out, indent=2, sort_keys=True))
+    return out
+
+
+if __name__ == "__main__":
+    main()
