@@ -43,6 +43,7 @@ from moejax.analysis.plots import plt
 from moejax.config import (AttentionConfig, Config, DataConfig, GrowthConfig, MeshConfig,
                            ModelConfig, TrainConfig)
 from moejax.metrics import read_metrics
+from moejax.paths import as_path
 
 
 def _model(d, layers, heads, kv, hd, seq, **kw) -> ModelConfig:
@@ -108,7 +109,7 @@ def run_arm(cfg: Config, workdir: str) -> dict:
     steps = matched_steps(cfg)
     grown = dataclasses.replace(cfg, train=dataclasses.replace(
         cfg.train, steps=steps, warmup_steps=min(cfg.train.warmup_steps, steps)))
-    root = os.path.dirname(os.path.abspath(workdir))
+    root = os.fspath(as_path(workdir).parent)  # local or gs://
     summary = grow_run.run(grown, workdir, source_workdir=grow_run.source_workdir_for(grown, root))
     if not summary.get("preempted"):
         summary["step"] = cfg.train.steps  # the scratch-equivalent budget is done

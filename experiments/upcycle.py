@@ -42,6 +42,7 @@ from moejax.config import (AttentionConfig, BalanceConfig, Config, DataConfig, G
                            MeshConfig, ModelConfig, MoEConfig, RouterConfig, TrainConfig)
 from moejax.analysis.routing import domain_frequencies, specialisation
 from moejax.metrics import read_metrics
+from moejax.paths import as_path
 
 
 def _model(d, layers, heads, kv, hd, seq, **kw) -> ModelConfig:
@@ -106,7 +107,7 @@ def run_arm(cfg: Config, workdir: str) -> dict:
     if m.moe.enabled:
         moe = dataclasses.replace(m.moe, d_expert=m.d_ff // m.moe.d_expert)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(m, moe=moe))
-    root = os.path.dirname(os.path.abspath(workdir))
+    root = os.fspath(as_path(workdir).parent)  # local or gs://
     return grow_run.run(cfg, workdir, source_workdir=grow_run.source_workdir_for(cfg, root))
 
 

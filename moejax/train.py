@@ -404,23 +404,27 @@ def global_batch(mesh: Mesh, local: dict) -> dict:
     return out
 
 
-# Peak dense bf16 FLOP/s per device, for MFU (sources: vendor spec sheets).
-PEAK_FLOPS = {
-    "h100": 989e12, "h200": 989e12, "a100": 312e12, "b200": 2250e12,
-    "tpu v4": 275e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v5p": 459e12,
-    "tpu v6 lite": 918e12, "tpu v6e": 918e12,
-}
+# Peak dense bf16 FLOP/s per GPU, for MFU (vendor spec sheets); TPU chips: moejax.tpu_specs.
+GPU_PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "b200": 2250e12}
+
+
+def peak_flops_for_kind(kind: str) -> float | None:
+    """Peak bf16 FLOP/s of a device kind ('TPU v5' is v5p, 'TPU v5 lite' v5e: TPU kinds match
+    exactly, since one is a prefix of the other); None where unknown (CPU)."""
+    from moejax.tpu_specs import chip_for_device_kind
+
+    try:
+        return chip_for_device_kind(kind).peak_bf16_flops
+    except ValueError:
+        pass
+    return next((f for name, f in GPU_PEAK_FLOPS.items() if name in kind.lower()), None)
 
 
 def peak_flops_per_device(t: TrainConfig) -> float | None:
     """Configured peak, else a lookup by device kind; None where unknown (CPU)."""
     if t.peak_flops > 0:
         return t.peak_flops
-    kind = jax.devices()[0].device_kind.lower()
-    for name, flops in PEAK_FLOPS.items():
-        if name in kind:
-            return flops
-    return None
+    return peak_flops_for_kind(jax.devices()[0].device_kind)
 
 
 def mfu(cfg: Config, tokens_per_s: float) -> float | None:

@@ -316,3 +316,11 @@ def test_nan_policy_stop_raises_and_skip_counts(data_cache, tmp_path):
     tr.cfg = tiny_config(data={"cache_dir": data_cache}, train={"nan_policy": "skip"})
     assert tr._check_finite(7, metrics) == 1
     assert tr._check_finite(8, {**metrics, "nonfinite": np.bool_(False)}) == 0
+
+
+@pytest.mark.parametrize("kind,peak", [("TPU v5", 459e12), ("TPU v5 lite", 197e12),
+                                       ("TPU v4", 275e12), ("TPU v6 lite", 918e12),
+                                       ("NVIDIA H100 80GB HBM3", 989e12), ("cpu", None)])
+def test_peak_flops_by_device_kind(kind, peak):
+    """MFU's peak per device kind: v5p reports itself as 'TPU v5' (a prefix of v5e's kind)."""
+    assert T.peak_flops_for_kind(kind) == peak
