@@ -399,6 +399,10 @@ class Config:
         if self.data.tokenizer == "byte" and self.model.vocab_size < 259:
             _fail("model.vocab_size", self.model.vocab_size,
                   "must be >= 259 for the byte tokenizer (256 bytes + pad/bos/eos)")
+        if self.train.decay_zero_centered_norms and self.model.norm != "rms_zero_centered":
+            _fail("train.decay_zero_centered_norms", True,
+                  f"needs model.norm='rms_zero_centered' (got {self.model.norm!r}): a plain RMSNorm "
+                  "weight (scale w, init 1) would decay towards 0; set it False")
         m = self.mesh
         batch_axes = [s for s in (m.data, m.fsdp, m.expert) if s != -1]
         shards = math.prod(batch_axes)

@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from moejax.config import Config, ConfigError, ModelConfig, TrainConfig
+from moejax.config import Config, ModelConfig, TrainConfig
 from moejax.mesh import BATCH_AXES, use_mesh, rules_for
 from moejax.layers import balance
 from moejax.layers.router import maskmoe_mask, update_bias as balance_update_bias
@@ -94,10 +94,6 @@ def decay_mask(params, model: ModelConfig, t: TrainConfig):
 
 def make_optimizer(t: TrainConfig, model: ModelConfig) -> optax.GradientTransformation:
     """AdamW (decay by parameter role, ``decay_mask``) after global-norm clipping."""
-    if t.decay_zero_centered_norms and model.norm != "rms_zero_centered":
-        raise ConfigError(f"train.decay_zero_centered_norms=True needs model.norm="
-                          f"'rms_zero_centered' (got {model.norm!r}): a plain RMSNorm weight "
-                          "(scale w, init 1) would decay towards 0; set it False")
     adamw = optax.adamw(lr_schedule(t), b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay,
                         mask=lambda params: decay_mask(params, model, t))
     return optax.chain(optax.clip_by_global_norm(t.clip_norm), adamw) if t.clip_norm > 0 else adamw

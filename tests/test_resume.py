@@ -161,26 +161,13 @@ with open(f"{out}.{pid}.json", "w") as f:
 
 @pytest.mark.slow
 def test_two_processes_train_save_restore_and_match(data_cache, tmp_path):
-    import portpicker
-
     single = str(tmp_path / "single")
     cfg = lambda steps: tiny_config(data={"cache_dir": data_cache},  # noqa: E731
                                     train={"steps": steps, "ckpt_every": 4, "eval_every": 4})
     Trainer(cfg(4), single, progress=False).run()
     ref = Trainer(cfg(6), single, progress=False).run()
 
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    port = portpicker.pick_unused_port()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["JAX_PLATFORMS"] = "cpu"
-    wd, out = str(tmp_path / "multi"), str(tmp_path / "out")
-    procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port), wd, data_cache, out],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
-    logs = [p.communicate(timeout=400)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n\n".join(x[-3000:] for x in logs)
-    results = [json.load(open(f"{out}.{i}.json")) for i in range(2)]
+    wd, results = _run_two_processes(WORKER, tmp_path, data_cache)
     for r in results:
         assert r["first"]["step"] == 4 and r["second"]["step"] == 6
         np.testing.assert_allclose(r["second"]["train/loss"], ref["train/loss"], rtol=1e-5)
@@ -213,10 +200,20 @@ with open(f"{out}.{pid}.json", "w") as f:
 def test_sigterm_to_one_of_two_processes_saves_one_agreed_step(data_cache, tmp_path):
     """SIGTERM reaches process 0 only: both processes stop after the same step (JAX's
     preemption sync point), save it together and return preempted."""
+    wd, results = _run_two_processes(PREEMPT_WORKER, tmp_path, data_cache)
+    assert all(r["preempted"] for r in results)
+    assert results[0]["step"] == results[1]["step"] and 3 <= results[0]["step"] < 40
+    saved = sorted(int(d) for d in os.listdir(os.path.join(wd, "ckpt")) if d.isdigit())
+    assert saved == [results[0]["step"]]
+
+
+def _run_two_processes(worker: str, tmp_path, data_cache) -> tuple[str, list[dict]]:
+    """Run ``worker`` as processes 0 and 1 of a 2 x 4-CPU-device jax.distributed job on localhost
+    (argv: pid, port, workdir, cache, out); returns the shared workdir and each process's JSON."""
     import portpicker
 
     script = tmp_path / "worker.py"
-    script.write_text(PREEMPT_WORKER)
+    script.write_text(worker)
     port = portpicker.pick_unused_port()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
@@ -226,8 +223,4 @@ def test_sigterm_to_one_of_two_processes_saves_one_agreed_step(data_cache, tmp_p
              for i in range(2)]
     logs = [p.communicate(timeout=400)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n\n".join(x[-3000:] for x in logs)
-    results = [json.load(open(f"{out}.{i}.json")) for i in range(2)]
-    assert all(r["preempted"] for r in results)
-    assert results[0]["step"] == results[1]["step"] and 3 <= results[0]["step"] < 40
-    saved = sorted(int(d) for d in os.listdir(os.path.join(wd, "ckpt")) if d.isdigit())
-    assert saved == [results[0]["step"]]
+    return wd, [json.load(open(f"{out}.{i}.json")) for i in range(2)]
