@@ -78,11 +78,13 @@ class Block(nnx.Module):
         self.mlp = MoE(cfg, rngs=rngs) if self.is_moe else MLP(cfg, rngs=rngs)
 
     def __call__(self, x, positions, segment_ids, cache: LayerCache | None = None, *,
-                 tokens=None, cell=None, state=None, rng=None, train: bool = False,
+                 tokens=None, cell=None, state=None, rng=None, forced=None, train: bool = False,
                  probes: bool = False):
-        """x [B,T,D] -> (x [B,T,D], aux dict of per-layer values, new (k, v) or None, router state).
-        ``probes`` adds the attention probes (``Attention.__call__``) and residual-stream probes
-        of this block's output (``resid_probes``) to aux."""
+        """x [B,T,D] -> (x [B,T,D], aux dict of per-layer values, the cache's updated (k, v)
+        buffers [L,B,S,Hkv,hd] or None, router state). ``forced`` [B,T,k] replays a routing in
+        an MoE layer (``Model.__call__``). ``probes`` adds the attention probes
+        (``Attention.__call__``) and residual-stream probes of this block's output
+        (``resid_probes``) to aux."""
         out = self.attn(self.attn_norm(x), positions=positions, segment_ids=segment_ids,
                         cache=cache, probes=probes)
         h, new_kv = out[:2]
@@ -90,7 +92,7 @@ class Block(nnx.Module):
         aux: Aux = {}
         if self.is_moe:
             y, aux, state = self.mlp(self.mlp_norm(x), token_ids=tokens, segment_ids=segment_ids,
-                                     state=state, cell=cell, rng=rng, train=train)
+                                     state=state, cell=cell, rng=rng, train=train, forced=forced)
         else:
             y = self.mlp(self.mlp_norm(x))
         x = x + y
@@ -116,12 +118,13 @@ def resid_probes(x: jax.Array, segment_ids: jax.Array) -> Aux:
             "resid/sample_abs": a[0, :PROBE_SAMPLE]}
 
 
-def _apply_block(block: Block, x, positions, segment_ids, cache, tokens, cell, state, rng, train,
-                 probes=False):
+def _apply_block(block: Block, x, positions, segment_ids, cache, tokens, cell, state, rng, forced,
+                 train, probes=False):
     """Block application as a plain function (what nnx.remat/nnx.scan wrap); ``train`` and
-    ``probes`` are static. ``tokens`` feed MaskMoE, ``cell`` is the shared RMoE recurrent cell."""
+    ``probes`` are static. ``tokens`` feed MaskMoE, ``cell`` is the shared RMoE recurrent cell,
+    ``forced`` [B,T,k] (or None) the replayed routing of this layer."""
     return block(x, positions, segment_ids, cache, tokens=tokens, cell=cell, state=state, rng=rng,
-                 train=train, probes=probes)
+                 forced=forced, train=train, probes=probes)
 
 
 class Model(nnx.Module):
@@ -156,14 +159,25 @@ class Model(nnx.Module):
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
                  positions: jax.Array | None = None, cache: KVCache | None = None, *,
-                 train: bool = False, rng: jax.Array | None = None, probes: bool = False):
+                 train: bool = False, rng: jax.Array | None = None, probes: bool = False,
+                 forced_experts: jax.Array | None = None):
         """``train`` enables train-only routing behaviour (jitter, GW-MoE); ``rng`` feeds it.
-        MoE statistics in ``aux`` are stacked over the MoE layers only ([L_moe, ...]).
+        MoE statistics in ``aux`` are stacked over the MoE layers only ([L_moe, ...]); token-choice
+        top-k routers also report the experts they used, ``aux["router/experts"]`` int32
+        [L_moe,B,T,k] (-1 = empty slot: null or masked expert).
+        ``forced_experts`` int32 [L_moe,B,T,k] (routing replay, R2/R3) makes every MoE layer use
+        exactly those expert sets (-1 = empty slot) with combine weights from its live router
+        scores (``moejax.layers.router.forced_route``); capacity dispatch still applies its
+        capacity after forcing (RL runs dropless).
         ``probes=True`` also puts attention/residual probes of this same forward into ``aux``,
         stacked over all layers: ``attn/first_token_share [L]``, ``resid/max_abs [L]``,
         ``resid/channel_median_abs [L,D]``, ``resid/sample_abs [L,n,D]``, ``attn/map [L,n,n]`` and,
         with a gate, ``attn/gate_mean [L]``, ``attn/gate_frac_below_0.1 [L]``,
-        ``attn/gate_mean_first [L]``, ``attn/gate_mean_rest [L]`` (see ``moejax.analysis.sinks``)."""
+        ``attn/gate_mean_first [L]``, ``attn/gate_mean_rest [L]`` (see ``moejax.analysis.sinks``).
+
+        With a cache, the stacked k/v buffers ride through the layers (the scan carry, or a loop
+        variable) and each layer scatters only its T new rows into them: nothing is re-stacked, so
+        a donated cache is updated in place."""
         cfg = self.cfg
         B, T = tokens.shape
         tokens = constrain(tokens, ("batch", "length"))
@@ -173,20 +187,22 @@ class Model(nnx.Module):
         if positions is None:
             positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
         segment_ids, positions = segment_ids.astype(jnp.int32), positions.astype(jnp.int32)
+        forced = self._checked_forced(forced_experts, B, T)  # [L_moe,B,T,k] or None
 
+        kv = None  # the stacked (k, v) buffers [L,B,S,Hkv,hd], threaded through the layers
         if cache is not None:
             slots = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None]  # [B,T]
             kv_pos = write_rows(cache.positions, slots, positions)  # [B,S]
             kv_seg = write_rows(cache.segment_ids, slots, segment_ids)
-            layer_cache = lambda k, v: LayerCache(k, v, slots, kv_pos, kv_seg)  # noqa: E731
+
+            def layer_cache(kv, layer):
+                return LayerCache(kv[0], kv[1], slots, kv_pos, kv_seg, layer)
             kv = (cache.k, cache.v)
-        else:
-            layer_cache, kv = None, None
 
         block_fn = _apply_block
         if cfg.remat != "none":
             block_fn = nnx.remat(_apply_block, policy=REMAT_POLICIES[cfg.remat],
-                                 prevent_cse=not cfg.scan_layers, static_argnums=(9, 10))
+                                 prevent_cse=not cfg.scan_layers, static_argnums=(10, 11))
 
         x = self.embed(tokens)  # [B,T,D]
         cell = self.router_cell
@@ -194,40 +210,59 @@ class Model(nnx.Module):
         if self.router_cell is not None:
             state = jnp.zeros((B * T, cfg.moe.router.recurrent_dim), jnp.float32)  # h_0 = 0
         rngs = None if rng is None else jax.random.split(rng, cfg.num_layers)
-        if cfg.scan_layers:
-            def body(carry, block, kv_l, rng_l, cell):
-                x, state = carry
-                lc = None if kv_l is None else layer_cache(*kv_l)
-                x, aux_l, new_kv, state = block_fn(block, x, positions, segment_ids, lc, tokens,
-                                                   cell, state, rng_l, train, probes)
-                return (x, state), (aux_l, new_kv)
+        if cfg.scan_layers:  # every layer is MoE or none is (config check): forced is [L,B,T,k]
+            def body(carry, block, layer, rng_l, forced_l, cell):
+                x, state, kv = carry
+                lc = None if kv is None else layer_cache(kv, layer)
+                x, aux_l, kv, state = block_fn(block, x, positions, segment_ids, lc, tokens, cell,
+                                               state, rng_l, forced_l, train, probes)
+                return (x, state, kv), aux_l
 
-            (x, state), (aux, new_kv) = nnx.scan(
-                body, in_axes=(nnx.Carry, 0, 0, 0, None), out_axes=(nnx.Carry, 0),
-                transform_metadata={nnx.PARTITION_NAME: "layers"})((x, state), self.layers, kv, rngs,
-                                                                    cell)
+            (x, state, kv), aux = nnx.scan(
+                body, in_axes=(nnx.Carry, 0, 0, 0, 0, None), out_axes=(nnx.Carry, 0),
+                transform_metadata={nnx.PARTITION_NAME: "layers"})(
+                    (x, state, kv), self.layers, jnp.arange(cfg.num_layers, dtype=jnp.int32), rngs,
+                    forced, cell)
         else:
-            auxes, new_ks, new_vs = [], [], []
+            auxes, moe_index = [], 0
             for i, block in enumerate(self.layers):
-                lc = None if kv is None else layer_cache(kv[0][i], kv[1][i])
-                x, aux_l, new_kv_l, state = block_fn(block, x, positions, segment_ids, lc, tokens,
-                                                     cell, state, None if rngs is None else rngs[i],
-                                                     train, probes)
+                lc = None if kv is None else layer_cache(kv, i)
+                forced_l = None
+                if forced is not None and block.is_moe:
+                    forced_l, moe_index = forced[moe_index], moe_index + 1
+                x, aux_l, kv, state = block_fn(block, x, positions, segment_ids, lc, tokens, cell,
+                                               state, None if rngs is None else rngs[i], forced_l,
+                                               train, probes)
                 if aux_l:
                     auxes.append(aux_l)
-                if new_kv_l is not None:
-                    new_ks.append(new_kv_l[0])
-                    new_vs.append(new_kv_l[1])
             # stacked per key: MoE stats over the MoE layers, probes over all layers
             aux = {k: jax.tree.map(lambda *xs: jnp.stack(xs), *[a[k] for a in auxes if k in a])
                    for k in dict.fromkeys(k for a in auxes for k in a)}
-            new_kv = (jnp.stack(new_ks), jnp.stack(new_vs)) if kv is not None else None
 
         h = self.final_norm(x)
         logits = self.embed.attend(h) if self.lm_head is None else self.lm_head(h)  # [B,T,V] fp32
         if cache is None:
             return logits, aux
         new_cache = KVCache(
-            k=constrain(new_kv[0], KV_NAMES), v=constrain(new_kv[1], KV_NAMES), positions=kv_pos,
+            k=constrain(kv[0], KV_NAMES), v=constrain(kv[1], KV_NAMES), positions=kv_pos,
             segment_ids=kv_seg, lengths=cache.lengths + jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32))
         return logits, aux, new_cache
+
+    def _checked_forced(self, forced: jax.Array | None, B: int, T: int) -> jax.Array | None:
+        """``forced_experts`` validated against the model and the batch -> int32 [L_moe,B,T,k]."""
+        if forced is None:
+            return None
+        m = self.cfg.moe
+        if not m.enabled:
+            raise ConfigError("forced_experts: replay on a dense model (model.moe is not enabled, "
+                              "num_experts=0); pass forced_experts=None")
+        if m.router.kind != "topk":
+            raise ConfigError(f"forced_experts: model.moe.router.kind={m.router.kind!r} cannot be "
+                              "replayed (only kind='topk' routes by fixed expert sets); pass "
+                              "forced_experts=None")
+        n_moe = sum(m.is_moe_layer(i) for i in range(self.cfg.num_layers))
+        want = (n_moe, B, T, m.top_k)
+        if tuple(forced.shape) != want or not jnp.issubdtype(forced.dtype, jnp.integer):
+            raise ConfigError(f"forced_experts: got {forced.dtype} {tuple(forced.shape)}; expected "
+                              f"integer [L_moe, B, T, top_k] = {want} (aux['router/experts'])")
+        return constrain(jnp.asarray(forced, jnp.int32), (None, "batch", "length", None))

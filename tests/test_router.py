@@ -193,6 +193,28 @@ def test_null_experts_renormalise_over_real():
     np.testing.assert_array_equal(r.selected, sel)  # null picks count for the LBL over E + N
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(norm_topk_prob=False),
+                                dict(score="sigmoid", routed_scaling=2.5), dict(num_null=4)],
+                         ids=["softmax_norm", "softmax_raw", "sigmoid_scaled", "null"])
+def test_forced_route_replays_topk_route_and_ignores_the_bias(logits, kw):
+    """Routing replay: forcing top-k's own (bias-chosen) picks gives its weights bit for bit, live
+    probs/logits; a bias never changes what is forced. Softmax + renormalisation = the softmax
+    over the forced experts' logits (B.5.1)."""
+    z = jnp.asarray(logits)
+    bias = jnp.linspace(0.0, 0.5, E - kw.get("num_null", 0))
+    r = R.topk_route(z, 4, bias=bias, **kw)
+    f = R.forced_route(z, r.experts, **kw)
+    for name in ("experts", "weights", "probs", "logits", "log_probs"):
+        np.testing.assert_array_equal(getattr(f, name), getattr(r, name), err_msg=name)
+    np.testing.assert_array_equal(f.selected, R._selected_mask(r.experts, E))
+    other = np.asarray(R.topk_route(z, 4, **kw).experts)  # the unbiased choice, forced
+    g = R.forced_route(z, jnp.asarray(other), **kw)
+    np.testing.assert_array_equal(g.experts, other)
+    if not kw:
+        ref = softmax(np.take_along_axis(logits.astype(np.float64), other, 1))
+        np.testing.assert_allclose(g.weights, ref, **TOL)
+
+
 def test_expert_choice(logits):
     cap, k = 1.0, 2
     C = math.ceil(cap * T * k / E)

@@ -1,4 +1,4 @@
-"""Sampler: greedy/temperature/top-p against by-hand answers; generate() against the full forward."""
+"""Sampler: greedy/temperature/top-k/top-p by hand; generate() against the full forward."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from moejax.model import Model
-from moejax.sampling import _generate, generate, sample_logits, top_p_mask
+from moejax.sampling import _generate, generate, sample_logits, top_p_mask, truncation_mask
 from moejax.testing import BATCH, tiny_model
 
 B = BATCH
@@ -15,9 +15,9 @@ PROBS = np.array([0.05, 0.3, 0.1, 0.4, 0.02, 0.08, 0.03, 0.02])  # sorted: 3, 1,
 
 
 @jax.jit
-def sample_many(logits, keys, temperature, top_p, greedy):
+def sample_many(logits, keys, temperature, top_p, greedy, top_k=0):
     """[K] keys -> [K, B] samples, one compile for every knob value (knobs are traced)."""
-    return jax.vmap(lambda k: sample_logits(logits, k, temperature, top_p, greedy))(keys)
+    return jax.vmap(lambda k: sample_logits(logits, k, temperature, top_p, greedy, top_k))(keys)
 
 
 KEYS = jax.random.split(jax.random.key(0), 500)
@@ -55,6 +55,57 @@ def test_top_p_sampling_distribution():
     draws = np.asarray(sample_many(logits, KEYS, 0.5, 1.0, False)).ravel()
     sharp = PROBS**2 / (PROBS**2).sum()
     np.testing.assert_allclose(np.bincount(draws, minlength=8) / draws.size, sharp, atol=0.03)
+
+
+def truncation_reference(logits, k, p):
+    """The kept set by hand (float64 loop): the k largest (ties by index), renormalised, then
+    tokens in descending order while the mass before them is < p (p >= 1 keeps all k)."""
+    order = np.argsort(-logits, kind="stable")[:k or len(logits)]
+    probs = np.exp(logits[order] - logits[order].max())
+    probs /= probs.sum()
+    keep, mass = np.zeros(len(logits), bool), 0.0
+    for tok, q in zip(order, probs):
+        if p < 1.0 and mass >= p:
+            break
+        keep[tok] = True
+        mass += q
+    return keep
+
+
+@pytest.mark.parametrize("top_k,top_p,kept", [
+    (2, 1.0, {3, 1}), (1, 1.0, {3}), (8, 1.0, set(range(8))),
+    (2, 0.5, {3}),  # token 1 is kept by top-p alone (mass before 0.4) but not after renormalising
+    (4, 0.8, {3, 1, 2}), (3, 0.75, {3, 1})])
+def test_top_k_then_top_p_keeps_by_hand_set(top_k, top_p, kept):
+    mask = np.asarray(truncation_mask(jnp.asarray(np.log(np.tile(PROBS, (B, 1))), jnp.float32),
+                                      top_k, top_p))
+    expect = np.isin(np.arange(8), list(kept))
+    np.testing.assert_array_equal(mask, np.broadcast_to(expect, mask.shape))
+    np.testing.assert_array_equal(expect, truncation_reference(np.log(PROBS), top_k, top_p))
+
+
+def test_truncation_mask_matches_reference_on_random_logits():
+    logits = np.random.default_rng(3).normal(size=(B, 288)) * 2
+    for top_k, top_p in ((0, 1.0), (1, 1.0), (5, 1.0), (40, 0.9), (0, 0.3), (288, 0.95)):
+        mask = np.asarray(jax.jit(truncation_mask)(jnp.asarray(logits, jnp.float32), top_k, top_p))
+        for b in range(B):
+            np.testing.assert_array_equal(mask[b], truncation_reference(logits[b], top_k, top_p))
+
+
+def test_top_k_sampling_distribution():
+    logits = jnp.asarray(np.log(np.tile(PROBS, (B, 1))), jnp.float32)
+    draws = np.asarray(sample_many(logits, KEYS, 1.0, 1.0, False, 3)).ravel()  # 4000 draws
+    assert set(np.unique(draws)) == {3, 1, 2}  # never outside the top 3
+    freq = np.bincount(draws, minlength=8)[[3, 1, 2]] / draws.size
+    np.testing.assert_allclose(freq, np.array([0.4, 0.3, 0.1]) / 0.8, atol=0.03)
+    # top-k before top-p: top 2 renormalised = (4/7, 3/7), so top_p=0.5 keeps token 3 only
+    draws = np.asarray(sample_many(logits, KEYS[:50], 1.0, 0.5, False, 2))
+    assert (draws == 3).all()
+    # temperature before top-k: 0.5 sharpens p -> p^2 within the same top 3
+    draws = np.asarray(sample_many(logits, KEYS, 0.5, 1.0, False, 3)).ravel()
+    sharp = PROBS[[3, 1, 2]] ** 2 / (PROBS[[3, 1, 2]] ** 2).sum()
+    np.testing.assert_allclose(np.bincount(draws, minlength=8)[[3, 1, 2]] / draws.size, sharp,
+                               atol=0.03)
 
 
 P, NEW = 24, 16

@@ -37,8 +37,11 @@ from moejax.mesh import constrain
 class LayerCache:
     """One layer's view of the KV cache (see ``moejax.model.KVCache`` for the convention).
 
-    k, v: [B,S,Hkv,hd] before this step's write; slots: [B,T] where this step's tokens are written
-    (out-of-range slots are dropped); kv_positions / kv_segment_ids: [B,S] after the write.
+    k, v: the stacked buffers [L,B,S,Hkv,hd] of all layers before this layer's write, and
+    ``layer`` (int or int32 scalar) the one this layer owns; ``layer=None`` means k, v are a
+    single layer's [B,S,Hkv,hd] (a standalone Attention call). slots: [B,T] where this step's
+    tokens are written (out-of-range slots are dropped); kv_positions / kv_segment_ids: [B,S]
+    after the write.
     """
 
     k: jax.Array
@@ -46,12 +49,29 @@ class LayerCache:
     slots: jax.Array
     kv_positions: jax.Array
     kv_segment_ids: jax.Array
+    layer: jax.Array | int | None = None
+
+    def write(self, k: jax.Array, v: jax.Array):
+        """Scatter this step's k, v [B,T,Hkv,hd] into the buffers, in place (only T rows per
+        sequence move) -> (new k buffer, new v buffer, this layer's k, v [B,S,Hkv,hd])."""
+        if self.layer is None:
+            k_all, v_all = write_rows(self.k, self.slots, k), write_rows(self.v, self.slots, v)
+            return k_all, v_all, k_all, v_all
+        k_all = write_layer_rows(self.k, self.layer, self.slots, k)
+        v_all = write_layer_rows(self.v, self.layer, self.slots, v)
+        return k_all, v_all, k_all[self.layer], v_all[self.layer]
 
 
 def write_rows(buf: jax.Array, slots: jax.Array, new: jax.Array) -> jax.Array:
     """buf [B,S,...] with new [B,T,...] written at buf[b, slots[b,t]]; slots >= S are dropped."""
     b = jnp.arange(buf.shape[0])[:, None]
     return buf.at[b, slots].set(new.astype(buf.dtype), mode="drop")
+
+
+def write_layer_rows(buf: jax.Array, layer, slots: jax.Array, new: jax.Array) -> jax.Array:
+    """buf [L,B,S,...] with new [B,T,...] written at buf[layer, b, slots[b,t]] (slots >= S dropped)."""
+    b = jnp.arange(buf.shape[1])[:, None]
+    return buf.at[layer, b, slots].set(new.astype(buf.dtype), mode="drop")
 
 
 _GATE_NAMES = {  # (position, granularity) -> (einsum spec of x @ W, W's logical names)
@@ -154,15 +174,16 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array,
                  cache: LayerCache | None = None, probes: bool = False):
-        """x [B,T,D]; positions, segment_ids [B,T]. Returns (y [B,T,D], (k, v) [B,S,Hkv,hd] or None),
+        """x [B,T,D]; positions, segment_ids [B,T]. Returns (y [B,T,D], the cache's updated k, v
+        buffers (``LayerCache.write``) or None),
         plus, with ``probes``, a dict of this layer's attention probes (scalars unless noted):
         ``attn/first_token_share`` (mean over heads and non-first queries of the probability on
         the segment's first token), ``attn/map`` [n,n] (row 0, head 0), and with a gate
         ``attn/gate_mean``, ``attn/gate_frac_below_0.1``, ``attn/gate_mean_first``/``_rest``.
         Probes always run the reference kernel (they need the probabilities).
 
-        Without a cache the T tokens attend among themselves; with one, their k/v are written at
-        ``cache.slots`` and the queries attend over the whole cache; the updated k/v are returned.
+        Without a cache the T tokens attend among themselves; with one, their k/v are scattered
+        into the buffers at ``cache.slots`` and the queries attend over this layer's whole cache.
         """
         dt = self.dtype
         pos, gran, _, form, layout = self.gate_cfg
@@ -191,10 +212,10 @@ class Attention(nnx.Module):
         if cache is None:
             kv_pos, kv_seg, new_kv = positions, segment_ids, None
         else:
-            k = constrain(write_rows(cache.k, cache.slots, k), ("batch", "length", "kv_heads", "head_dim"))
-            v = constrain(write_rows(cache.v, cache.slots, v), ("batch", "length", "kv_heads", "head_dim"))
-            kv_pos, kv_seg, new_kv = cache.kv_positions, cache.kv_segment_ids, (k, v)
-            k, v = k.astype(dt), v.astype(dt)
+            k_all, v_all, k, v = cache.write(k, v)
+            names = ("batch", "length", "kv_heads", "head_dim")
+            k, v = constrain(k, names).astype(dt), constrain(v, names).astype(dt)
+            kv_pos, kv_seg, new_kv = cache.kv_positions, cache.kv_segment_ids, (k_all, v_all)
         sink = None if self.sink is None else self.sink[...]
         out = kernels.attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=kv_seg,
                                 q_positions=positions, kv_positions=kv_pos,

@@ -58,8 +58,12 @@ class MoE(nnx.Module):
 
     def __call__(self, x: jax.Array, *, token_ids: jax.Array, segment_ids: jax.Array,
                  state: jax.Array | None, cell: RecurrentCell | None, rng: jax.Array | None,
-                 train: bool):
-        """x [B,T,D] -> (y [B,T,D], aux dict, new router state [B*T, p] or None)."""
+                 train: bool, forced: jax.Array | None = None):
+        """x [B,T,D] -> (y [B,T,D], aux dict, new router state [B*T, p] or None).
+
+        ``forced`` [B,T,k] int32 replays a recorded routing (``Router.__call__``); capacity
+        dispatch still applies its capacity to the forced assignment. Top-k routing reports the
+        experts it used as ``router/experts`` [B,T,k] (-1 = empty slot)."""
         m, dt = self.cfg.moe, self.dtype
         B, T, D = x.shape
         xf = x.reshape(B * T, D)  # batch-major: token rows stay sharded over the batch axes
@@ -67,9 +71,10 @@ class MoE(nnx.Module):
         keys = None
         if m.router.gating == "avg_key":  # EMoE: mean key of each block, from the live gates
             keys = jnp.mean(self.w_gate[...].astype(jnp.float32), axis=-1).T  # [D,E]
+        forced = None if forced is None else forced.reshape(B * T, -1)  # [B*T,k]
         routing, new_state = self.router(xf, token_ids=token_ids.reshape(B * T), state=state,
                                          cell=cell, rng=rng, train=train, valid=valid,
-                                         expert_keys=keys)
+                                         expert_keys=keys, forced=forced)
         w = (self.w_gate[...].astype(dt), self.w_up[...].astype(dt), self.w_down[...].astype(dt))
         if isinstance(routing, ExpertChoice):
             y = expert_choice_experts(xf.astype(dt), routing.tokens, routing.weights, *w)
@@ -86,6 +91,8 @@ class MoE(nnx.Module):
             y = y + s
         stats = router_stats(routing, valid, num_null=m.router.num_null_experts)
         aux = {f"router/{k}": v for k, v in stats.items()}
+        if m.router.kind == "topk":  # the routing replay record (R2/R3)
+            aux["router/experts"] = routing.experts.reshape(B, T, -1)
         aux["router/dropped"] = aux.get("router/dropped", 0) + dispatch["dropped"]
         aux.update({f"router/{k}": v for k, v in
                     seq_stats(routing.selected, routing.probs, valid, B).items()})

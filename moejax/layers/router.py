@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moejax.config import ConfigError
 from moejax.layers import param
 
 MASK_VALUE = -1e9  # finite "-inf" for masked logits: exp() underflows to exactly 0 in fp32
@@ -67,6 +68,31 @@ def _selected_mask(experts: jax.Array, n: int) -> jax.Array:
     return jnp.sum(jax.nn.one_hot(experts, n, dtype=jnp.float32), axis=1)  # one_hot(-1) = 0
 
 
+def _scores(logits: jax.Array, score: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """fp32 logits [T,E_all] -> (scores s that weight the experts, probs, log_probs), all dense
+    [T,E_all]: softmax over all columns, or elementwise sigmoid with probs = s / sum s."""
+    if score == "softmax":
+        s = jax.nn.softmax(logits, axis=-1)
+        return s, s, jax.nn.log_softmax(logits, axis=-1)
+    if score == "sigmoid":
+        s = jax.nn.sigmoid(logits)
+        total = jnp.maximum(jnp.sum(s, axis=-1, keepdims=True), 1e-20)
+        return s, s / total, jax.nn.log_sigmoid(logits) - jnp.log(total)
+    raise ValueError(f"score={score!r}: choose 'softmax' or 'sigmoid'")
+
+
+def _slot_weights(s: jax.Array, experts: jax.Array, empty: jax.Array, *, renorm: bool,
+                  routed_scaling: float) -> jax.Array:
+    """Combine weights [T,k]: the dense scores s [T,E_all] gathered at experts [T,k] (never a
+    scatter-zeroed copy: replayed ids outside the live top-k keep their score and gradient),
+    0 on empty slots, renormalised if ``renorm``, times ``routed_scaling``."""
+    w = jnp.take_along_axis(s, jnp.clip(experts, 0, s.shape[1] - 1), axis=1)
+    w = jnp.where(empty, 0.0, w)
+    if renorm:
+        w = _renorm(w)
+    return w * routed_scaling
+
+
 def topk_route(logits: jax.Array, k: int, *, score: str = "softmax", norm_topk_prob: bool = True,
                routed_scaling: float = 1.0, bias: jax.Array | None = None, group_mode: str = "none",
                num_groups: int = 1, topk_groups: int = 1, num_null: int = 0,
@@ -94,15 +120,7 @@ def topk_route(logits: jax.Array, k: int, *, score: str = "softmax", norm_topk_p
         raise ValueError("group-limited / MoGE routing does not combine with null experts")
     if mask is not None:
         logits = logits + jnp.pad(mask.astype(jnp.float32), ((0, 0), (0, num_null)))
-    if score == "softmax":
-        s = jax.nn.softmax(logits, axis=-1)
-        probs, log_probs = s, jax.nn.log_softmax(logits, axis=-1)
-    elif score == "sigmoid":
-        s = jax.nn.sigmoid(logits)
-        total = jnp.maximum(jnp.sum(s, axis=-1, keepdims=True), 1e-20)
-        probs, log_probs = s / total, jax.nn.log_sigmoid(logits) - jnp.log(total)
-    else:
-        raise ValueError(f"score={score!r}: choose 'softmax' or 'sigmoid'")
+    s, probs, log_probs = _scores(logits, score)
     sel = s if bias is None else s + jnp.pad(bias.astype(jnp.float32), (0, num_null))  # [T,E_all]
     if mask is not None:  # a bias must never lift an invisible expert over a visible one
         sel = jnp.where(jnp.pad(mask, ((0, 0), (0, num_null))) < 0, -jnp.inf, sel)
@@ -129,19 +147,40 @@ def topk_route(logits: jax.Array, k: int, *, score: str = "softmax", norm_topk_p
         elif group_mode != "none":
             raise ValueError(f"group_mode={group_mode!r}: choose 'none', 'limited' or 'moge'")
         _, experts = jax.lax.top_k(sel, k)  # [T,k]
-    w = jnp.take_along_axis(s, experts, axis=1)  # [T,k] unbiased scores
     masked = jnp.zeros(experts.shape, bool)
     if mask is not None:  # a slot on an invisible expert (k > visible experts) carries nothing
         mk = jnp.take_along_axis(mask.astype(jnp.float32), jnp.minimum(experts, E - 1), axis=1)
         masked = (experts < E) & (mk < 0)
     sel_mask = _selected_mask(jnp.where(masked, -1, experts), E_all)  # null picks count too
     empty = masked | (experts >= E)
+    w = _slot_weights(s, experts, empty, renorm=norm_topk_prob or num_null > 0,
+                      routed_scaling=routed_scaling)  # [T,k] unbiased scores
     experts = jnp.where(empty, -1, experts).astype(jnp.int32)
-    w = jnp.where(empty, 0.0, w)
-    if norm_topk_prob or num_null:
-        w = _renorm(w)
-    w = w * routed_scaling
     return Routing(experts, w, probs, logits, sel_mask, log_probs, jnp.zeros((T,), jnp.float32))
+
+
+def forced_route(logits: jax.Array, forced: jax.Array, *, score: str = "softmax",
+                 norm_topk_prob: bool = True, routed_scaling: float = 1.0,
+                 num_null: int = 0) -> Routing:
+    """Routing replay (R2/R3, rl-and-data.md B.5.1): the recorded expert sets ``forced`` [T,k]
+    int32 (slot order kept; -1, or a null expert's id, = empty slot) with combine weights from the
+    *live* scores, exactly as ``topk_route`` weights its own picks: s = softmax over all E_all
+    logits (with ``norm_topk_prob`` this is the softmax over the forced experts' logits) or
+    sigmoid(logits), gathered at the forced ids, renormalised if ``norm_topk_prob`` (always with
+    null experts), times ``routed_scaling``. Gradients reach the router through s. No bias, mask
+    or group limit applies; probs / log_probs / logits stay the live ones (balance losses from
+    live scores), ``selected`` is the forced one-hot."""
+    logits = logits.astype(jnp.float32)
+    T, E_all = logits.shape
+    E = E_all - num_null
+    forced = forced.astype(jnp.int32)
+    s, probs, log_probs = _scores(logits, score)
+    empty = (forced < 0) | (forced >= E)
+    w = _slot_weights(s, forced, empty, renorm=norm_topk_prob or num_null > 0,
+                      routed_scaling=routed_scaling)
+    experts = jnp.where(empty, -1, forced)
+    return Routing(experts, w, probs, logits, _selected_mask(experts, E_all), log_probs,
+                   jnp.zeros((T,), jnp.float32))
 
 
 def topp_route(logits: jax.Array, p: float, max_slots: int, *, num_null: int = 0) -> Routing:
@@ -416,11 +455,13 @@ class Router(nnx.Module):
                  state: jax.Array | None = None, cell: RecurrentCell | None = None,
                  rng: jax.Array | None = None, train: bool = False,
                  valid: jax.Array | None = None,
-                 expert_keys: jax.Array | None = None):
+                 expert_keys: jax.Array | None = None, forced: jax.Array | None = None):
         """x [T,D] -> (Routing | ExpertChoice, new recurrent state [T,p] or None).
 
         token_ids [T] (MaskMoE), state [T,p] (RMoE; None = h_0 = 0), cell: the shared RecurrentCell,
-        rng: jitter noise (train only), valid [T] (expert choice: padding takes no slot).
+        rng: jitter noise (train only), valid [T] (expert choice: padding takes no slot),
+        forced [T,k] int32: routing replay (``forced_route``; kind='topk' only; the aux-free bias
+        and MaskMoE masks do not apply).
         """
         m, r = self.moe_cfg, self.moe_cfg.router
         f32 = lambda a: a[...].astype(jnp.float32)  # noqa: E731
@@ -444,6 +485,8 @@ class Router(nnx.Module):
         N = r.num_null_experts
         if N:
             logits = jnp.concatenate([logits, jnp.dot(x, f32(self.w_null), precision=_HI)], -1)
+        if forced is not None:
+            return self._forced(logits, forced), new_state
         mask = None
         if self.token_mask is not None:
             if token_ids is None:
@@ -459,12 +502,26 @@ class Router(nnx.Module):
             slots = r.max_experts_per_token or (m.num_experts + N)
             return topp_route(logits, r.top_p, slots, num_null=N), new_state
         bias = None if self.bias is None else self.bias[...]
-        if r.gating == "avg_key":  # selected blocks combine with weight 1 (no softmax weighting)
-            out = topk_route(logits, m.top_k, score="softmax", norm_topk_prob=False, bias=bias,
-                             mask=mask)
-            ones = (out.experts >= 0).astype(jnp.float32) * r.routed_scaling
-            return dataclasses.replace(out, weights=ones), new_state
+        if r.gating == "avg_key":
+            return _unit_weights(topk_route(logits, m.top_k, score="softmax", norm_topk_prob=False,
+                                            bias=bias, mask=mask), r.routed_scaling), new_state
         return topk_route(logits, m.top_k, score=r.score, norm_topk_prob=r.norm_topk_prob,
                           routed_scaling=r.routed_scaling, bias=bias, group_mode=r.group_mode,
                           num_groups=r.num_groups, topk_groups=r.topk_groups, num_null=N,
                           mask=mask), new_state
+
+    def _forced(self, logits: jax.Array, forced: jax.Array) -> Routing:
+        """The replayed routing of ``forced`` [T,k] under this router's scoring."""
+        r = self.moe_cfg.router
+        if r.kind != "topk":
+            raise ConfigError(f"model.moe.router.kind={r.kind!r} cannot replay a forced routing "
+                              "(routing replay needs kind='topk')")
+        if r.gating == "avg_key":
+            return _unit_weights(forced_route(logits, forced, norm_topk_prob=False), r.routed_scaling)
+        return forced_route(logits, forced, score=r.score, norm_topk_prob=r.norm_topk_prob,
+                            routed_scaling=r.routed_scaling, num_null=r.num_null_experts)
+
+
+def _unit_weights(out: Routing, routed_scaling: float) -> Routing:
+    """EMoE avg_key gating: every non-empty slot combines with weight routed_scaling (no softmax)."""
+    return dataclasses.replace(out, weights=(out.experts >= 0).astype(jnp.float32) * routed_scaling)
