@@ -1,4 +1,5 @@
-"""Orbax checkpoints of a whole run: train state, data-iterator state and metadata, together.
+"""Orbax checkpoints of a whole run: train state, data-iterator state and metadata, together
+(and, for runs that have them, extra arrays such as an RL run's frozen reference model).
 
 One ``CheckpointManager`` per workdir (``workdir/ckpt``, local or ``gs://``): async saves, keep-N,
 and restore into *abstract sharded targets*, so a checkpoint written on one mesh restores onto
@@ -25,7 +26,7 @@ from etils import epath
 from moejax.paths import as_path
 from moejax.train import TrainState
 
-ITEMS = ("state", "data", "meta")
+ITEMS = ("state", "data", "meta", "extra")
 
 
 class CheckpointMismatchError(ValueError):
@@ -83,13 +84,17 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state: TrainState, data_iterator, meta: dict, *,
-             force: bool = False) -> bool:
-        """Start a (possibly async) save; returns whether one was started."""
-        args = ocp.args.Composite(
-            state=ocp.args.StandardSave(_state_dict(state)),
-            data=grain.checkpoint.CheckpointSave(data_iterator),
-            meta=ocp.args.JsonSave(meta))
-        return self.manager.save(step, args=args, force=force)
+             force: bool = False, extra=None) -> bool:
+        """Start a (possibly async) save; returns whether one was started. ``data_iterator``
+        may be None (a run whose data order lives in ``meta``); ``extra`` is an optional pytree
+        of arrays saved with the same step."""
+        items = {"state": ocp.args.StandardSave(_state_dict(state)),
+                 "meta": ocp.args.JsonSave(meta)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        if extra is not None:
+            items["extra"] = ocp.args.StandardSave(extra)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def check_matches(self, step: int, abstract_state: TrainState) -> None:
         """Raise CheckpointMismatchError when ``step``'s saved leaves differ in path or shape from
@@ -112,32 +117,41 @@ class Checkpointer:
             f"than the current model config ({len(diff)} leaves differ: {shown}); restore the "
             f"config it was written with or use a new --workdir")
 
-    def restore(self, step: int, abstract_state: TrainState, data_iterator) -> tuple[TrainState, dict]:
+    def restore(self, step: int, abstract_state: TrainState, data_iterator, *,
+                abstract_extra=None) -> tuple[TrainState, dict]:
         """Restore ``step`` into ``abstract_state`` (ShapeDtypeStructs with the *current*
-        shardings) and rewind ``data_iterator`` in place. Returns the state and the saved metadata.
+        shardings) and rewind ``data_iterator`` in place (None: the run saved none). Returns the
+        state and the saved metadata; with ``abstract_extra`` (the target of the ``extra`` saved
+        with the step) the metadata's ``"extra"`` holds that restored tree.
         Raises CheckpointMismatchError (other shapes) or CheckpointDamagedError (unreadable)."""
         self.check_matches(step, abstract_state)
         target = _state_dict(abstract_state)
+        items = {"state": ocp.args.StandardRestore(target), "meta": ocp.args.JsonRestore()}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        if abstract_extra is not None:
+            items["extra"] = ocp.args.StandardRestore(abstract_extra)
         try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target),
-                data=grain.checkpoint.CheckpointRestore(data_iterator),
-                meta=ocp.args.JsonRestore()))
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # noqa: BLE001 -- shapes matched: the files are at fault
             raise CheckpointDamagedError(f"its files do not read back ({_first_line(e)})") from e
         tree = restored["state"]
         rest = abstract_state.rest if target["rest"] is None else tree["rest"]
         state = TrainState(step=tree["step"], params=tree["params"], rest=rest,
                            opt_state=tree["opt_state"], rng=tree["rng"])
-        return state, dict(restored["meta"])
+        meta = dict(restored["meta"])
+        if abstract_extra is not None:
+            meta["extra"] = restored["extra"]
+        return state, meta
 
-    def restore_latest(self, abstract_state: TrainState,
-                       data_iterator) -> tuple[TrainState, dict] | None:
+    def restore_latest(self, abstract_state: TrainState, data_iterator, *,
+                       abstract_extra=None) -> tuple[TrainState, dict] | None:
         """Restore the newest step that reads back on every process; damaged newer steps are set
         aside with a warning. None when no step is left (the run starts afresh)."""
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
-                out, why = self.restore(step, abstract_state, data_iterator), None
+                out, why = self.restore(step, abstract_state, data_iterator,
+                                        abstract_extra=abstract_extra), None
             except CheckpointDamagedError as e:
                 out, why = None, str(e)
             if _all_processes_ok(out is not None):

@@ -422,6 +422,11 @@ class Config:
                   f"mesh data*fsdp*expert={batch}")
         self.model.check_mesh_divisibility(sizes)
 
+    @property
+    def uses_corpus(self) -> bool:
+        """Whether the run trains on the ``data.*`` corpus (an RL run on tasks does not)."""
+        return True
+
     # -- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -75,9 +75,10 @@ def write_summary(workdir: str, summary: dict, cfg: Config) -> None:
     """``summary.json``: the run's summary and the hash of the config that produced it."""
     from moejax.data import corpus_provenance
 
-    write_text_atomic(as_path(workdir) / SUMMARY, json.dumps(
-        {**summary, "config_hash": config_hash(cfg), "corpus": corpus_provenance(cfg.data)},
-        indent=2))
+    record = {**summary, "config_hash": config_hash(cfg)}
+    if cfg.uses_corpus:
+        record["corpus"] = corpus_provenance(cfg.data)
+    write_text_atomic(as_path(workdir) / SUMMARY, json.dumps(record, indent=2))
 
 
 def write_report(out_dir: str | os.PathLike, text: str) -> str:
@@ -112,7 +113,12 @@ def user_errors(debug: bool) -> Iterator[None]:
 def main(*, description: str, presets: Mapping[str, Config], arms: Mapping[str, Sequence[str]],
          run_arm: Callable[[Config, str], dict],
          report: Callable[[dict[str, str], str], str],
-         argv: Sequence[str] | None = None) -> dict[str, dict]:
+         argv: Sequence[str] | None = None,
+         budget: Callable[[Mapping[str, Config], Mapping[str, str]], str] | None = None
+         ) -> dict[str, dict]:
+    """Parse the command line, run the arms, write the report. ``budget(configs, workdirs)``
+    gives the report's data-budget section (default ``budget_section``: corpus tokens and
+    passes per domain)."""
     p = argparse.ArgumentParser(description=description.strip().splitlines()[0])
     p.add_argument("--preset", default="cpu", choices=sorted(presets))
     p.add_argument("--arms", default=",".join(arms), help=f"comma-separated, from {list(arms)}")
@@ -125,10 +131,10 @@ def main(*, description: str, presets: Mapping[str, Config], arms: Mapping[str, 
                    help=f"show the traceback of configuration and data errors (or {DEBUG_ENV}=1)")
     args = p.parse_args(argv)
     with user_errors(args.debug or debug_from_env()):
-        return _run(args, presets, arms, run_arm, report)
+        return _run(args, presets, arms, run_arm, report, budget or budget_section)
 
 
-def _run(args, presets, arms, run_arm, report) -> dict[str, dict]:
+def _run(args, presets, arms, run_arm, report, budget) -> dict[str, dict]:
     """Run (or reuse, or resume) each arm, then write the report."""
     if args.distributed:
         from moejax.mesh import initialize_distributed
@@ -153,7 +159,7 @@ def _run(args, presets, arms, run_arm, report) -> dict[str, dict]:
             write_summary(wd, summary, cfg)
     if jax.process_index() == 0:
         path = report(workdirs, os.fspath(as_path(args.workdir)))
-        append_budget(path, configs, workdirs)
+        append_budget(path, budget(configs, workdirs))
         print(f"report: {path}")
     return summaries
 
@@ -187,8 +193,7 @@ def budget_section(configs: Mapping[str, Config], workdirs: Mapping[str, str]) -
     return "\n".join(lines)
 
 
-def append_budget(report_path: str, configs: Mapping[str, Config],
-                  workdirs: Mapping[str, str]) -> None:
-    """Append ``budget_section`` to the experiment's report."""
+def append_budget(report_path: str, section: str) -> None:
+    """Append the data-budget ``section`` (markdown) to the experiment's report."""
     path = as_path(report_path)
-    write_text_atomic(path, path.read_text() + budget_section(configs, workdirs))
+    write_text_atomic(path, path.read_text() + section)

@@ -110,24 +110,71 @@ def _preemption_service_running() -> bool:
     return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
 
 
+class StopSignals:
+    """Stop a loop cleanly on SIGTERM or a first Ctrl-C (a second Ctrl-C aborts): the loop asks
+    ``agreed(step)`` after each step and saves and returns when it is True. With several
+    processes every one stops at the same step (JAX's preemption sync point, or an all-gather of
+    the flags). Use as a context manager around the loop (installs and restores the handlers)."""
+
+    def __init__(self):
+        self.requested = False
+        self.preemption_service = False
+        self._previous: dict = {}
+
+    def _on_signal(self, signum, frame):
+        if signum == signal.SIGINT and self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.preemption_service:  # tell JAX's preemption notifier, so every process stops
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def __enter__(self) -> "StopSignals":
+        """Handle SIGTERM and SIGINT (main thread only). Under JAX's preemption service SIGTERM
+        stays with its notifier (see ``agreed``)."""
+        self.preemption_service = jax.process_count() > 1 and _preemption_service_running()
+        if threading.current_thread() is threading.main_thread():
+            sigs = ((signal.SIGINT,) if self.preemption_service
+                    else (signal.SIGTERM, signal.SIGINT))
+            self._previous = {s: signal.signal(s, self._on_signal) for s in sigs}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def agreed(self, step: int) -> bool:
+        """Whether every process saves and stops after ``step``. One process: its own flag.
+        Several: JAX's preemption sync point (a notice on any process is broadcast and all agree
+        on one step), or, without that service, an all-gather of the flags every step."""
+        if jax.process_count() == 1:
+            return self.requested
+        if self.preemption_service:
+            return multihost_utils.reached_preemption_sync_point(step)
+        flags = multihost_utils.process_allgather(np.int32(self.requested))
+        return bool(np.max(flags))
+
+
 class Trainer:
     """One training run in one workdir. ``on_step(trainer, step, metrics)`` is an optional hook
     called after each logged step (tests use it; experiments use it for extra statistics).
     ``init_state_fn(setup, data_iterator) -> TrainState`` replaces the fresh init when no
-    checkpoint exists (moejax.grow_run: grow a finished source run; it may rewind the iterator)."""
+    checkpoint exists (moejax.grow_run: grow a finished source run; it may rewind the iterator).
+    ``data`` replaces the corpus pipeline ``data.*`` describes with any object of its interface
+    (``domains``, ``train_iterator``, ``eval_batches``; moejax.rl.sft: task demonstrations)."""
 
     def __init__(self, cfg: Config, workdir: str | os.PathLike, *,
                  on_step: Callable[["Trainer", int, dict], None] | None = None,
                  progress: bool = True,
-                 init_state_fn: Callable[[T.Setup, object], T.TrainState] | None = None):
+                 init_state_fn: Callable[[T.Setup, object], T.TrainState] | None = None,
+                 data=None):
         self.cfg, self.workdir, self.on_step = cfg, as_path(workdir), on_step
         self.init_state_fn = init_state_fn
         self.progress = progress and jax.process_index() == 0
-        self._stop_requested = False
-        self._preemption_service = False
+        self.stop = StopSignals()
         self.mesh = make_mesh(cfg.mesh)
         self.setup = T.setup(cfg, self.mesh)
-        self.data = _prepare_data(cfg)
+        self.data = _prepare_data(cfg) if data is None else data
         self.domains = self.data.domains
         self.train_step = T.make_train_step(self.setup, len(self.domains))
         self.eval_step = T.make_eval_step(self.setup, len(self.domains))
@@ -173,34 +220,6 @@ class Trainer:
     def _save(self, step: int, state, it, tokens: int, *, force: bool = False) -> None:
         self.ckpt.save(step, state, it, {"step": step, "tokens": tokens}, force=force)
 
-    # -- stopping on a signal ----------------------------------------------------------------
-    def _on_stop_signal(self, signum, frame):
-        """SIGTERM or a first Ctrl-C: finish the step, save, return; a second Ctrl-C aborts."""
-        if signum == signal.SIGINT and self._stop_requested:
-            raise KeyboardInterrupt
-        self._stop_requested = True
-        if self._preemption_service:  # tell JAX's preemption notifier, so every process stops
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    def _install_stop_handlers(self) -> dict:
-        """Handle SIGTERM and SIGINT (main thread only); returns the previous handlers. Under
-        JAX's preemption service SIGTERM stays with its notifier (see ``_stop_agreed``)."""
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-        sigs = (signal.SIGINT,) if self._preemption_service else (signal.SIGTERM, signal.SIGINT)
-        return {s: signal.signal(s, self._on_stop_signal) for s in sigs}
-
-    def _stop_agreed(self, step: int) -> bool:
-        """Whether every process saves and stops after ``step``. One process: its own flag.
-        Several: JAX's preemption sync point (a notice on any process is broadcast and all agree
-        on one step), or, without that service, an all-gather of the flags every step."""
-        if jax.process_count() == 1:
-            return self._stop_requested
-        if self._preemption_service:
-            return multihost_utils.reached_preemption_sync_point(step)
-        flags = multihost_utils.process_allgather(np.int32(self._stop_requested))
-        return bool(np.max(flags))
-
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> dict:
         """Train to ``train.steps``; returns a summary (final losses, whether preempted)."""
@@ -227,8 +246,7 @@ class Trainer:
         if restored is None:
             logger.log(0, {"tokens": 0, **self.evaluate(state)})
 
-        self._preemption_service = jax.process_count() > 1 and _preemption_service_running()
-        previous = self._install_stop_handlers()
+        self.stop.__enter__()
         bar = tqdm(total=cfg.train.steps, initial=step, disable=not self.progress,
                    desc=self.workdir.name, dynamic_ncols=True)
         tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
@@ -262,7 +280,7 @@ class Trainer:
                 saved = step % cfg.train.ckpt_every == 0 or final
                 if saved:
                     self._save(step, state, it, tokens)
-                if self._stop_agreed(step) and not final:
+                if self.stop.agreed(step) and not final:
                     if not saved:  # this step is on disk already when it was a checkpoint step
                         self._save(step, state, it, tokens, force=True)
                     preempted = True
@@ -270,8 +288,7 @@ class Trainer:
             if pending is not None:
                 nonfinite_steps += self._check_finite(*pending)
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            self.stop.__exit__()
             bar.close()
             self.ckpt.wait()
             logger.close()

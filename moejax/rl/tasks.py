@@ -237,6 +237,19 @@ def train_batch(cfg: TaskConfig, step: int, batch_size: int) -> list[TaskItem]:
     return [train_item(cfg, step * batch_size + i) for i in range(batch_size)]
 
 
+def stream_item(cfg: TaskConfig, file_train: Sequence[TaskItem] | None, index: int,
+                offset: int = 0) -> TaskItem:
+    """Item ``index`` of a run's training stream: ``train_item(cfg, offset + index)`` for the
+    synthetic tasks, or a task file's training split cycled in a seeded order per pass.
+    ``offset`` separates streams (the RL prompts from the SFT demonstrations)."""
+    if file_train is None:
+        return train_item(cfg, offset + index)
+    epoch, k = divmod(index, len(file_train))
+    order = list(range(len(file_train)))
+    random.Random(f"{cfg.seed}/file/{offset}/{epoch}").shuffle(order)
+    return file_train[order[k]]
+
+
 def eval_items(cfg: TaskConfig, tier: Tier, n: int) -> list[TaskItem]:
     """Up to ``n`` distinct held-out items of ``tier`` (fewer when its eval split is smaller).
 

@@ -1,0 +1,181 @@
+"""The configuration of an RL run: ``RLRunConfig`` is a ``moejax.config.Config`` (model, mesh, data,
+train) plus an ``rl`` section (tasks, rewards, rollout, advantages, loss, routing replay, the SFT
+warm start and the loop's batch geometry). Dotted overrides work as for any config
+(``--set rl.loss.eps_high=0.28``); every invalid value raises ``ConfigError`` naming its field.
+
+Batch geometry of one RL step: ``prompts_per_step`` prompts x ``num_generations`` completions are
+generated, rewarded and turned into advantages; the rows are split into ``mini_batches`` optimizer
+steps, repeated for ``ppo_epochs`` epochs, each accumulated over ``micro_batches`` micro-steps with
+the mini-batch's global loss denominators. ``train.steps`` counts RL steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from moejax.config import Config
+from moejax.config_checks import _check_choice, _fail
+from moejax.rl.advantages import FILTER_RULES, AdvantageConfig
+from moejax.rl.losses import PolicyLossConfig
+from moejax.rl.rewards import RewardConfig
+from moejax.rl.rollout import RolloutConfig
+from moejax.rl.tasks import TaskConfig
+
+REPLAY_MODES = ("none", "r2", "r3")
+OLD_LOGPROBS = ("recompute", "rollout")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplayConfig:
+    """MoE routing replay (methods B.5.1): ``r3`` forces the rollout engine's recorded top-k sets
+    in the pi_old recompute and every update; ``r2`` records them in the pi_old recompute and
+    forces them in the updates; ``none`` routes live (disagreement with the rollout is logged).
+    ``balance_loss``: the MoE balance/z losses during RL from live scores, or off (OpenRLHF's 0)."""
+
+    mode: str = "none"
+    balance_loss: Literal["off", "live"] = "off"
+
+    def __post_init__(self):
+        _check_choice("rl.replay.mode", self.mode, REPLAY_MODES)
+        _check_choice("rl.replay.balance_loss", self.balance_loss, ("off", "live"))
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    """The supervised warm start on task demonstrations (prompt tokens carry no loss)."""
+
+    steps: int = 200  # 0 skips the stage (start RL from the initial or imported model)
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    scratchpad: bool = True  # demonstrations with the solver's worked steps
+    eval_items: int = 256  # held-out demonstrations for the SFT validation loss
+
+    def __post_init__(self):
+        for name in ("steps", "warmup_steps"):
+            if getattr(self, name) < 0:
+                _fail(f"rl.sft.{name}", getattr(self, name), "must be >= 0")
+        for name in ("batch_size", "eval_items"):
+            if getattr(self, name) < 1:
+                _fail(f"rl.sft.{name}", getattr(self, name), "must be >= 1")
+        if not self.lr > 0:
+            _fail("rl.sft.lr", self.lr, "must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """Everything RL-specific; see the module docstring for the batch geometry."""
+
+    tasks: TaskConfig = dataclasses.field(default_factory=TaskConfig)
+    task_file: str = ""  # a local JSONL of {"prompt", "answer"} replaces the synthetic tasks
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
+    advantage: AdvantageConfig = dataclasses.field(default_factory=AdvantageConfig)
+    loss: PolicyLossConfig = dataclasses.field(default_factory=PolicyLossConfig)
+    replay: ReplayConfig = dataclasses.field(default_factory=ReplayConfig)
+    sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
+    prompts_per_step: int = 16
+    num_generations: int = 8  # G completions per prompt (a group)
+    mini_batches: int = 1  # optimizer steps per epoch over one rollout batch
+    ppo_epochs: int = 1
+    micro_batches: int = 1  # gradient accumulation inside a mini-batch
+    old_logprobs: str = "recompute"  # pi_old: a recompute by the trainer, or the rollout's (bypass)
+    kl_in_reward_coef: float = 0.0  # KL to the reference folded into the reward (verl use_kl_in_reward)
+    dynamic_sampling: bool = False  # DAPO: drop groups without reward variance and refill
+    filter_rule: str = "nonzero_std"
+    max_refills: int = 4  # extra rollout batches a dynamic-sampling step may draw
+    overlong_cache_len: int = 0  # DAPO soft overlong punishment window in tokens; 0 = off
+    overlong_factor: float = 1.0
+    chat_template: str = "auto"  # "auto" (the tokenizer's when it has one) or "none"
+    eval_every: int = 20  # RL steps between evaluations (also at the start and the end)
+    eval_items_per_tier: int = 64
+    eval_samples: int = 4  # sampled completions per eval prompt for pass@1 / pass@k; 0 = greedy only
+
+    def __post_init__(self):
+        for name in ("prompts_per_step", "mini_batches", "ppo_epochs", "micro_batches",
+                     "eval_every", "eval_items_per_tier"):
+            if getattr(self, name) < 1:
+                _fail(f"rl.{name}", getattr(self, name), "must be >= 1")
+        if self.num_generations < 2:
+            _fail("rl.num_generations", self.num_generations,
+                  "group advantages need G >= 2 completions per prompt")
+        if self.eval_samples < 0:
+            _fail("rl.eval_samples", self.eval_samples, "must be >= 0 (0 = greedy only)")
+        _check_choice("rl.old_logprobs", self.old_logprobs, OLD_LOGPROBS)
+        _check_choice("rl.filter_rule", self.filter_rule, FILTER_RULES)
+        _check_choice("rl.chat_template", self.chat_template, ("auto", "none"))
+        if self.kl_in_reward_coef < 0:
+            _fail("rl.kl_in_reward_coef", self.kl_in_reward_coef, "must be >= 0")
+        if self.max_refills < 0:
+            _fail("rl.max_refills", self.max_refills, "must be >= 0")
+        rows = self.prompts_per_step * self.num_generations
+        if rows % self.mini_batches:
+            _fail("rl.mini_batches", self.mini_batches,
+                  f"must divide the rollout batch of prompts_per_step x num_generations = {rows}")
+        if (rows // self.mini_batches) % self.micro_batches:
+            _fail("rl.micro_batches", self.micro_batches,
+                  f"must divide the mini-batch of {rows // self.mini_batches} rows")
+        if not 0 <= self.overlong_cache_len <= self.rollout.max_new_tokens:
+            _fail("rl.overlong_cache_len", self.overlong_cache_len,
+                  f"must be in [0, rollout.max_new_tokens={self.rollout.max_new_tokens}]")
+        if self.old_logprobs == "rollout" and self.replay.mode == "r2":
+            _fail("rl.replay.mode", "r2", "records routing in the pi_old recompute, which "
+                  "rl.old_logprobs='rollout' skips; use r3 or recompute")
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.prompts_per_step * self.num_generations
+
+    @property
+    def needs_reference(self) -> bool:
+        """A frozen reference model is kept when a KL term (loss or reward) uses it."""
+        return self.loss.kl_coef > 0 or self.kl_in_reward_coef > 0
+
+    @property
+    def updates_per_step(self) -> int:
+        return self.mini_batches * self.ppo_epochs
+
+
+@dataclasses.dataclass(frozen=True)
+class RLRunConfig(Config):
+    """A whole RL run: the model/mesh/data/train sections of ``Config`` plus ``rl``. The data
+    section supplies the tokenizer; ``train`` the optimizer (``train.steps`` = RL steps)."""
+
+    rl: RLConfig = dataclasses.field(default_factory=RLConfig)
+
+    @property
+    def uses_corpus(self) -> bool:
+        """Tasks, not the corpus, feed an RL run; only a BPE tokenizer is trained on the corpus."""
+        return self.data.tokenizer == "bpe"
+
+    def __post_init__(self):
+        super().__post_init__()
+        rl, moe = self.rl, self.model.moe
+        if rl.replay.mode != "none" and not moe.enabled:
+            _fail("rl.replay.mode", rl.replay.mode,
+                  "routing replay needs an MoE model (model.moe.num_experts > 0); set it 'none'")
+        if rl.replay.mode != "none" and moe.router.kind != "topk":
+            _fail("rl.replay.mode", rl.replay.mode,
+                  f"replay forces top-k sets; model.moe.router.kind={moe.router.kind!r} cannot "
+                  "be replayed (use kind='topk' or replay 'none')")
+        need = rl.rollout.max_prompt_len + rl.rollout.max_new_tokens
+        if need > self.model.max_seq_len:
+            _fail("rl.rollout.max_new_tokens", rl.rollout.max_new_tokens,
+                  f"prompt + new tokens = {need} exceeds model.max_seq_len="
+                  f"{self.model.max_seq_len}")
+        if self.train.grad_accum != 1:
+            _fail("train.grad_accum", self.train.grad_accum,
+                  "RL accumulates with rl.micro_batches; leave train.grad_accum at 1")
+
+    def check_mesh_divisibility(self, sizes: dict[str, int]) -> None:
+        """Also: an update's micro-batch rows divide over the batch shards."""
+        super().check_mesh_divisibility(sizes)
+        shards = 1
+        for axis in ("data", "fsdp", "expert"):
+            shards *= sizes.get(axis, 1)
+        rows = self.rl.rows_per_step // self.rl.mini_batches // self.rl.micro_batches
+        if rows % shards:
+            _fail("rl.micro_batches", self.rl.micro_batches,
+                  f"an update micro-batch of {rows} rows (prompts_per_step x num_generations / "
+                  f"mini_batches / micro_batches) must divide over mesh data*fsdp*expert={shards}")

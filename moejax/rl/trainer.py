@@ -1,0 +1,448 @@
+"""The RL loop (GRPO family): rollout -> reward -> advantages -> PPO-style updates, with evaluation,
+checkpoints and exact resume. Built from the pretraining pieces (mesh, ``train.Setup`` and
+optimizer, Orbax ``Checkpointer``, ``MetricsLogger``, ``StopSignals``); the compiled programs are the
+rollout engine (``moejax.rl.rollout``) and the policy programs (``moejax.rl.policy``).
+
+One RL step (``train.steps`` of them):
+1. ``prompts_per_step`` prompts from the task stream (a cursor; DAPO dynamic sampling draws more),
+   ``num_generations`` completions each, sampled with per-token logprobs and MoE routing;
+2. rewards (``moejax.rl.rewards``), DAPO overlong shaping, optional KL-in-reward; groups without
+   reward variance dropped and refilled under ``rl.dynamic_sampling``;
+3. pi_old: the trainer's recompute (R3: under the rollout's routing; R2: its routing recorded)
+   or the rollout's logprobs (``rl.old_logprobs='rollout'``, bypass); the reference's logprobs
+   when a KL term needs them;
+4. group advantages; ``ppo_epochs`` x ``mini_batches`` optimizer steps over seeded permutations.
+
+Everything random is a function of (``train.seed``, step): the sampler key is folded from the
+saved rng and the RL step, the prompt cursor and step live in the checkpoint's metadata, the
+reference model in its ``extra`` item; an interrupted run resumes bit-identically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from moejax import train as T
+from moejax.ckpt import Checkpointer
+from moejax.config import ConfigError
+from moejax.mesh import make_mesh
+from moejax.metrics import MetricsLogger
+from moejax.paths import as_path
+from moejax.rl import advantages as adv_lib
+from moejax.rl import encode, passk, rewards, tasks
+from moejax.rl import kl as kl_lib
+from moejax.rl.config import RLRunConfig
+from moejax.rl.policy import make_logprob_fn, make_update_step
+from moejax.rl.rollout import RolloutEngine
+from moejax.trainer import StopSignals, write_or_check_config
+
+RL_STREAM_OFFSET = 1 << 40  # RL prompts come from another part of the item stream than SFT's
+_SAMPLER_SALT = 0x5EED
+
+
+def rl_tokenizer(cfg: RLRunConfig):
+    """The run's tokenizer: bytes, a local tokenizer.json, or the BPE trained on the corpus."""
+    from moejax.data.tokenizer import BPETokenizer, ByteTokenizer
+
+    if cfg.data.tokenizer == "byte":
+        return ByteTokenizer()
+    if cfg.data.tokenizer == "bpe":
+        from moejax.data import prepare_data
+        return prepare_data(cfg.data, vocab_size=cfg.model.vocab_size).tokenizer
+    return BPETokenizer.from_file(cfg.data.tokenizer)
+
+
+def load_file_items(cfg: RLRunConfig):
+    """(train, eval) items of ``rl.task_file``, or None for the synthetic tasks."""
+    if not cfg.rl.task_file:
+        return None
+    items = tasks.load_task_file(cfg.rl.task_file)
+    return tasks.split_file_items(items, cfg.rl.tasks.eval_fraction)
+
+
+def eval_sets(cfg: RLRunConfig, file_items) -> dict[str, list]:
+    """Held-out items per tier: every training tier and the OOD tiers (or the task file's)."""
+    n = cfg.rl.eval_items_per_tier
+    if file_items is not None:
+        return {"file": list(file_items[1][:n])}
+    return tasks.eval_sets(cfg.rl.tasks, n)
+
+
+def to_host(x) -> np.ndarray:
+    """A (possibly sharded, multi-process) array as a whole numpy array on every process."""
+    if jax.process_count() > 1:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def to_global(mesh, x: np.ndarray) -> jax.Array:
+    """A host array held whole by every process -> a global array with rows over the batch axes."""
+    sharding = T.batch_sharding(mesh, x.ndim)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def routing_disagreement(a: np.ndarray, b: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Per layer, the share of valid tokens whose expert *sets* differ: a, b [B, L, T, k], valid
+    [B, T] -> [L]."""
+    diff = np.any(np.sort(a, -1) != np.sort(b, -1), axis=-1)  # [B, L, T]
+    v = valid[:, None, :]
+    return (diff & v).sum((0, 2)) / max(int(valid.sum()), 1)
+
+
+@dataclasses.dataclass
+class Rollouts:
+    """Host copies of rollout rows (numpy), concatenable and selectable by row."""
+
+    tokens: np.ndarray  # [B, S]
+    prompt_lengths: np.ndarray  # [B]
+    completion_lengths: np.ndarray  # [B]
+    finished: np.ndarray  # [B]
+    completion_mask: np.ndarray  # [B, S-1]
+    logprobs: np.ndarray  # [B, S-1]
+    routing: np.ndarray | None  # [B, L, S, k]
+    rewards: np.ndarray  # [B]
+    correct: np.ndarray  # [B]
+    tiers: list  # [B]
+
+    def select(self, rows) -> "Rollouts":
+        rows = np.asarray(rows)
+        pick = lambda x: None if x is None else x[rows]  # noqa: E731
+        return Rollouts(**{f.name: (pick(getattr(self, f.name)) if f.name != "tiers"
+                                    else [self.tiers[i] for i in rows])
+                           for f in dataclasses.fields(self)})
+
+    @staticmethod
+    def concat(parts: list["Rollouts"]) -> "Rollouts":
+        def cat(name):
+            vals = [getattr(p, name) for p in parts]
+            if name == "tiers":
+                return [t for v in vals for t in v]
+            return None if vals[0] is None else np.concatenate(vals)
+        return Rollouts(**{f.name: cat(f.name) for f in dataclasses.fields(Rollouts)})
+
+
+def rl_batch(r: Rollouts, advantages: np.ndarray, old_logprobs: np.ndarray,
+             ref_logprobs: np.ndarray | None, forced: np.ndarray | None) -> dict[str, np.ndarray]:
+    """The policy programs' rows (``moejax.rl.policy`` docstring) from rollouts and advantages."""
+    S = r.tokens.shape[1]
+    t = np.arange(S - 1)[None, :]
+    filled = (r.prompt_lengths + r.completion_lengths)[:, None]
+    out = {"inputs": r.tokens[:, :-1], "targets": r.tokens[:, 1:],
+           "positions": np.broadcast_to(t, (len(r.tokens), S - 1)).astype(np.int32),
+           "segment_ids": (t < filled).astype(np.int32),
+           "completion_mask": r.completion_mask.astype(np.float32),
+           "advantages": (advantages[:, None] * r.completion_mask).astype(np.float32),
+           "old_logprobs": old_logprobs.astype(np.float32),
+           "rollout_logprobs": r.logprobs.astype(np.float32)}
+    if ref_logprobs is not None:
+        out["ref_logprobs"] = ref_logprobs.astype(np.float32)
+    if forced is not None:
+        out["forced_experts"] = forced[:, :, :S - 1].astype(np.int32)
+    return out
+
+
+class RLTrainer:
+    """One RL run in one workdir (local or ``gs://``). ``init_state_fn(setup) -> TrainState``
+    gives the starting policy when no checkpoint exists (the SFT result, an imported model);
+    without it the policy starts from ``Model`` init. ``on_step(trainer, step, record)`` is an
+    optional hook after each logged step."""
+
+    def __init__(self, cfg: RLRunConfig, workdir, *, init_state_fn=None, on_step=None,
+                 progress: bool = True):
+        self.cfg, self.workdir = cfg, as_path(workdir)
+        self.init_state_fn, self.on_step = init_state_fn, on_step
+        self.progress = progress and jax.process_index() == 0
+        rl = cfg.rl
+        # the optimizer's schedule runs over optimizer steps (updates_per_step per RL step)
+        opt_cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+            cfg.train, steps=cfg.train.steps * rl.updates_per_step,
+            warmup_steps=cfg.train.warmup_steps * rl.updates_per_step))
+        self.mesh = make_mesh(cfg.mesh)
+        self.setup = T.setup(opt_cfg, self.mesh)
+        self.tokenizer = rl_tokenizer(cfg)
+        self.file_items = load_file_items(cfg)
+        self.eval_items = eval_sets(cfg, self.file_items)
+        self.engine = RolloutEngine(self.setup, rl.rollout, eos_id=self.tokenizer.eos_id,
+                                    pad_id=self.tokenizer.pad_id)
+        self.logprob_fn = make_logprob_fn(self.setup, rl.rollout.temperature)
+        self.update_step = make_update_step(self.setup, cfg)
+        self.ckpt = Checkpointer(self.workdir / "ckpt", keep=cfg.train.keep_ckpts,
+                                 async_save=cfg.train.async_ckpt)
+        self.stop = StopSignals()
+        self.chat = None if rl.chat_template == "none" else "auto"
+
+    # -- prompts and rollouts ----------------------------------------------------------------
+    def _items(self, cursor: int, n: int) -> list:
+        train = None if self.file_items is None else self.file_items[0]
+        return [tasks.stream_item(self.cfg.rl.tasks, train, cursor + i, RL_STREAM_OFFSET)
+                for i in range(n)]
+
+    def _prompts(self, items) -> encode.PromptBatch:
+        try:
+            return encode.encode_prompts(items, self.tokenizer, chat_template=self.chat,
+                                         pad_to=self.cfg.rl.rollout.max_prompt_len)
+        except ValueError as e:
+            raise ConfigError(f"rl.rollout.max_prompt_len: {e}") from e
+
+    def _generate(self, state: T.TrainState, items, G: int, key, *, greedy=False) -> Rollouts:
+        """Sample G completions of each item and score them (host arrays)."""
+        p = self._prompts(items)
+        res = self.engine.generate((state.params, state.rest), p.tokens, p.lengths,
+                                   num_generations=G, rng=key, greedy=greedy)
+        tokens = to_host(res.tokens)
+        plen, clen = to_host(res.prompt_lengths), to_host(res.completion_lengths)
+        completions = [row[a:a + c] for row, a, c in zip(tokens, plen, clen)]
+        texts = encode.decode_completions(np.array(
+            [np.pad(c, (0, tokens.shape[1] - len(c)), constant_values=self.tokenizer.pad_id)
+             for c in completions]), self.tokenizer)
+        rows = [it for it in items for _ in range(G)]
+        scored = rewards.score_batch(rows, texts, self.cfg.rl.reward)
+        routing = None if res.routing is None else np.swapaxes(to_host(res.routing), 0, 1)
+        return Rollouts(tokens=tokens, prompt_lengths=plen, completion_lengths=clen,
+                        finished=to_host(res.finished), completion_mask=to_host(res.completion_mask),
+                        logprobs=to_host(res.logprobs), routing=routing,
+                        rewards=scored["reward"], correct=scored["correct"],
+                        tiers=[it.tier for it in rows])
+
+    def _shaped_rewards(self, r: Rollouts) -> np.ndarray:
+        rl = self.cfg.rl
+        out = r.rewards.astype(np.float32)
+        if rl.overlong_cache_len > 0:
+            out = out + np.asarray(adv_lib.overlong_penalty(
+                r.completion_lengths, rl.rollout.max_new_tokens, rl.overlong_cache_len,
+                rl.overlong_factor))
+        return out
+
+    def _collect(self, state, step: int, cursor: int) -> tuple[Rollouts, int, dict]:
+        """This step's groups: one rollout batch, or under dynamic sampling the first
+        ``prompts_per_step`` groups with reward variance from up to 1 + max_refills batches
+        (topped up with filtered groups, counted in ``dapo/short_groups``, if too few)."""
+        rl = self.cfg.rl
+        P, G = rl.prompts_per_step, rl.num_generations
+        base = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.rng),
+                                                     _SAMPLER_SALT), step)
+        kept, dropped, info, draws = [], [], {}, 0
+        while True:
+            r = self._generate(state, self._items(cursor, P), G, jax.random.fold_in(base, draws))
+            cursor, draws = cursor + P, draws + 1
+            if not rl.dynamic_sampling:
+                return r, cursor, info
+            shaped = self._shaped_rewards(r)
+            group = np.arange(P * G) // G
+            signal = np.asarray(adv_lib.group_signal_mask(jnp.asarray(shaped), group, P,
+                                                          rl.filter_rule))
+            for g in range(P):
+                (kept if signal[g] else dropped).append(r.select(np.arange(g * G, (g + 1) * G)))
+            if len(kept) >= P or draws > rl.max_refills:
+                break
+        info = {"dapo/draws": draws, "dapo/kept_groups": min(len(kept), P),
+                "dapo/short_groups": max(P - len(kept), 0)}
+        groups = (kept + dropped)[:P]
+        return Rollouts.concat(groups), cursor, info
+
+    # -- one RL step ---------------------------------------------------------------------------
+    def _forward(self, params, rest, rows: dict) -> dict:
+        batch = {k: to_global(self.mesh, v) for k, v in rows.items()}
+        return {k: to_host(v) for k, v in self.logprob_fn(params, rest, batch).items()}
+
+    def rl_step(self, state: T.TrainState, ref, step: int, cursor: int):
+        """One RL step -> (state, cursor, metrics)."""
+        rl, P, G = self.cfg.rl, self.cfg.rl.prompts_per_step, self.cfg.rl.num_generations
+        t0 = time.perf_counter()
+        r, cursor, info = self._collect(state, step, cursor)
+        t_roll = time.perf_counter() - t0
+        B = P * G
+        group = np.arange(B) // G
+        mode = rl.replay.mode
+        forced = r.routing if mode == "r3" else None
+        rows = rl_batch(r, np.zeros(B, np.float32), r.logprobs, None, forced)
+        metrics = dict(info)
+        old = r.logprobs
+        if rl.old_logprobs == "recompute":
+            out = self._forward(state.params, state.rest, rows)
+            old = out["logprobs"]
+            mask = r.completion_mask
+            metrics["rl/k3_train_rollout"] = float(
+                np.sum(np.asarray(kl_lib.k3_value(r.logprobs - old, None, None)) * mask)
+                / max(mask.sum(), 1))
+            if "experts" in out and mode != "r3" and r.routing is not None:
+                valid = rows["segment_ids"] > 0
+                dis = routing_disagreement(out["experts"], r.routing[:, :, :-1], valid)
+                metrics.update({f"rl/routing_disagreement/layer{i}": float(v)
+                                for i, v in enumerate(dis)})
+            if mode == "r2":
+                forced = out["experts"]
+        ref_lp = None
+        if ref is not None:
+            ref_lp = self._forward(ref["params"], ref.get("rest", state.rest), rows)["logprobs"]
+        reward = self._shaped_rewards(r)
+        if rl.kl_in_reward_coef > 0:
+            kl_tok = np.asarray(kl_lib.kl_estimate(jnp.asarray(old), jnp.asarray(ref_lp),
+                                                   rl.loss.kl_estimator))
+            reward = np.asarray(adv_lib.kl_penalized_reward(
+                jnp.asarray(reward), jnp.asarray(kl_tok), jnp.asarray(r.completion_mask),
+                rl.kl_in_reward_coef))
+        adv = np.asarray(adv_lib.group_advantages(jnp.asarray(reward), jnp.asarray(group), P,
+                                                  rl.advantage))
+        rows = rl_batch(r, adv, old, ref_lp, forced)
+        n = B // rl.mini_batches
+        sums: dict[str, float] = {}
+        for epoch in range(rl.ppo_epochs):
+            perm = np.random.default_rng([self.cfg.train.seed, step, epoch]).permutation(B)
+            for j in range(rl.mini_batches):
+                idx = perm[j * n:(j + 1) * n]
+                mb = {k: to_global(self.mesh, np.ascontiguousarray(v[idx])) for k, v in rows.items()}
+                state, m = self.update_step(state, mb)
+                for k, v in jax.device_get(m).items():
+                    sums[k] = sums.get(k, 0.0) + float(np.asarray(v))
+        updates = rl.updates_per_step
+        metrics.update({f"rl/{k}": v / updates for k, v in sums.items()
+                        if k not in ("nonfinite",)})
+        metrics["rl/nonfinite_updates"] = int(sums.get("nonfinite", 0))
+        metrics.update(self._rollout_metrics(r, reward, group, P))
+        metrics["perf/rollout_s"] = t_roll
+        metrics["perf/step_s"] = time.perf_counter() - t0
+        return state, cursor, metrics
+
+    @staticmethod
+    def _rollout_metrics(r: Rollouts, reward, group, P) -> dict:
+        out = {"rl/reward": float(np.mean(r.rewards)), "rl/reward_shaped": float(np.mean(reward)),
+               "rl/accuracy": float(np.mean(r.correct)),
+               "rl/response_length": float(np.mean(r.completion_lengths)),
+               "rl/finished_frac": float(np.mean(r.finished)),
+               "rl/effective_gradient_ratio": float(adv_lib.effective_gradient_ratio(
+                   jnp.asarray(reward), jnp.asarray(group), P))}
+        tiers = np.asarray(r.tiers)
+        for t in sorted(set(r.tiers)):
+            out[f"rl/accuracy/{t}"] = float(np.mean(r.correct[tiers == t]))
+        return out
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def evaluate(self, state: T.TrainState) -> dict:
+        """Greedy accuracy per tier (``eval/greedy/<tier>``) and, with ``rl.eval_samples`` = n,
+        pass@1 and pass@n per tier from n samples (``eval/pass@k/<tier>``, unbiased estimator),
+        on the fixed held-out sets (training tiers and OOD tiers)."""
+        rl = self.cfg.rl
+        items = [it for its in self.eval_items.values() for it in its]
+        key = jax.random.fold_in(jax.random.key(self.cfg.train.seed), _SAMPLER_SALT + 1)
+        out = {"eval/items": len(items)}
+        greedy = self._generate(state, items, 1, key, greedy=True)
+        tiers = np.asarray(greedy.tiers)
+        for t in self.eval_items:
+            out[f"eval/greedy/{t}"] = float(np.mean(greedy.correct[tiers == t]))
+        n = rl.eval_samples
+        if n:
+            s = self._generate(state, items, n, key)
+            correct = s.correct.reshape(len(items), n)
+            names = [it.tier for it in items]
+            ks = sorted({1, n})
+            for k, v in passk.pass_at_k_by_tier(names, correct, ks).items():
+                out["eval/" + k[len("rl/"):]] = v
+        return out
+
+    # -- state, checkpoints and the loop -------------------------------------------------------
+    def _initial_state(self) -> T.TrainState:
+        if self.init_state_fn is not None:
+            return self.init_state_fn(self.setup)
+        return T.init_state(self.setup)
+
+    def _abstract_ref(self):
+        if not self.cfg.rl.needs_reference:
+            return None
+        a = self.setup.abstract_state
+        ref = {"params": a.params}
+        if jax.tree.leaves(a.rest):
+            ref["rest"] = a.rest
+        return ref
+
+    @staticmethod
+    def _copy(tree):
+        return jax.tree.map(lambda x: x.copy(), tree)
+
+    def run(self) -> dict:
+        """Run to ``train.steps`` RL steps (resuming when a checkpoint exists); returns a
+        summary with the first and last evaluations."""
+        cfg = self.cfg
+        write_or_check_config(cfg, self.workdir)
+        latest = self.ckpt.latest_step()
+        if latest is not None and latest > cfg.train.steps:
+            raise ConfigError(f"train.steps={cfg.train.steps} is below step {latest} of the "
+                              f"checkpoint in {self.ckpt.directory}: raise train.steps or use a "
+                              "new --workdir")
+        abstract_ref = self._abstract_ref()
+        restored = (None if latest is None else self.ckpt.restore_latest(
+            self.setup.abstract_state, None, abstract_extra=abstract_ref))
+        if restored is not None:
+            state, meta = restored
+            step, cursor, ref = int(meta["step"]), int(meta["cursor"]), meta.get("extra")
+        else:
+            state, step, cursor = self._initial_state(), 0, 0
+            ref = None
+            if abstract_ref is not None:
+                ref = {k: self._copy(getattr(state, k)) for k in abstract_ref}
+        logger = MetricsLogger(self.workdir, resume_step=step if restored is not None else None)
+        first = None
+        if restored is None:
+            first = {**self.evaluate(state)}
+            logger.log(0, first)
+        bar = tqdm(total=cfg.train.steps, initial=step, disable=not self.progress,
+                   desc=self.workdir.name, dynamic_ncols=True)
+        preempted, last = False, {}
+        try:
+            with self.stop:
+                while step < cfg.train.steps:
+                    state, cursor, metrics = self.rl_step(state, ref, step, cursor)
+                    step += 1
+                    final = step == cfg.train.steps
+                    if step % cfg.rl.eval_every == 0 or final:
+                        metrics.update(self.evaluate(state))
+                    metrics["rl/prompts_seen"] = cursor
+                    if step % cfg.train.log_every == 0 or "eval/items" in metrics:
+                        logger.log(step, metrics)
+                        if self.on_step is not None:
+                            self.on_step(self, step, metrics)
+                    last = metrics
+                    bar.set_postfix(reward=f"{metrics['rl/reward']:.3f}")
+                    bar.update(1)
+                    saved = step % cfg.train.ckpt_every == 0 or final
+                    if saved:
+                        self._save(step, state, cursor, ref)
+                    if self.stop.agreed(step) and not final:
+                        if not saved:
+                            self._save(step, state, cursor, ref, force=True)
+                        preempted = True
+                        break
+        finally:
+            bar.close()
+            self.ckpt.wait()
+            logger.close()
+        self.state = state
+        summary = {"step": step, "prompts_seen": cursor, "preempted": preempted,
+                   **{k: v for k, v in last.items() if not k.startswith("perf/")}}
+        if first is not None:
+            summary["initial"] = first
+        return summary
+
+    def _save(self, step, state, cursor, ref, *, force=False):
+        self.ckpt.save(step, state, None, {"step": step, "cursor": cursor}, force=force, extra=ref)
+
+
+def latest_policy_state(setup: T.Setup, workdir: str | os.PathLike) -> T.TrainState:
+    """A fresh train state (new optimizer) holding the parameters of ``workdir``'s latest
+    checkpoint (an SFT or RL run of the same model): how an RL run starts from its SFT stage."""
+    from flax import nnx
+
+    from moejax.ckpt import latest_params
+
+    state = T.init_state(setup)
+    params = latest_params(workdir, setup.abstract_state)
+    nnx.replace_by_pure_dict(state.params, nnx.to_pure_dict(params))
+    return state
