@@ -106,3 +106,48 @@ def test_grpo_experiment_smoke_moe_with_and_without_r3(tmp_path):
     assert {"eval/pass@1/add-d2", "eval/greedy/add-d4"} <= set(r3[0])
     # arms of one model share one SFT stage
     assert len(list(tmp_path.glob("_sft-*"))) == 1
+
+
+def test_rl_starts_from_the_sft_checkpoint(tmp_path):
+    import jax
+
+    from moejax import train as T
+    from moejax.ckpt import latest_params
+    from moejax.mesh import make_mesh
+    from moejax.rl.trainer import latest_policy_state
+
+    cfg = small_rl(1)
+    sft_lib.run_sft(cfg, tmp_path, ByteTokenizer(), progress=False)
+    setup = T.setup(cfg, make_mesh(cfg.mesh))
+    start = latest_policy_state(setup, tmp_path)
+    saved = latest_params(tmp_path, setup.abstract_state)
+    fresh = T.init_state(setup)
+    for a, b, c in zip(jax.tree.leaves(start.params), jax.tree.leaves(saved),
+                       jax.tree.leaves(fresh.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert any(not np.array_equal(np.asarray(a), np.asarray(c))
+               for a, c in zip(jax.tree.leaves(start.params), jax.tree.leaves(fresh.params)))
+    assert int(start.step) == 0
+    assert all(float(np.abs(np.asarray(x)).max()) == 0 for x in jax.tree.leaves(start.opt_state)
+               if np.asarray(x).dtype.kind == "f")
+
+
+@pytest.mark.slow
+def test_grpo_from_an_imported_hf_checkpoint(tmp_path):
+    import torch
+    import transformers
+
+    from experiments import grpo
+
+    src = str(tmp_path / "qwen3")
+    torch.manual_seed(0)
+    transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=12, tie_word_embeddings=True,
+        max_position_embeddings=128)).save_pretrained(src)
+    wd = tmp_path / "rl"
+    out = grpo.main(["--source", src, "--preset", "cpu-smoke", "--arms", "grpo",
+                     "--workdir", str(wd), "--set", "train.steps=1"])
+    assert out["grpo"]["step"] == 1
+    arm = json.loads((wd / "grpo" / "config.json").read_text())
+    assert (arm["model"]["d_model"], arm["model"]["vocab_size"]) == (48, 300)  # the source's model

@@ -186,11 +186,14 @@ class RLTrainer:
                 for i in range(n)]
 
     def _prompts(self, items) -> encode.PromptBatch:
+        """Prompt ids padded to the rollout bucket; a prompt too long for it, or a task text the
+        tokenizer cannot represent, is a ConfigError naming the field to change."""
         try:
             return encode.encode_prompts(items, self.tokenizer, chat_template=self.chat,
                                          pad_to=self.cfg.rl.rollout.max_prompt_len)
         except ValueError as e:
-            raise ConfigError(f"rl.rollout.max_prompt_len: {e}") from e
+            field = "rl.rollout.max_prompt_len" if "pad_to" in str(e) else "data.tokenizer"
+            raise ConfigError(f"{field}: {e}") from e
 
     def _generate(self, state: T.TrainState, items, G: int, key, *, greedy=False) -> Rollouts:
         """Sample G completions of each item and score them (host arrays)."""
@@ -436,13 +439,16 @@ class RLTrainer:
 
 
 def latest_policy_state(setup: T.Setup, workdir: str | os.PathLike) -> T.TrainState:
-    """A fresh train state (new optimizer) holding the parameters of ``workdir``'s latest
+    """A fresh train state (step 0, new optimizer, this run's seed) holding the parameters and the
+    non-trainable model variables (router biases, MaskMoE masks) of ``workdir``'s latest
     checkpoint (an SFT or RL run of the same model): how an RL run starts from its SFT stage."""
-    from flax import nnx
-
-    from moejax.ckpt import latest_params
-
-    state = T.init_state(setup)
-    params = latest_params(workdir, setup.abstract_state)
-    nnx.replace_by_pure_dict(state.params, nnx.to_pure_dict(params))
-    return state
+    ckpt = Checkpointer(as_path(workdir) / "ckpt", async_save=False)
+    try:
+        restored = ckpt.restore_latest(setup.abstract_state, None)
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise FileNotFoundError(f"{workdir}: no checkpoint to start the policy from")
+    source, _ = restored
+    fresh = T.init_state(setup)  # its optimizer moments are zeros whatever the parameters
+    return dataclasses.replace(fresh, params=source.params, rest=source.rest)
