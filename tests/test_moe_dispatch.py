@@ -143,6 +143,74 @@ def test_dropless_matches_dense(params, dropless, impl, routing):
     assert np.abs(y).max() > 0.1  # not vacuous
 
 
+def tight_blocks_routing(seed: int):
+    """Expert sizes 17, 9 (x6), 57 with every slot used: at block 8 they fill 23 = A/8 + E - 1
+    blocks, the most the block layout can need, and none is a multiple of the block."""
+    rng = np.random.default_rng(seed)
+    flat = np.repeat(np.arange(E), [17, 9, 9, 9, 9, 9, 9, 57])  # [A] sorted by expert
+    ex = flat.reshape(S, T).T[rng.permutation(T)]  # slot s takes flat[s*T:(s+1)*T]
+    assert (ex[:, 0] != ex[:, 1]).all()
+    return ex.astype(np.int32), rng.random((T, S)).astype(np.float32)
+
+
+# Edge cases for the block-padded path (the ROUTINGS above already have empty experts, -1 slots,
+# null-expert ids, tokens routed nowhere and all tokens on one expert).
+EDGE_ROUTINGS = {"tight_blocks": tight_blocks_routing(3),
+                 "all_empty": (np.full((T, S), -1, np.int32), np.zeros((T, S), np.float32))}
+
+
+@pytest.fixture(scope="module")
+def blocked_layers():
+    """The fused block-layout layer (routed_experts' path for 'blocked') and the unfused one
+    (sorted rows, then expert_ffn_grouped padding once for its three matmuls)."""
+    def grouped(x, ex, w, wg, wu, wd):
+        y, counts = md.dropless_local(x, ex, w, wg, wu, wd, gmm_impl="blocked", dtype=jnp.float32)
+        return y, {"dropped": jnp.zeros((), jnp.int32), "expert_tokens": counts}
+    return {"fused": value_and_grads(lambda *a: md.routed_experts(*a, gmm_impl="blocked")),
+            "grouped": value_and_grads(grouped)}
+
+
+def test_edge_routings_hit_the_block_bound():
+    """At T*S=128 rows and 8 experts the default block is 8 and 'tight_blocks' uses all but one of
+    the layout's NB = A/8 + E blocks (so an off-by-one in the bound would drop rows)."""
+    ex, _ = EDGE_ROUTINGS["tight_blocks"]
+    bd = md.blocked_dispatch(md.sort_plan(jnp.asarray(ex), E), E, S)
+    assert (bd.layout.block, bd.layout.num_blocks) == (8, T * S // 8 + E)
+    used = np.asarray(bd.assignment).reshape(bd.layout.num_blocks, -1).min(axis=1) < T * S
+    assert used.sum() == T * S // 8 + E - 1
+
+
+@pytest.mark.parametrize("layer", ["fused", "grouped"])
+@pytest.mark.parametrize("routing", list(ROUTINGS) + list(EDGE_ROUTINGS))
+def test_blocked_dropless_matches_dense_and_ragged_dot(params, dropless, blocked_layers, layer,
+                                                      routing):
+    """Outputs and gradients (x, combine weights, w_gate, w_up, w_down) of the block-layout paths
+    equal the dense reference and the ragged_dot layer."""
+    x, wg, wu, wd, ct = params
+    ex, w = {**ROUTINGS, **EDGE_ROUTINGS}[routing]
+    y, stats, grads = blocked_layers[layer](x, ex, w, wg, wu, wd, ct)
+    y_ref, _, g_ref = DENSE(x, ex, w, wg, wu, wd, ct)
+    assert_close([y, *grads], [y_ref, *g_ref], f"blocked/{layer}/{routing}")
+    y_rd, stats_rd, g_rd = dropless["xla"](x, ex, w, wg, wu, wd, ct)
+    assert_close([y, *grads], [y_rd, *g_rd], f"blocked-vs-ragged_dot/{layer}/{routing}")
+    np.testing.assert_array_equal(stats["expert_tokens"], np.bincount(ex[routed(ex)], minlength=E))
+    if routing == "all_empty":
+        assert not np.any(y) and all(not np.any(g) for g in grads)
+    else:
+        assert np.abs(y).max() > 0.1 and all(np.abs(g).max() > 1e-3 for g in grads)
+
+
+def test_blocked_gmm_takes_the_fused_path(params, monkeypatch):
+    """With gmm_impl resolving to 'blocked' (CPU 'auto'), routed_experts never builds the sorted
+    rows of dropless_local."""
+    x, wg, wu, wd, _ = params
+    ex, w = ROUTINGS["random"]
+    monkeypatch.setattr(md, "dropless_local", None)
+    y, _ = jax.jit(lambda *a: md.routed_experts(*a, gmm_impl="auto"))(x, ex, w, wg, wu, wd)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(dense_reference(x, ex, w, wg, wu, wd)),
+                               **TOL)
+
+
 @pytest.fixture(scope="module")
 def capacity():
     return {cf: value_and_grads(lambda *a, cf=cf: md.routed_experts(

@@ -3,12 +3,15 @@ GPU without tokamax), tokamax, Pallas (GPU/TPU).
 
 Each takes lhs [M,K] (rows sorted by group), rhs [G,K,N], group_sizes [G] int32 and returns [M,N];
 rows past sum(group_sizes) are zeros. Selection by name happens only in ``moejax.kernels.gmm``.
+``block_layout`` (the padded layout behind ``blocked``) is shared with the MoE layer, which keeps
+its whole expert FFN in that layout (``layers/moe_dispatch.py``).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,36 +25,64 @@ def xla(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
                               preferred_element_type=preferred_element_type)
 
 
-def blocked(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
-            preferred_element_type=None, block: int | None = None) -> jax.Array:
-    """Exact block-sparse grouped matmul in plain jnp, for CPU (where ``ragged_dot`` lowers to a
-    masked dense dot costing G x the FLOPs): each group's rows are padded to a multiple of
-    ``block`` rows, every block is multiplied by its group's weights in one batched einsum
-    ([NB,b,K] x [NB,K,N]), and rows are gathered back. FLOPs ~ (M + G*block) * K * N.
-    ``block`` defaults to M/(4G) rounded down to a power of two in [8, 512] (measured on 2 CPU
-    cores: 4.7-6.8x faster than ragged_dot forward+backward at M=4k-16k, G=8). Also the GPU
-    fallback without tokamax: dense batched matmuls instead of ragged_dot's ~1% of peak (the
-    block heuristic and the gathered [NB,K,N] weights are not yet measured on a GPU)."""
-    M, K = lhs.shape
-    G, _, N = rhs.shape
-    if block is None:
-        block = int(min(512, max(8, 2 ** int(math.log2(max(M // (4 * G), 1))))))
+class BlockLayout(NamedTuple):
+    """Rows sorted by group, each group padded to a multiple of ``block`` rows: the layout of
+    ``blocked`` and of the fused MoE expert FFN (``moe_dispatch``). NB = M // block + G blocks
+    bound sum_g ceil(gs_g / block) for any split of <= M rows."""
+
+    block: int  # rows per block
+    num_blocks: int  # NB
+    block_group: jax.Array  # [NB] group of each block (G-1 for the unused tail blocks)
+    src: jax.Array  # [NB*block] source row of each padded row; M = padding (no row)
+    dest: jax.Array  # [M] padded row of each source row; NB*block = a row past sum(group_sizes)
+
+
+def default_block(rows: int, groups: int) -> int:
+    """rows/(4*groups) rounded down to a power of two in [8, 512] (measured on 2 CPU cores:
+    4.7-6.8x faster than ragged_dot forward+backward at M=4k-16k, G=8)."""
+    return int(min(512, max(8, 2 ** int(math.log2(max(rows // (4 * groups), 1))))))
+
+
+def block_layout(group_sizes: jax.Array, rows: int, block: int | None = None) -> BlockLayout:
+    """The padded layout of ``rows`` rows sorted into groups of ``group_sizes`` [G] (sum <= rows);
+    ``src`` and ``dest`` are inverse maps between the valid rows of both layouts (integer work)."""
+    G = group_sizes.shape[0]
+    block = default_block(rows, G) if block is None else block
     gs = group_sizes.astype(jnp.int32)
     padded = (gs + block - 1) // block * block
     end_in, end_out = jnp.cumsum(gs), jnp.cumsum(padded)
     start_in, start_out = end_in - gs, end_out - padded
-    NB = M // block + G  # >= sum_g ceil(gs_g / block) for any split of <= M rows
-    p = jnp.arange(NB * block, dtype=jnp.int32)  # padded row -> group, source row
-    g = jnp.minimum(jnp.searchsorted(end_out, p, side="right"), G - 1)
+    NB = rows // block + G
+    p = jnp.arange(NB * block, dtype=jnp.int32)  # padded row -> group, rank inside it
+    g = jnp.minimum(jnp.searchsorted(end_out, p, side="right"), G - 1).astype(jnp.int32)
     r = p - start_out[g]
-    valid = (r < gs[g]) & (p < end_out[-1])
-    x = jnp.where(valid[:, None], lhs[jnp.where(valid, start_in[g] + r, 0)], 0)
-    y = jnp.einsum("nbk,nkd->nbd", x.reshape(NB, block, K), rhs[g[::block]],
-                   preferred_element_type=preferred_element_type).reshape(NB * block, N)
-    m = jnp.arange(M, dtype=jnp.int32)  # original row -> padded row
+    src = jnp.where((r < gs[g]) & (p < end_out[-1]), start_in[g] + r, rows).astype(jnp.int32)
+    m = jnp.arange(rows, dtype=jnp.int32)  # source row -> group -> padded row
     gm = jnp.minimum(jnp.searchsorted(end_in, m, side="right"), G - 1)
-    pm = jnp.minimum(start_out[gm] + m - start_in[gm], NB * block - 1)
-    return jnp.where((m < end_in[-1])[:, None], y[pm], 0)
+    dest = jnp.where(m < end_in[-1], start_out[gm] + m - start_in[gm], NB * block).astype(jnp.int32)
+    return BlockLayout(block, NB, g[::block], src, dest)
+
+
+def take_rows(a: jax.Array, idx: jax.Array) -> jax.Array:
+    """a[idx] with zero rows where idx is out of range (the layouts' 'no row' markers)."""
+    return jnp.asarray(a).at[idx].get(mode="fill", fill_value=0)
+
+
+def blocked(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
+            preferred_element_type=None, block: int | None = None) -> jax.Array:
+    """Exact block-sparse grouped matmul in plain jnp, for CPU (where ``ragged_dot`` lowers to a
+    masked dense dot costing G x the FLOPs): each group's rows are padded to a multiple of
+    ``block`` rows (``block_layout``; default ``default_block``), every block is multiplied by its
+    group's weights in one batched einsum ([NB,b,K] x [NB,K,N]), and rows are gathered back.
+    FLOPs ~ (M + G*block) * K * N. Also the GPU fallback without tokamax: dense batched matmuls
+    instead of ragged_dot's ~1% of peak (the block heuristic and the gathered [NB,K,N] weights are
+    not yet measured on a GPU)."""
+    M, K = lhs.shape
+    lay = block_layout(group_sizes, M, block)
+    x = take_rows(lhs, lay.src).reshape(lay.num_blocks, lay.block, K)
+    y = jnp.einsum("nbk,nkd->nbd", x, rhs[lay.block_group],
+                   preferred_element_type=preferred_element_type)
+    return take_rows(y.reshape(lay.num_blocks * lay.block, -1), lay.dest)
 
 
 @functools.lru_cache(maxsize=None)
