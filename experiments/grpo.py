@@ -157,7 +157,7 @@ def _source_init(source_dir: str, cfg: RLRunConfig):
 # -- report --------------------------------------------------------------------------------------
 
 def _evals(workdir: str) -> list[dict]:
-    return [r for r in read_metrics(as_path(workdir) / "metrics.jsonl") if "eval/items" in r]
+    return [r for r in read_metrics(as_path(workdir) / "metrics.jsonl") if "rl/eval_items" in r]
 
 
 def _tiers(rec: dict, prefix: str) -> list[str]:
@@ -172,26 +172,26 @@ def report(workdirs: dict[str, str], out_dir: str) -> str:
         if not ev:
             continue
         first, last = ev[0], ev[-1]
-        tiers = tiers or _tiers(first, "eval/greedy/")
+        tiers = tiers or _tiers(first, "rl/greedy/")
         cells = []
         for t in tiers:
-            p0, p1 = first.get(f"eval/pass@1/{t}"), last.get(f"eval/pass@1/{t}")
-            g0, g1 = first.get(f"eval/greedy/{t}"), last.get(f"eval/greedy/{t}")
+            p0, p1 = first.get(f"rl/pass@1/{t}"), last.get(f"rl/pass@1/{t}")
+            g0, g1 = first.get(f"rl/greedy/{t}"), last.get(f"rl/greedy/{t}")
             pass1 = (f"{100 * p0:.1f} → {100 * p1:.1f}" if p0 is not None and p1 is not None
                      else "n/a")
             cells.append(f"{pass1} (greedy {100 * g0:.1f} → {100 * g1:.1f})")
         recs = [r for r in read_metrics(as_path(wd) / "metrics.jsonl") if "rl/reward" in r]
         tail = recs[-10:] if recs else []
         mean = lambda k: np.mean([r[k] for r in tail if k in r]) if tail else float("nan")  # noqa: E731
-        dis = [v for r in tail for k, v in r.items() if k.startswith("rl/routing_disagreement/")]
+        dis = [v for r in tail for k, v in r.items() if k.startswith("rl/route_disagree/")]
         rows.append(f"| {arm} | " + " | ".join(cells) + f" | {mean('rl/effective_gradient_ratio'):.2f}"
                     f" | {mean('rl/clip_frac'):.4f} | {mean('rl/k3_train_rollout'):.2e} | "
                     + (f"{np.mean(dis):.4f}" if dis else "n/a") + " |")
     tiers = tiers or []
     header = ("| arm | " + " | ".join(f"pass@1 % {t}" for t in tiers)
               + " | eff. grad ratio | clip frac | k3(train‖rollout) | routing disagreement |")
-    curves = plot_curves(workdirs, ["rl/reward", "rl/response_length", "rl/entropy",
-                                    "rl/clip_frac", "rl/approx_kl"],
+    curves = plot_curves(workdirs, ["rl/reward", "rl/response_len", "rl/entropy",
+                                    "rl/clip_frac", "rl/approx_kl", "rl/kl"],
                          os.path.join(plots, "rl_curves.png"), title="RL training")
     text = "\n".join([
         "# GRPO family on verifiable arithmetic", "",

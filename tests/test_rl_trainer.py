@@ -79,8 +79,8 @@ def test_interrupted_rl_run_resumes_bit_identically(tmp_path):
     for ra, rb in zip(a, b):
         assert ra == rb, (ra["step"], {k: (ra.get(k), rb.get(k)) for k in ra if ra.get(k) != rb.get(k)})
     # the KL and entropy terms move the policy every step, so later rollouts depend on the update
-    assert all(r["rl/grad_norm"] > 0 and r["rl/kl_ref"] >= 0 for r in a[1:])
-    assert a[4]["rl/kl_ref"] > 0
+    assert all(r["rl/grad_norm"] > 0 and r["rl/kl"] >= 0 for r in a[1:])
+    assert a[4]["rl/kl"] > 0
 
 
 def test_a_finished_run_with_other_settings_is_refused(tmp_path):
@@ -100,10 +100,10 @@ def test_grpo_experiment_smoke_moe_with_and_without_r3(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "| moe_grpo |" in report and "| moe_grpo_r3 |" in report and "## Data budget" in report
     recs = _records(tmp_path / "moe_grpo")
-    assert any(k.startswith("rl/routing_disagreement/layer") for k in recs[-1])
+    assert any(k.startswith("rl/route_disagree/layer") for k in recs[-1])
     r3 = _records(tmp_path / "moe_grpo_r3")
-    assert not any(k.startswith("rl/routing_disagreement") for k in r3[-1])
-    assert {"eval/pass@1/add-d2", "eval/greedy/add-d4"} <= set(r3[0])
+    assert not any(k.startswith("rl/route_disagree") for k in r3[-1])
+    assert {"rl/pass@1/add-d2", "rl/greedy/add-d4"} <= set(r3[0])
     # arms of one model share one SFT stage
     assert len(list(tmp_path.glob("_sft-*"))) == 1
 

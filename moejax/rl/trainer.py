@@ -279,7 +279,7 @@ class RLTrainer:
             if "experts" in out and mode != "r3" and r.routing is not None:
                 valid = rows["segment_ids"] > 0
                 dis = routing_disagreement(out["experts"], r.routing[:, :, :-1], valid)
-                metrics.update({f"rl/routing_disagreement/layer{i}": float(v)
+                metrics.update({f"rl/route_disagree/layer{i}": float(v)
                                 for i, v in enumerate(dis)})
             if mode == "r2":
                 forced = out["experts"]
@@ -307,11 +307,13 @@ class RLTrainer:
                 for k, v in jax.device_get(m).items():
                     sums[k] = sums.get(k, 0.0) + float(np.asarray(v))
         updates = rl.updates_per_step
-        metrics.update({f"rl/{k}": v / updates for k, v in sums.items()
+        names = {"kl_ref": "kl"}  # the DESIGN contract's metric names
+        metrics.update({f"rl/{names.get(k, k)}": v / updates for k, v in sums.items()
                         if k not in ("nonfinite",)})
         metrics["rl/nonfinite_updates"] = int(sums.get("nonfinite", 0))
         metrics.update(self._rollout_metrics(r, reward, group, P))
         metrics["perf/rollout_s"] = t_roll
+        metrics["perf/rollout_tokens_per_s"] = float(r.completion_lengths.sum()) / t_roll
         metrics["perf/step_s"] = time.perf_counter() - t0
         return state, cursor, metrics
 
@@ -319,7 +321,7 @@ class RLTrainer:
     def _rollout_metrics(r: Rollouts, reward, group, P) -> dict:
         out = {"rl/reward": float(np.mean(r.rewards)), "rl/reward_shaped": float(np.mean(reward)),
                "rl/accuracy": float(np.mean(r.correct)),
-               "rl/response_length": float(np.mean(r.completion_lengths)),
+               "rl/response_len": float(np.mean(r.completion_lengths)),
                "rl/finished_frac": float(np.mean(r.finished)),
                "rl/effective_gradient_ratio": float(adv_lib.effective_gradient_ratio(
                    jnp.asarray(reward), jnp.asarray(group), P))}
@@ -330,25 +332,24 @@ class RLTrainer:
 
     # -- evaluation ----------------------------------------------------------------------------
     def evaluate(self, state: T.TrainState) -> dict:
-        """Greedy accuracy per tier (``eval/greedy/<tier>``) and, with ``rl.eval_samples`` = n,
-        pass@1 and pass@n per tier from n samples (``eval/pass@k/<tier>``, unbiased estimator),
+        """Greedy accuracy per tier (``rl/greedy/<tier>``) and, with ``rl.eval_samples`` = n,
+        pass@1 and pass@n per tier from n samples (``rl/pass@k/<tier>``, unbiased estimator),
         on the fixed held-out sets (training tiers and OOD tiers)."""
         rl = self.cfg.rl
         items = [it for its in self.eval_items.values() for it in its]
         key = jax.random.fold_in(jax.random.key(self.cfg.train.seed), _SAMPLER_SALT + 1)
-        out = {"eval/items": len(items)}
+        out = {"rl/eval_items": len(items)}
         greedy = self._generate(state, items, 1, key, greedy=True)
         tiers = np.asarray(greedy.tiers)
         for t in self.eval_items:
-            out[f"eval/greedy/{t}"] = float(np.mean(greedy.correct[tiers == t]))
+            out[f"rl/greedy/{t}"] = float(np.mean(greedy.correct[tiers == t]))
         n = rl.eval_samples
         if n:
             s = self._generate(state, items, n, key)
             correct = s.correct.reshape(len(items), n)
             names = [it.tier for it in items]
             ks = sorted({1, n})
-            for k, v in passk.pass_at_k_by_tier(names, correct, ks).items():
-                out["eval/" + k[len("rl/"):]] = v
+            out.update(passk.pass_at_k_by_tier(names, correct, ks))
         return out
 
     # -- state, checkpoints and the loop -------------------------------------------------------
@@ -408,7 +409,7 @@ class RLTrainer:
                     if step % cfg.rl.eval_every == 0 or final:
                         metrics.update(self.evaluate(state))
                     metrics["rl/prompts_seen"] = cursor
-                    if step % cfg.train.log_every == 0 or "eval/items" in metrics:
+                    if step % cfg.train.log_every == 0 or "rl/eval_items" in metrics:
                         logger.log(step, metrics)
                         if self.on_step is not None:
                             self.on_step(self, step, metrics)
