@@ -151,3 +151,16 @@ def test_grpo_from_an_imported_hf_checkpoint(tmp_path):
     assert out["grpo"]["step"] == 1
     arm = json.loads((wd / "grpo" / "config.json").read_text())
     assert (arm["model"]["d_model"], arm["model"]["vocab_size"]) == (48, 300)  # the source's model
+
+
+def test_rl_on_a_users_task_file(tmp_path):
+    rows = [{"prompt": f"Q: {a}+{b}=", "answer": a + b} for a in range(6) for b in range(6)]
+    path = tmp_path / "mytasks.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = small_rl(1, task_file=str(path), tasks=tasks.TaskConfig(eval_fraction=0.25))
+    out = RLTrainer(cfg, tmp_path / "run", progress=False).run()
+    assert out["step"] == 1 and 0.0 <= out["rl/greedy/file:mytasks"] <= 1.0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "Q: 1+1="}\n')
+    with pytest.raises(ConfigError, match="rl.task_file.*line 1.*answer"):
+        RLTrainer(small_rl(1, task_file=str(bad)), tmp_path / "bad", progress=False)

@@ -64,15 +64,24 @@ def load_file_items(cfg: RLRunConfig):
     """(train, eval) items of ``rl.task_file``, or None for the synthetic tasks."""
     if not cfg.rl.task_file:
         return None
-    items = tasks.load_task_file(cfg.rl.task_file)
-    return tasks.split_file_items(items, cfg.rl.tasks.eval_fraction)
+    try:
+        items = tasks.load_task_file(cfg.rl.task_file)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"rl.task_file: {e}") from e
+    train, held_out = tasks.split_file_items(items, cfg.rl.tasks.eval_fraction)
+    if not train or not held_out:
+        raise ConfigError(f"rl.task_file: {cfg.rl.task_file} splits into {len(train)} training and "
+                          f"{len(held_out)} held-out rows (rl.tasks.eval_fraction="
+                          f"{cfg.rl.tasks.eval_fraction}); both must be non-empty")
+    return train, held_out
 
 
 def eval_sets(cfg: RLRunConfig, file_items) -> dict[str, list]:
     """Held-out items per tier: every training tier and the OOD tiers (or the task file's)."""
     n = cfg.rl.eval_items_per_tier
     if file_items is not None:
-        return {"file": list(file_items[1][:n])}
+        held_out = list(file_items[1][:n])
+        return {held_out[0].tier: held_out}
     return tasks.eval_sets(cfg.rl.tasks, n)
 
 
