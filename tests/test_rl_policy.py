@@ -129,7 +129,7 @@ def test_rl_batch_aligns_targets_masks_and_advantages():
     routing = np.full((2, 1, S, 2), -1, np.int32)
     r = Rollouts(tokens=tokens, prompt_lengths=np.array([3, 2]), completion_lengths=np.array([3, 1]),
                  finished=np.array([True, False]), completion_mask=cmask,
-                 logprobs=np.where(cmask, -1.0, 0.0), routing=routing,
+                 logprobs=np.where(cmask, -1.0, 0.0), routing=routing, routing_valid=None,
                  rewards=np.array([1.0, 0.0]), correct=np.array([True, False]), tiers=["a", "b"])
     rows = rl_batch(r, np.array([0.5, -2.0]), np.full((2, S - 1), -3.0), None, routing)
     np.testing.assert_array_equal(rows["inputs"], tokens[:, :-1])

@@ -117,6 +117,7 @@ class Rollouts:
     completion_mask: np.ndarray  # [B, S-1]
     logprobs: np.ndarray  # [B, S-1]
     routing: np.ndarray | None  # [B, L, S, k]
+    routing_valid: np.ndarray | None  # [B, S]: the token at t was fed (its routing recorded)
     rewards: np.ndarray  # [B]
     correct: np.ndarray  # [B]
     tiers: list  # [B]
@@ -218,9 +219,10 @@ class RLTrainer:
         rows = [it for it in items for _ in range(G)]
         scored = rewards.score_batch(rows, texts, self.cfg.rl.reward)
         routing = None if res.routing is None else np.swapaxes(to_host(res.routing), 0, 1)
+        routed = None if res.routing_valid is None else to_host(res.routing_valid)
         return Rollouts(tokens=tokens, prompt_lengths=plen, completion_lengths=clen,
                         finished=to_host(res.finished), completion_mask=to_host(res.completion_mask),
-                        logprobs=to_host(res.logprobs), routing=routing,
+                        logprobs=to_host(res.logprobs), routing=routing, routing_valid=routed,
                         rewards=scored["reward"], correct=scored["correct"],
                         tiers=[it.tier for it in rows])
 
@@ -286,7 +288,7 @@ class RLTrainer:
                 np.sum(np.asarray(kl_lib.k3_value(r.logprobs - old, None, None)) * mask)
                 / max(mask.sum(), 1))
             if "experts" in out and mode != "r3" and r.routing is not None:
-                valid = rows["segment_ids"] > 0
+                valid = r.routing_valid[:, :-1]  # tokens the rollout fed (the last one it did not)
                 dis = routing_disagreement(out["experts"], r.routing[:, :, :-1], valid)
                 metrics.update({f"rl/route_disagree/layer{i}": float(v)
                                 for i, v in enumerate(dis)})
