@@ -259,7 +259,9 @@ DOMAINS = ("code", "prose", "math")
 class DataConfig:
     """Token data: the embedded corpus (or a local text dir), tokenizer, packing and mixture."""
 
-    corpus: str = "embedded"  # "embedded", a local directory of <domain>/*.txt files, or a *.jsonl
+    # "embedded", a local directory of <domain>/*.txt files, a *.jsonl, or a directory (local or
+    # gs://) written by `python -m moejax.data.prepare` (opened in place; its manifest's domains)
+    corpus: str = "embedded"
     cache_dir: str = "~/.cache/moejax"  # corpus text and token shards are built once and cached here
     tokenizer: str = "byte"  # "byte", "bpe" (trained locally) or a path to a tokenizer.json
     bpe_vocab_size: int = 512

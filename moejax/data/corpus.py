@@ -396,6 +396,10 @@ def corpus_provenance(cfg: "DataConfig") -> dict:
     built with (the embedded corpus is the interpreter's own standard library, so its content
     differs between Python versions), and per domain the documents, bytes and content sha256, plus
     one sha256 over all domains. Builds the corpus if it is not cached yet."""
+    from moejax.data.prepare import is_prepared, prepared_provenance
+
+    if is_prepared(cfg.corpus):
+        return prepared_provenance(cfg.corpus, cfg.domains)
     embedded = cfg.corpus == "embedded"
     metas = {dom: embedded_manifest(dom, cfg.corpus_bytes_per_domain, cfg.cache_dir) if embedded
              else _local_manifest(cfg, dom) for dom in cfg.domains}

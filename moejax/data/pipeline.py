@@ -262,17 +262,58 @@ def open_data(cfg: DataConfig, path: Path) -> Data:
     return Data(cfg=cfg, tokenizer=tok, stores=stores, path=path)
 
 
+_TOKENIZER_KIND = {"byte": "byte", "bpe": "bpe"}  # any other data.tokenizer is a file: "file"
+
+
+def open_prepared(cfg: DataConfig) -> Data:
+    """Open a directory written by ``python -m moejax.data.prepare`` (local or ``gs://``): domains,
+    splits and tokenizer come from its manifest; ``data.domains`` must be among its domains."""
+    from etils import epath
+
+    from moejax.data.prepare import read_manifest
+
+    path = epath.Path(os.path.expanduser(cfg.corpus))
+    m = read_manifest(path)
+    if not m.get("complete"):
+        raise ValueError(f"data.corpus={cfg.corpus!r}: its preparation did not finish; rerun "
+                         f"python -m moejax.data.prepare with the same arguments to complete it")
+    unknown = [d for d in cfg.domains if d not in m["domains"]]
+    if unknown:
+        raise ValueError(f"data.domains: {unknown} not in the prepared corpus {cfg.corpus} (it has "
+                         f"{m['domains']}); set data.domains (and data.mixture) to some of those")
+    kind = m["tokenizer"]["kind"]
+    if _TOKENIZER_KIND.get(cfg.tokenizer, "file") != kind:
+        fix = kind if kind != "file" else f"{cfg.corpus}/tokenizer.json"
+        raise ValueError(f"data.tokenizer={cfg.tokenizer!r}, but {cfg.corpus} was prepared with the "
+                         f"{kind} tokenizer; set data.tokenizer={fix}")
+    if kind == "byte":
+        tok = ByteTokenizer()
+    else:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        tok_path = path / "tokenizer.json"
+        tok = BPETokenizer(HFTokenizer.from_str(tok_path.read_text()), tok_path)
+    stores = {(d, s): TokenStore(path / d / s) for d in cfg.domains for s in SPLITS}
+    return Data(cfg=cfg, tokenizer=tok, stores=stores, path=path)
+
+
 def prepare_data(cfg: DataConfig, vocab_size: int | None = None) -> Data:
     """Build (first call) or open (later calls, < 1 s) the data ``cfg`` describes.
 
     Cached under ``cfg.cache_dir/data-<key>/``; concurrent builders are safe (atomic rename, the
-    loser uses the winner's copy). Raises if the tokenizer's vocabulary exceeds ``vocab_size``.
+    loser uses the winner's copy). A ``data.corpus`` prepared by ``moejax.data.prepare`` is opened
+    in place. Raises if the tokenizer's vocabulary exceeds ``vocab_size``.
     """
-    root = corpus_lib.cache_root(cfg.cache_dir)
-    final = root / f"data-{data_key(cfg)}"
-    if not (final / "meta.json").exists():
-        _build(cfg, root, final)
-    data = open_data(cfg, final)
+    from moejax.data.prepare import is_prepared
+
+    if is_prepared(cfg.corpus):
+        data = open_prepared(cfg)
+    else:
+        root = corpus_lib.cache_root(cfg.cache_dir)
+        final = root / f"data-{data_key(cfg)}"
+        if not (final / "meta.json").exists():
+            _build(cfg, root, final)
+        data = open_data(cfg, final)
     if vocab_size is not None and data.tokenizer.vocab_size > vocab_size:
         raise ValueError(f"model.vocab_size={vocab_size} is smaller than the tokenizer's vocabulary "
                          f"({data.tokenizer.vocab_size}, data.tokenizer={cfg.tokenizer!r}); raise it")

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 import tensorstore as ts
+from etils import epath
 
 CHUNK = 1 << 16  # tokens per zarr chunk: a row read touches one or two chunks
 _COMPRESSOR = {"id": "blosc", "cname": "lz4", "clevel": 5, "shuffle": 1}
@@ -19,12 +20,24 @@ _COMPRESSOR = {"id": "blosc", "cname": "lz4", "clevel": 5, "shuffle": 1}
 _CONTEXT = ts.Context({"cache_pool": {"total_bytes_limit": 256 << 20}})
 
 
-def _spec(path: Path) -> dict:
-    return {"driver": "zarr", "kvstore": {"driver": "file", "path": str(path)}}
+_DTYPES = {np.dtype(np.int32): "<i4", np.dtype(np.int64): "<i8"}
+
+
+def _kvstore(path) -> dict:
+    """A tensorstore kvstore spec for a local path or a ``gs://bucket/key`` URL."""
+    s = str(path)
+    if s.startswith("gs://"):
+        bucket, _, key = s[len("gs://"):].partition("/")
+        return {"driver": "gcs", "bucket": bucket, "path": key}
+    return {"driver": "file", "path": s}
+
+
+def _spec(path) -> dict:
+    return {"driver": "zarr", "kvstore": _kvstore(path)}
 
 
 def _write_array(path: Path, arr: np.ndarray) -> None:
-    dtype = {np.dtype(np.int32): "<i4", np.dtype(np.int64): "<i8"}[arr.dtype]
+    dtype = _DTYPES[arr.dtype]
     meta = {"dtype": dtype, "shape": [len(arr)], "chunks": [max(1, min(CHUNK, len(arr)))],
             "compressor": _COMPRESSOR}
     store = ts.open({**_spec(path), "metadata": meta}, create=True).result()
@@ -47,14 +60,114 @@ def write_stream(path: Path, docs: Sequence[np.ndarray], bos_id: int, eos_id: in
     return len(tokens)
 
 
+class _AppendArray:
+    """A growable 1-D zarr array: values are buffered and written in whole chunks."""
+
+    def __init__(self, path, dtype, length: int, create: bool):
+        meta = {"dtype": _DTYPES[np.dtype(dtype)], "shape": [0], "chunks": [CHUNK],
+                "compressor": _COMPRESSOR}
+        spec = {**_spec(path), "metadata": meta} if create else _spec(path)
+        self._arr = ts.open(spec, create=create, open=not create, delete_existing=create, read=True,
+                            write=True).result()
+        if self._arr.shape[0] < length:
+            raise ValueError(f"token store {path}: holds {self._arr.shape[0]} values, fewer than the "
+                             f"{length} the manifest committed; delete the output and prepare again")
+        if self._arr.shape[0] > length:  # the tail of an interrupted write: drop it
+            self._arr = self._arr.resize(exclusive_max=[length], shrink_only=True).result()
+        self.length = length
+        self._buf: list[np.ndarray] = []
+        self._buffered = 0
+        self._dtype = np.dtype(dtype)
+
+    def append(self, values: np.ndarray) -> None:
+        self._buf.append(np.asarray(values, self._dtype))
+        self._buffered += len(values)
+        if self._buffered >= 4 * CHUNK:
+            self.flush(whole_chunks=True)
+
+    def flush(self, whole_chunks: bool = False) -> None:
+        """Write the buffer (only up to a chunk boundary if ``whole_chunks``: no chunk rewritten)."""
+        if not self._buffered:
+            return
+        vals = np.concatenate(self._buf)
+        end = self.length + len(vals)
+        if whole_chunks:
+            end -= end % CHUNK
+        n = end - self.length
+        if n <= 0:
+            return
+        self._arr = self._arr.resize(exclusive_max=[end], expand_only=True).result()
+        self._arr[self.length:end].write(vals[:n]).result()
+        self.length = end
+        self._buf, self._buffered = ([vals[n:]] if n < len(vals) else []), len(vals) - n
+
+
+class StreamWriter:
+    """Appends documents to one token stream (the ``TokenStore`` layout), resumably.
+
+    ``committed=None`` starts a new stream (replacing any leftover); ``committed=(docs, tokens)``
+    reopens one at what an earlier run committed, dropping whatever it wrote past that.
+    ``commit()`` makes everything appended so far durable.
+    """
+
+    def __init__(self, path, bos_id: int, eos_id: int, committed: tuple[int, int] | None = None):
+        self.path = epath.Path(path)
+        create = committed is None
+        docs, tokens = committed or (0, 0)
+        if not create and not (self.path / "offsets").exists():
+            raise FileNotFoundError(f"token store {self.path}: missing, but the manifest records "
+                                    f"{docs} documents; delete the output and prepare again")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._tokens = _AppendArray(self.path / "tokens", np.int32, tokens, create)
+        self._offsets = _AppendArray(self.path / "offsets", np.int64, 0 if create else docs + 1,
+                                     create)
+        if create:
+            self._offsets.append(np.zeros(1, np.int64))
+        self.bos_id, self.eos_id = bos_id, eos_id
+        self.docs, self.tokens = docs, tokens
+
+    def append(self, lengths: np.ndarray, flat: np.ndarray) -> None:
+        """Append documents given as their token ``lengths`` [n] and concatenated tokens ``flat``;
+        each is stored as ``[bos] + tokens + [eos]``."""
+        lengths = np.asarray(lengths, np.int64)
+        if not len(lengths):
+            return
+        framed = frame_documents(lengths, flat, self.bos_id, self.eos_id)
+        self._offsets.append(self.tokens + np.cumsum(lengths + 2))
+        self._tokens.append(framed)
+        self.docs += len(lengths)
+        self.tokens += len(framed)
+
+    def commit(self) -> tuple[int, int]:
+        """Write every buffered value; returns the durable ``(docs, tokens)``."""
+        self._tokens.flush()
+        self._offsets.flush()
+        return self.docs, self.tokens
+
+
+def frame_documents(lengths: np.ndarray, flat: np.ndarray, bos_id: int, eos_id: int) -> np.ndarray:
+    """``[bos] + doc + [eos]`` for every document of ``flat`` (split by ``lengths``), concatenated."""
+    n = len(lengths)
+    out = np.empty(len(flat) + 2 * n, np.int32)
+    ends = np.cumsum(lengths + 2)  # exclusive end of each framed doc
+    starts = ends - lengths - 2
+    out[starts] = bos_id
+    out[ends - 1] = eos_id
+    body = np.ones(len(out), bool)
+    body[starts] = body[ends - 1] = False
+    out[body] = flat
+    return out
+
+
 class TokenStore:
     """Read-only view of one token stream: ``store[k]`` is document k, ``read(s, n)`` a window."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if not (self.path / "tokens").is_dir() or not (self.path / "offsets").is_dir():
+    def __init__(self, path):
+        self.path = epath.Path(path)
+        if not (self.path / "tokens").exists() or not (self.path / "offsets").exists():
             raise FileNotFoundError(f"token store {self.path}: expected zarr arrays 'tokens' and "
-                                    "'offsets' (written by moejax.data.prepare_data)")
+                                    "'offsets' (written by moejax.data.prepare_data or "
+                                    "python -m moejax.data.prepare)")
         self._tokens = ts.open(_spec(self.path / "tokens"), read=True, open=True,
                                context=_CONTEXT).result()
         offsets = ts.open(_spec(self.path / "offsets"), read=True, open=True,
