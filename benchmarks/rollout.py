@@ -275,7 +275,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--peer-experts", default="eager", help="HF experts_implementation (MoE)")
     ap.add_argument("--no-prefill", action="store_true", help="skip the N=1 prefill timing")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--host-malloc", choices=("keep", "default"), default="keep",
+                    help="glibc malloc as moejax entry points set it (moejax.runtime), or as it "
+                         "comes; both sides share the process")
     args = ap.parse_args(argv)
+    from moejax.runtime import ENV, tune_host_malloc
+    os.environ[ENV] = args.host_malloc
+    tune_host_malloc()
     if args.smoke:
         args.configs, args.reps, args.warmup, args.no_prefill = ["smoke"], 1, 1, True
     os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -207,12 +207,19 @@ def main(argv=None) -> dict:
                     help="HF experts_implementation(s) for the MoE peer; the first is the ratio's")
     ap.add_argument("--profile", default=None, help="also write a jax.profiler trace here")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--host-malloc", choices=("keep", "default"), default="keep",
+                    help="glibc malloc as every moejax entry point sets it (moejax.runtime), or "
+                         "as it comes; both sides share the process")
     args = ap.parse_args(argv)
     if args.device == "cpu":
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from moejax.runtime import ENV, tune_host_malloc
+    os.environ[ENV] = args.host_malloc
+    host_malloc = tune_host_malloc()
     import jax
 
     settings = thread_settings(args.threads)
+    settings["host_malloc_tuned"] = host_malloc
     settings["jax_default_matmul_precision"] = str(jax.config.jax_default_matmul_precision)
     configs = model_configs()
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),

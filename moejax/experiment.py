@@ -119,6 +119,9 @@ def main(*, description: str, presets: Mapping[str, Config], arms: Mapping[str, 
     """Parse the command line, run the arms, write the report. ``budget(configs, workdirs)``
     gives the report's data-budget section (default ``budget_section``: corpus tokens and
     passes per domain)."""
+    from moejax.runtime import tune_host_malloc
+
+    tune_host_malloc()  # before jax starts its threads: XLA:CPU's step scratch stays mapped
     p = argparse.ArgumentParser(description=description.strip().splitlines()[0])
     p.add_argument("--preset", default="cpu", choices=sorted(presets))
     p.add_argument("--arms", default=",".join(arms), help=f"comma-separated, from {list(arms)}")

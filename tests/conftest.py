@@ -16,6 +16,10 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 
+from moejax.runtime import tune_host_malloc  # noqa: E402
+
+tune_host_malloc()  # as every entry point: XLA's per-step scratch is reused, not re-faulted
+
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")

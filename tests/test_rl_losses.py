@@ -452,3 +452,16 @@ def test_gspo_log_ratio_is_clamped_above_at_10(algo):
     assert float(metrics["ratio_mean"]) == pytest.approx(math.exp(10.0), rel=1e-5)
     grad = jax.grad(lambda l: losses.policy_loss(l, *args)[0])(lp)
     np.testing.assert_array_equal(np.asarray(grad), 0.0)  # past the clamp: no gradient
+
+
+def test_k3_is_accurate_and_nonnegative_for_tiny_log_ratios():
+    """exp(-d) + d - 1 cancels catastrophically in fp32 near d = 0 (it went negative); the value
+    must match float64 to a few ulp-relative and never be negative."""
+    from moejax.rl.kl import k3_value
+
+    d = np.concatenate([np.geomspace(1e-7, 1e-2, 50), -np.geomspace(1e-7, 1e-2, 50)])
+    got = np.asarray(k3_value(jnp.asarray(d, jnp.float32), None, None), np.float64)
+    d32 = d.astype(np.float32).astype(np.float64)
+    want = np.expm1(-d32) + d32
+    assert (got >= 0).all()
+    np.testing.assert_allclose(got, want, rtol=2e-3)

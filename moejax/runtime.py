@@ -1,0 +1,51 @@
+"""Process settings for running on a CPU host: glibc malloc tuned so XLA's per-step scratch is reused.
+
+XLA:CPU allocates one large scratch buffer per executed program (~730 MiB for the dense CPU
+benchmark step) and frees it at the end. With glibc's defaults a buffer that size is mmap'd and
+unmapped every step, and the kernel faults in and zeroes its pages again each time: measured 374 ms
+of system time and 186k page faults per 1.7 s dense step (benchmarks/RESULTS.md, "XLA:CPU vs torch
+per op"). One arena, no mmap'd chunks and no trimming keep the freed memory for the next step:
+the step then matches torch's (1.03-1.07x HF on one core). The cost: the process keeps its peak
+heap instead of returning it to the OS. Call ``tune_host_malloc()`` before jax starts its threads
+(their arenas are created on first use); experiment and benchmark entry points do.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+
+ENV = "MOEJAX_HOST_MALLOC"  # "keep" (tune), "default" (leave glibc alone), unset = auto
+M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8  # glibc mallopt parameters
+_applied = False
+
+
+def _has_accelerator() -> bool:
+    """A GPU or TPU is attached (then the host heap is not the hot path and we leave it alone)."""
+    return bool(glob.glob("/dev/nvidia[0-9]*") or glob.glob("/dev/accel[0-9]*")
+                or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def tune_host_malloc() -> bool:
+    """Apply the malloc settings above once (``MOEJAX_HOST_MALLOC=keep`` forces them,
+    ``=default`` skips them; by default they apply on hosts without an accelerator). Returns
+    whether they are in force. A libc without ``mallopt`` (not glibc) is left alone."""
+    global _applied
+    if _applied:
+        return True
+    mode = os.environ.get(ENV, "auto").strip().lower()
+    if mode not in ("auto", "keep", "default"):
+        raise ValueError(f"{ENV}={mode!r}: use 'keep', 'default' or leave it unset")
+    if mode == "default" or (mode == "auto" and _has_accelerator()):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    for param, value in ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1)):
+        if mallopt(param, value) != 1:
+            return False
+    _applied = True
+    return True
