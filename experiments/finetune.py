@@ -28,7 +28,9 @@ steps of 16 x 256 tokens, for small sources of a few M parameters: from the expo
 cpu model, 23:23 wall on 2 cores for the three arms with ragged_dot as the CPU grouped matmul:
 ~2.5 min plain, ~10 min per EMoE arm at 4.5 s/step; the 'blocked' CPU default since then runs
 EMoE steps at 2.7 s), gpu (Qwen3-0.6B-sized source,
-bf16 compute, 2000 steps of 32 x 2048; not run: no GPU this session).
+bf16 compute, 2000 steps of 32 x 2048; not run: no GPU this session), tpu-v5p-8 (a
+Qwen3-1.7B-sized source, FSDP over 4 v5p chips, 32 x 2048; ``python -m moejax.aot --experiment
+finetune --preset tpu-v5p-8`` compiles it for that shape, ``AOT_SOURCE``, without a source).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from flax import nnx
 from moejax import experiment, upcycle
 from moejax import train as T
 from moejax.analysis.plots import plot_curves, plot_domain_heatmaps
-from moejax.config import Config, DataConfig, GrowthConfig, ModelConfig, TrainConfig
+from moejax.config import Config, DataConfig, GrowthConfig, MeshConfig, ModelConfig, TrainConfig
 from moejax.data.corpus import jsonl_documents
 from moejax.interop import hf
 from moejax.analysis.routing import domain_frequencies, specialisation
@@ -72,7 +74,21 @@ PRESETS: dict[str, Config] = {
         train=TrainConfig(steps=2000, batch_size=32, lr=2e-5, min_lr_ratio=0.1, warmup_steps=100,
                           weight_decay=0.0, log_every=20, eval_every=200, eval_batches=8,
                           ckpt_every=500)),
+    "tpu-v5p-8": Config(  # a Qwen3-1.7B-sized source (import it with scan_layers) over 4 chips
+        model=ModelConfig(dtype="bfloat16", remat="dots"),
+        mesh=MeshConfig(data=1, fsdp=-1),
+        data=DataConfig(seq_len=2048, corpus_bytes_per_domain=20_000_000, prefetch_threads=8),
+        train=TrainConfig(steps=2000, batch_size=32, lr=2e-5, min_lr_ratio=0.1, warmup_steps=100,
+                          weight_decay=0.0, log_every=20, eval_every=200, eval_batches=8,
+                          ckpt_every=500)),
 }
+
+# The source shape the tpu-* presets are compiled for by ``moejax.aot`` (no HF directory needed):
+# Qwen3-1.7B's config.json, read as an import reads it.
+AOT_SOURCE = {"model_type": "qwen3", "hidden_size": 2048, "intermediate_size": 6144,
+              "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
+              "head_dim": 128, "vocab_size": 151936, "max_position_embeddings": 40960,
+              "rope_theta": 1000000, "rms_norm_eps": 1e-6, "tie_word_embeddings": True}
 
 EMOE_EXPERTS, EMOE_TOPK, GW_NORMALISED_THRESHOLD = 8, 4, 0.8
 
@@ -125,6 +141,14 @@ def presets_for(src: Config, corpus: str | None) -> dict[str, Config]:
                                        mixture=(1.0,) * len(domains))
         out[name] = dataclasses.replace(p, model=model, data=data)
     return out
+
+
+def aot_experiment() -> tuple[dict[str, Config], dict[str, tuple[str, ...]]]:
+    """(presets, arms) as ``main`` builds them for a source of ``AOT_SOURCE``'s shape (scanned
+    layers): what ``python -m moejax.aot --experiment finetune --preset tpu-v5p-8`` compiles."""
+    from moejax.interop import qwen3
+    src = Config(model=qwen3.config_from_hf(AOT_SOURCE, scan_layers=True))
+    return presets_for(src, None), arms_for(src.model)
 
 
 def make_run_arm(import_dir: str, src: Config):

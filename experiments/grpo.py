@@ -22,8 +22,10 @@ Command:
     python -m experiments.grpo --preset cpu --workdir runs/grpo [--source HF_DIR]
 
 Presets: cpu-smoke (CI, seconds per arm), cpu (2-core CPU; measured times in the closing note of
-issue #11), gpu (one GPU), tpu (a v5p-8 slice). ``--source`` starts from an imported Hugging Face
-model instead (its tokenizer.json and chat template are used).
+issue #11), gpu (one GPU), tpu-v5p-8 (a v5p-8 slice, 4 chips; ``python -m moejax.aot --experiment
+grpo --preset tpu-v5p-8 [--arms moe_grpo_r3]`` compiles its rollout, logprob and update programs).
+``--source`` starts from an imported Hugging Face model instead (its tokenizer.json and chat
+template are used).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import numpy as np
 
 from moejax import experiment
 from moejax.analysis.plots import plot_curves
-from moejax.config import DataConfig, MeshConfig, ModelConfig, MoEConfig, TrainConfig
+from moejax.config import DataConfig, MeshConfig, ModelConfig, TrainConfig
 from moejax.metrics import read_metrics
 from moejax.paths import as_path
 from moejax.rl import tasks as tasks_lib
@@ -89,11 +91,11 @@ PRESETS: dict[str, RLRunConfig] = {
                                  scratchpad=True, eval_items=512),
                    lr=1e-4, P=64, G=8, eval_items=512, eval_samples=8, eval_every=50,
                    mini_batches=4),
-    "tpu": _preset(_model(512, 8, 8, "bfloat16"), steps=600,
-                   sft=SFTConfig(steps=2000, batch_size=256, lr=1e-3, warmup_steps=100,
-                                 scratchpad=True, eval_items=1024),
-                   lr=5e-5, P=128, G=8, eval_items=1024, eval_samples=8, eval_every=50,
-                   mesh=MeshConfig(data=-1), mini_batches=4),
+    "tpu-v5p-8": _preset(_model(512, 8, 8, "bfloat16"), steps=600,
+                         sft=SFTConfig(steps=2000, batch_size=256, lr=1e-3, warmup_steps=100,
+                                       scratchpad=True, eval_items=1024),
+                         lr=5e-5, P=128, G=8, eval_items=1024, eval_samples=8, eval_every=50,
+                         mesh=MeshConfig(data=-1), mini_batches=4),
 }
 
 MOE = ("model.moe.num_experts=8", "model.moe.top_k=2", "model.moe.balance.scope=none")

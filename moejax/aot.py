@@ -16,8 +16,16 @@ chip's link bandwidth (``moejax.tpu_specs``); MFU counts the analytic 6 N tokens
 Errors with a name: ``DoesNotFit`` (HBM; with the numbers and the knob to turn), ``KernelMissing``
 (the config selects a Pallas kernel or ragged exchange the compiled program lacks: no silent
 fallback), ``LibtpuMissing`` (the CLI prints the one-line install instead of a traceback).
-Multi-slice (``--slices N``): the config's mesh is laid over each slice's chips (ICI) and N slices
-add a DCN factor to the ``data`` axis (``mesh_utils.create_hybrid_device_mesh``).
+Multi-slice (``--slices N``): the topology's devices carry their ``slice_index`` and
+``moejax.mesh.make_mesh`` (what a run builds) lays the config's mesh over each slice's chips (ICI)
+with the ``data`` axis also across the N slices (DCN).
+
+RL configs (``RLRunConfig``, e.g. ``--experiment grpo``) compile the RL step's programs instead:
+the rollout engine's program at the step's bucket (prompts_per_step x num_generations rows) and
+at the eval bucket, the teacher-forced logprob recompute over the whole rollout batch, and the
+update step on one mini-batch (``forced_experts`` under routing replay). Prefill and decode
+attend over the KV cache through the XLA path (splash serves same-sequence attention only); the
+logprob and update programs use splash where the train step would (length a multiple of 128).
 """
 
 from __future__ import annotations
@@ -37,10 +45,10 @@ from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import AxisType, Mesh
+from jax.sharding import Mesh
 
 from moejax import hlo_stats, tpu_specs
-from moejax.config import Config, ConfigError, MeshConfig
+from moejax.config import Config, ConfigError
 
 GiB = tpu_specs.GiB
 INSTALL_LINE = f'pip install "jax[tpu]=={jax.__version__}"   (or: pip install -e ".[tpu]")'
@@ -74,22 +82,6 @@ def topology_devices(topology: str, slices: int = 1) -> list:
     from jax.experimental import topologies
     kw = {"num_slices": slices} if slices > 1 else {}
     return list(topologies.get_topology_desc(topology_name=topology, platform="tpu", **kw).devices)
-
-
-def make_aot_mesh(cfg: MeshConfig, devices: Sequence, slices: int = 1) -> Mesh:
-    """The run's mesh over ``devices``. One slice: ``moejax.mesh.make_mesh`` (what a run builds).
-    Several: the config's axes over each slice (ICI) with the ``data`` axis also spanning the
-    slices (DCN), as ``mesh_utils.create_hybrid_device_mesh`` lays them out."""
-    from moejax.mesh import MESH_AXES, make_mesh
-    if slices == 1:
-        return make_mesh(cfg, devices)
-    from jax.experimental import mesh_utils
-    per_slice = len(devices) // slices
-    ici = cfg.resolve(per_slice)
-    ici_shape = tuple(ici[a] for a in MESH_AXES)
-    dcn_shape = tuple(slices if a == "data" else 1 for a in MESH_AXES)
-    grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices)
-    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def default_topology(preset: str) -> str:
@@ -129,9 +121,38 @@ def tpu_tracing() -> Iterator[None]:
         jax.config.update("jax_enable_compilation_cache", cache)
 
 
+@dataclasses.dataclass(frozen=True)
+class Work:
+    """What one program computes, for its analytic FLOPs and expected kernels: ``passes``
+    forward-equivalents (3: forward + backward; 1: forward) over ``rows`` x ``seq_len`` tokens
+    in micro-steps of ``micro_rows``; a rollout (``decode_rows`` > 0) prefills ``rows`` prompts of
+    ``seq_len`` tokens over a KV cache, then feeds ``decode_rows`` rows one token at a time for
+    up to ``new_tokens`` steps."""
+
+    passes: int
+    rows: int
+    seq_len: int
+    micro_rows: int
+    decode_rows: int = 0
+    new_tokens: int = 0
+
+    @property
+    def rollout(self) -> bool:
+        return self.decode_rows > 0
+
+
+def train_work(cfg: Config) -> Work:
+    return Work(3, cfg.train.batch_size, cfg.data.seq_len, cfg.train.micro_batch_size)
+
+
+def eval_work(cfg: Config) -> Work:
+    return Work(1, cfg.train.batch_size, cfg.data.seq_len, cfg.train.micro_batch_size)
+
+
 @dataclasses.dataclass
 class Program:
-    """One compiled program: its text, per-chip memory, XLA's cost analysis and timings."""
+    """One compiled program: its text, per-chip memory, XLA's cost analysis and timings, the
+    work it does and the per-chip bytes of its abstract arguments."""
 
     name: str
     text: str
@@ -139,13 +160,16 @@ class Program:
     cost: dict  # XLA cost_analysis (loop bodies counted once)
     lower_s: float
     compile_s: float
+    work: Work
+    argument_bytes: int  # sum of each argument's own shard (what ``memory['argument']`` should be)
 
 
-def compile_program(name: str, fn, *args) -> Program:
-    """Lower and compile jitted ``fn`` for the abstract ``args``; out-of-HBM -> DoesNotFit."""
+def compile_program(name: str, fn, work: Work, *args, **static) -> Program:
+    """Lower and compile jitted ``fn`` for the abstract ``args`` (``static``: its static
+    keyword arguments); out-of-HBM -> DoesNotFit."""
     t0 = time.perf_counter()
     with tpu_tracing():
-        lowered = fn.lower(*args)
+        lowered = fn.lower(*args, **static)
         t1 = time.perf_counter()
         try:
             compiled = lowered.compile()
@@ -161,7 +185,8 @@ def compile_program(name: str, fn, *args) -> Program:
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     keep = ("flops", "bytes accessed", "transcendentals")
     cost = {k: float(v) for k, v in cost.items() if k in keep}
-    return Program(name, compiled.as_text(), memory, cost, t1 - t0, t2 - t1)
+    return Program(name, compiled.as_text(), memory, cost, t1 - t0, t2 - t1, work,
+                   per_chip_bytes(args))
 
 
 def _oom_message(name: str, err: str) -> str:
@@ -182,29 +207,142 @@ def _oom_message(name: str, err: str) -> str:
 
 
 def build_programs(cfg: Config, mesh: Mesh, *, eval_step: bool = True) -> dict[str, Program]:
-    """Compile the run's train step (and eval step) exactly as ``Trainer`` builds them."""
+    """Compile the run's train step (and eval step) exactly as ``Trainer`` builds them; an RL
+    config's programs through ``build_rl_programs``."""
     from moejax import train as T
+    from moejax.rl.config import RLRunConfig
+    if isinstance(cfg, RLRunConfig):
+        return build_rl_programs(cfg, mesh, eval_rollout=eval_step)
     with tpu_tracing():
         s = T.setup(cfg, mesh)
         n_domains = len(cfg.data.domains)
         batch = abstract_batch(mesh, cfg.train.batch_size, cfg.data.seq_len)
         progs = {"train": compile_program("train", T.make_train_step(s, n_domains),
-                                          s.abstract_state, batch)}
+                                          train_work(cfg), s.abstract_state, batch)}
         if eval_step:
             progs["eval"] = compile_program("eval", T.make_eval_step(s, n_domains),
-                                            s.abstract_state, batch)
+                                            eval_work(cfg), s.abstract_state, batch)
+    return progs
+
+
+# -- RL programs ----------------------------------------------------------------------------------
+
+def rl_optimizer_config(cfg):
+    """The config ``RLTrainer`` sets the optimizer up with: its schedule counts optimizer steps
+    (``rl.updates_per_step`` per RL step), as in ``RLTrainer.__init__``."""
+    u = cfg.rl.updates_per_step
+    return dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, steps=cfg.train.steps * u, warmup_steps=cfg.train.warmup_steps * u))
+
+
+def _replicated(mesh: Mesh, tree):
+    """ShapeDtypeStructs of ``tree``'s leaves, replicated on ``mesh`` (host inputs)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+    sh = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), tree)
+
+
+def rollout_args(engine, mesh: Mesh, prompts: int, G: int) -> tuple:
+    """Abstract (prompt [Bp,P], lengths [Bp], rng, knobs) as ``RolloutEngine.generate`` passes
+    them for ``prompts`` prompts (filled with dummy prompts until Bp*G rows divide the batch
+    shards, as ``generate`` does)."""
+    import numpy as np
+
+    from moejax.sampling import make_knobs
+    P = engine.cfg.max_prompt_len
+    prompt, lengths = engine._fill_shards(np.zeros((prompts, P), np.int32),
+                                          np.ones((prompts,), np.int32), G)
+    host = (jax.ShapeDtypeStruct(prompt.shape, jnp.int32),
+            jax.ShapeDtypeStruct(lengths.shape, jnp.int32),
+            jax.eval_shape(lambda: jax.random.key(0)),
+            jax.eval_shape(lambda: make_knobs(1.0, 1.0, 0, False, engine.eos_id)))
+    return _replicated(mesh, host)
+
+
+def rl_rows(cfg, mesh: Mesh, rows: int, *, ref: bool, forced: bool) -> dict:
+    """Abstract policy-program rows (``moejax.rl.policy``; ``trainer.rl_batch``) of ``rows``
+    rows, sharded as ``trainer.to_global`` shards them; ``ref``: with ref_logprobs,
+    ``forced``: with forced_experts [rows, L_moe, T, k]."""
+    from moejax import train as T
+    rl, m = cfg.rl, cfg.model
+    Tn = rl.rollout.max_prompt_len + rl.rollout.max_new_tokens - 1
+    shapes = {k: ((rows, Tn), jnp.int32) for k in ("inputs", "targets", "positions",
+                                                   "segment_ids")}
+    f32 = ["completion_mask", "advantages", "old_logprobs", "rollout_logprobs"]
+    if ref:
+        f32.append("ref_logprobs")
+    shapes.update({k: ((rows, Tn), jnp.float32) for k in f32})
+    if forced:
+        shapes["forced_experts"] = ((rows, T.num_moe_layers(m), Tn, m.moe.top_k), jnp.int32)
+    return {k: jax.ShapeDtypeStruct(shape, dt, sharding=T.batch_sharding(mesh, len(shape)))
+            for k, (shape, dt) in shapes.items()}
+
+
+def eval_prompts(cfg) -> int:
+    """Prompts of one evaluation rollout: every held-out item of every tier (``RLTrainer``)."""
+    from moejax.rl.trainer import eval_sets, load_file_items
+    return sum(len(v) for v in eval_sets(cfg, load_file_items(cfg)).values())
+
+
+def build_rl_programs(cfg, mesh: Mesh, *, eval_rollout: bool = True) -> dict[str, Program]:
+    """The programs of one RL step as ``RLTrainer`` builds them: ``rollout`` (prompts_per_step
+    prompts x G), ``logprobs`` (the pi_old / reference recompute over all P*G rows), ``update``
+    (one optimizer step on a mini-batch of P*G/mini_batches rows) and, with ``eval_rollout``,
+    ``rollout_eval`` (every eval item x ``rl.eval_samples``, the largest eval bucket)."""
+    from moejax import train as T
+    from moejax.rl.policy import make_logprob_fn, make_update_step
+    from moejax.rl.rollout import RolloutEngine
+    rl = cfg.rl
+    P, N, G = rl.rollout.max_prompt_len, rl.rollout.max_new_tokens, rl.num_generations
+    Tn, B = P + N - 1, rl.rows_per_step
+    with tpu_tracing():
+        s = T.setup(rl_optimizer_config(cfg), mesh)
+        state = s.abstract_state
+        weights = (state.params, state.rest)
+        # token ids are values in the program, not shapes: the byte tokenizer's
+        engine = RolloutEngine(s, rl.rollout, eos_id=2, pad_id=0)
+
+        def rollout(name, prompts, g):
+            args = rollout_args(engine, mesh, prompts, g)
+            bp = args[0].shape[0]
+            return compile_program(name, engine._program, Work(1, bp, P, bp, bp * g, N),
+                                   weights, *args, num_generations=g)
+
+        progs = {"rollout": rollout("rollout", rl.prompts_per_step, G)}
+        if eval_rollout:
+            progs["rollout_eval"] = rollout("rollout_eval", eval_prompts(cfg),
+                                            max(rl.eval_samples, 1))
+        progs["logprobs"] = compile_program(
+            "logprobs", make_logprob_fn(s, rl.rollout.temperature), Work(1, B, Tn, B),
+            state.params, state.rest,  # the trainer's pi_old batch: no reference, R3's routing
+            rl_rows(cfg, mesh, B, ref=False, forced=rl.replay.mode == "r3"))
+        n = B // rl.mini_batches
+        progs["update"] = compile_program(
+            "update", make_update_step(s, cfg), Work(3, n, Tn, n // rl.micro_batches),
+            state, rl_rows(cfg, mesh, n, ref=rl.needs_reference,
+                           forced=rl.replay.mode != "none"))
     return progs
 
 
 # -- what the program should contain --------------------------------------------------------------
 
-def expected_kernels(cfg: Config, mesh: Mesh) -> dict[str, str]:
-    """What the config selects on TPU: {kernel-name prefix or HLO op: the config field}."""
+def attention_impl(cfg: Config, work: Work) -> str:
+    """The attention kernel a program runs on TPU: splash for same-sequence attention whose
+    length it tiles, the XLA path over a KV cache (rollout prefill and decode) or otherwise."""
+    from moejax import kernels
+    m = cfg.model
+    return kernels.resolve_attention_impl(m.attention.impl, jnp.dtype(m.dtype),
+                                          needs_reference=m.attention.sink,
+                                          self_attention=not work.rollout,
+                                          seq_len=work.seq_len, backend="tpu")
+
+
+def expected_kernels(cfg: Config, mesh: Mesh, work: Work | None = None) -> dict[str, str]:
+    """What the config selects on TPU for a program doing ``work`` (default: the train step):
+    {kernel-name prefix or HLO op: the config field}."""
     from moejax import kernels
     m, want = cfg.model, {}
-    if kernels.resolve_attention_impl(m.attention.impl, jnp.dtype(m.dtype),
-                                      needs_reference=m.attention.sink, self_attention=True,
-                                      seq_len=cfg.data.seq_len, backend="tpu") == "splash":
+    if attention_impl(cfg, work or train_work(cfg)) == "splash":
         want["splash_mha_fwd"] = "model.attention.impl"
     moe = m.moe
     if moe.enabled and moe.router.kind != "expert_choice" and moe.dispatch == "dropless" \
@@ -216,10 +354,11 @@ def expected_kernels(cfg: Config, mesh: Mesh) -> dict[str, str]:
     return want
 
 
-def check_kernels(cfg: Config, mesh: Mesh, stats: hlo_stats.StepStats, program: str) -> None:
+def check_kernels(cfg: Config, mesh: Mesh, stats: hlo_stats.StepStats, program: str,
+                  work: Work | None = None) -> None:
     """KernelMissing unless every kernel the config selects is in the compiled program."""
     have = set(stats.kernels) | {k for k, v in stats.collectives.items() if v["count"]}
-    missing = {k: f for k, f in expected_kernels(cfg, mesh).items()
+    missing = {k: f for k, f in expected_kernels(cfg, mesh, work).items()
                if not any(h.startswith(k) for h in have)}
     if missing:
         what = ", ".join(f"{k} ({f})" for k, f in missing.items())
@@ -234,16 +373,21 @@ def per_chip_bytes(abstract_tree) -> int:
     total = 0
     for x in jax.tree.leaves(abstract_tree):
         shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) else x.shape
-        total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
+        total += math.prod(shape) * x.dtype.itemsize  # a PRNG key: its key data's bytes
     return total
 
 
 def estimate_memory(cfg: Config, mesh: Mesh, abstract_state) -> dict:
-    """Analytic per-chip bytes of the train step: the state and batch it takes (arguments:
-    exact, each leaf's own shard), the f32 gradients (the accumulated sum and one micro-step's;
-    sharded like the parameters) and the activations: the residual stream saved at every layer
-    boundary under remat (all of a layer's values without it), one layer's forward values being
-    recomputed, and the fp32 logits with their gradient."""
+    """Analytic per-chip bytes of the train step. Held to the compiler's numbers within 10%:
+    the arguments (the state and batch it takes, each leaf's own shard) and the outputs (the
+    new state, donated: it aliases the old one's buffers). Estimated only: the temporaries, as
+    the f32 gradients (the accumulated sum and one micro-step's; sharded like the parameters)
+    plus the activations: the residual stream saved at every layer boundary under remat (all
+    of a layer's values without it), one layer's forward values being recomputed, and the fp32
+    logits with their gradient. What is live at the peak is decided by XLA's buffer assignment
+    (bf16 weight copies, FSDP gathers, EP buffers, reuse across the scanned layers), which no
+    closed form of the config tracks: measured 0.48-2.3x this estimate, and 3x apart between
+    v5e and v5p for the same program and shapes (``tests/test_aot.py``)."""
     m, t = cfg.model, cfg.train
     batch_shards = math.prod(mesh.shape.get(a, 1) for a in ("data", "fsdp", "expert"))
     b = t.micro_batch_size // batch_shards  # rows per chip per micro-step
@@ -263,46 +407,59 @@ def estimate_memory(cfg: Config, mesh: Mesh, abstract_state) -> dict:
         abstract_batch(mesh, t.batch_size, T))
     grads = 2 * params * 4 // max(jnp.dtype(m.param_dtype).itemsize, 1)
     activations = saved + layer + logits
-    return {"arguments": args, "gradients": grads, "activations": activations,
-            "temporaries": grads + activations, "total": args + grads + activations}
+    return {"arguments": args, "outputs": per_chip_bytes(abstract_state), "gradients": grads,
+            "activations": activations, "temporaries": grads + activations,
+            "total": args + grads + activations}
 
 
-def analytic_flops_per_chip(cfg: Config, chips: int) -> float:
-    """6 N_active tokens + attention (``ModelConfig.flops_per_token``) per chip per step."""
-    tokens = cfg.train.batch_size * cfg.data.seq_len
-    return cfg.model.flops_per_token(cfg.data.seq_len) * tokens / chips
+def analytic_split(cfg: Config, chips: int, work: Work | None = None) -> dict:
+    """The analytic FLOPs per chip of a program doing ``work`` (default: the train step; the
+    forward-equivalents of ``ModelConfig.flops_per_token``) split into the layers' parameter
+    matmuls (2 N_active per token per pass), the LM head (2 V D) and attention (QK^T and PV
+    over the causal half). A rollout's decode tokens attend to the prompt and the half of the
+    completion before them on average."""
+    m, work = cfg.model, work or train_work(cfg)
+    per_pass = m.flops_per_token(work.seq_len) / 3.0  # one forward per token
+    tokens = work.rows * work.seq_len
+    layers = 2.0 * m.num_params(include_embeddings=False, active=True)
+    head = 2.0 * m.vocab_size * m.d_model
+    attention = tokens * (per_pass - layers - head)
+    if work.rollout:  # flops_per_token(2c) / 3 attends to c tokens on average
+        steps = work.decode_rows * work.new_tokens
+        attention += steps * (m.flops_per_token(2 * work.seq_len + work.new_tokens) / 3.0
+                              - layers - head)
+        tokens += steps
+    return {k: v * work.passes / chips for k, v in
+            (("layers", layers * tokens), ("head", head * tokens), ("attention", attention))}
 
 
-def analytic_split(cfg: Config, chips: int) -> dict:
-    """The analytic FLOPs per chip per step (``flops_per_token``) split into the layers'
-    parameter matmuls (6 N_active tokens), the LM head (6 V D tokens) and attention (QK^T and
-    PV over the causal half)."""
-    m = cfg.model
-    tokens = cfg.train.batch_size * cfg.data.seq_len / chips
-    layers = 6.0 * m.num_params(include_embeddings=False, active=True) * tokens
-    head = 6.0 * m.vocab_size * m.d_model * tokens
-    return {"layers": layers, "head": head,
-            "attention": analytic_flops_per_chip(cfg, chips) - layers - head}
+def analytic_flops_per_chip(cfg: Config, chips: int, work: Work | None = None) -> float:
+    """6 N_active tokens + attention (``ModelConfig.flops_per_token``) per chip per step for the
+    train step; ``work``'s passes and tokens for another program."""
+    return sum(analytic_split(cfg, chips, work).values())
 
 
-def gmm_row_share(cfg: Config, mesh: Mesh) -> float:
+def gmm_row_share(cfg: Config, mesh: Mesh, work: Work | None = None) -> float:
     """Share of the grouped-matmul rows that hold tokens when routing is balanced. Dropless EP
     receives into ep*B rows per chip (B = ``moe_ep.buffer_rows``) for a mean load of
-    T_local*top_k; megablox's cost estimate counts every row, the kernel visits the filled ones."""
-    moe = cfg.model.moe
+    T_local*top_k; megablox's cost estimate counts every row, the kernel visits the filled ones.
+    A rollout at its decode steps' share (one token per row; N of them against one prefill)."""
+    moe, work = cfg.model.moe, work or train_work(cfg)
     ep = mesh.shape.get("expert", 1)
     if not moe.enabled or ep == 1 or moe.dispatch != "dropless":
         return 1.0
     from moejax.layers.moe_ep import buffer_rows
     shards = math.prod(mesh.shape.get(a, 1) for a in ("data", "fsdp", "expert"))
-    assignments = cfg.train.micro_batch_size * cfg.data.seq_len // shards * moe.top_k
+    tokens = work.decode_rows if work.rollout else work.micro_rows * work.seq_len
+    assignments = max(tokens // shards, 1) * moe.top_k
     return assignments / (ep * buffer_rows(moe.ep_buffer_factor, assignments, ep))
 
 
-def remat_factor(cfg: Config) -> float:
-    """Compiled / analytic FLOPs to expect from recomputation: full remat reruns the forward
-    (4 forward-equivalents instead of 3), 'dots' saves the matmul outputs."""
-    return 4.0 / 3.0 if cfg.model.remat == "full" else 1.0
+def remat_factor(cfg: Config, work: Work | None = None) -> float:
+    """Compiled / analytic FLOPs to expect from recomputation in a backward pass: full remat
+    reruns the forward (4 forward-equivalents instead of 3), 'dots' saves the matmul outputs."""
+    work = work or train_work(cfg)
+    return 4.0 / 3.0 if cfg.model.remat == "full" and work.passes == 3 else 1.0
 
 
 # -- the report -----------------------------------------------------------------------------------
@@ -321,27 +478,24 @@ def roofline(flops: float, hbm_bytes: float, ici_bytes: float, chip: tpu_specs.C
 def program_report(cfg: Config, mesh: Mesh, prog: Program, chip: tpu_specs.ChipSpec,
                    expected_args: int | None = None) -> dict:
     """Memory, FLOPs, collectives, kernels and roofline of one compiled program (per chip)."""
-    chips = mesh.devices.size
+    chips, work = mesh.devices.size, prog.work
     stats = hlo_stats.step_stats(prog.text, chips)
     mem = prog.memory
     total = mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
     ici = sum(v["wire_bytes"] for k, v in stats.collectives.items() if k != hlo_stats.DCN)
     dcn = stats.collectives.get(hlo_stats.DCN, {}).get("wire_bytes", 0.0)
-    analytic = analytic_flops_per_chip(cfg, chips)
-    if prog.name != "train":  # forward only: a third of the training FLOPs
-        analytic /= 3.0
+    split = analytic_split(cfg, chips, work)
+    analytic = sum(split.values())
     by = stats.flops_by_source
-    share = gmm_row_share(cfg, mesh)
+    share = gmm_row_share(cfg, mesh, work)
     executed = stats.flops - by.get("pallas_matmul", 0.0) * (1.0 - share)  # filled gmm rows only
     rl = roofline(executed, stats.hbm_bytes, ici, chip, dcn)
-    split = analytic_split(cfg, chips)
-    scale = 1.0 if prog.name == "train" else 1.0 / 3.0
-    remat = remat_factor(cfg) if prog.name == "train" else 1.0
+    remat = remat_factor(cfg, work)
     # gmm kernels at the rows balanced routing fills (their estimates count the whole buffer)
     matmul = by.get("xla_matmul", 0.0) + by.get("pallas_matmul", 0.0) * share
-    expect = (split["layers"] * remat + split["head"]) * scale  # remat reruns the layers only
+    expect = split["layers"] * remat + split["head"]  # remat reruns the layers only
     matmul_ratio = matmul / expect if expect else None
-    attn_ratio = (by.get("splash", 0.0) / (split["attention"] * scale)
+    attn_ratio = (by.get("splash", 0.0) / split["attention"]
                   if split["attention"] and by.get("splash") else None)
     return {
         "program": prog.name,
@@ -351,8 +505,8 @@ def program_report(cfg: Config, mesh: Mesh, prog: Program, chip: tpu_specs.ChipS
         "flops": {"compiled": stats.flops, "by_source": stats.flops_by_source,
                   "gmm_row_share": share, "executed_balanced": executed,
                   "analytic": analytic, "ratio": stats.flops / analytic if analytic else None,
-                  "expected_ratio": remat_factor(cfg) if prog.name == "train" else 1.0,
-                  "analytic_split": {k: v * scale for k, v in split.items()},
+                  "expected_ratio": remat,
+                  "analytic_split": split,
                   # parameter matmuls (XLA dots + gmm kernels at balanced rows) over 6 N tokens,
                   # the layers' share times the remat recompute
                   "matmul_ratio_remat_adjusted": matmul_ratio,
@@ -364,6 +518,8 @@ def program_report(cfg: Config, mesh: Mesh, prog: Program, chip: tpu_specs.ChipS
         "ici_wire_bytes": ici,
         "dcn_bytes": dcn,
         "kernels": stats.kernels,
+        "attention_impl": attention_impl(cfg, work),
+        "work": dataclasses.asdict(work),
         "roofline": {**rl, "mfu_bound": analytic / chip.peak_bf16_flops / rl["step_s"]
                      if rl["step_s"] else None},
         "lower_s": prog.lower_s, "compile_s": prog.compile_s,
@@ -391,22 +547,18 @@ def analyze(cfg: Config, topology: str, *, slices: int = 1, eval_step: bool = Tr
             dump_prefix: str | None = None) -> dict:
     """Compile the run's programs for ``topology`` and return the report (raises the named
     errors above). ``dump_prefix``: also write each compiled HLO to ``<prefix>.<program>.hlo``."""
+    from moejax.mesh import make_mesh
     chip = tpu_specs.chip(topology)
-    devices = topology_devices(topology, slices)
-    mesh = make_aot_mesh(cfg.mesh, devices, slices)
+    mesh = make_mesh(cfg.mesh, topology_devices(topology, slices))  # hybrid over slices
     progs = build_programs(cfg, mesh, eval_step=eval_step)
-    from moejax import train as T
-    with tpu_tracing():
-        s = T.setup(cfg, mesh)
-    args = per_chip_bytes(s.abstract_state) + per_chip_bytes(
-        abstract_batch(mesh, cfg.train.batch_size, cfg.data.seq_len))
     reports = {}
     for name, prog in progs.items():
         if dump_prefix:
             from moejax.paths import as_path, write_text_atomic
             write_text_atomic(as_path(f"{dump_prefix}.{name}.hlo"), prog.text)
-        rep = program_report(cfg, mesh, prog, chip, expected_args=args)
-        check_kernels(cfg, mesh, hlo_stats.step_stats(prog.text, mesh.devices.size), name)
+        rep = program_report(cfg, mesh, prog, chip, expected_args=prog.argument_bytes)
+        check_kernels(cfg, mesh, hlo_stats.step_stats(prog.text, mesh.devices.size), name,
+                      prog.work)
         check_fits(rep, cfg)
         reports[name] = rep
     return {"topology": topology, "slices": slices, "chips": int(mesh.devices.size),
@@ -509,6 +661,14 @@ def load_experiment(name: str):
         raise SystemExit(f"--experiment {name!r}: no module experiments.{name} ({e})") from None
 
 
+def experiment_tables(mod) -> tuple[dict, dict]:
+    """(presets, arms) to compile: the module's ``aot_experiment()`` where its model comes from
+    the command line (finetune's ``--source``: the hook gives a named source shape), else its
+    ``PRESETS`` and ``ARMS``."""
+    hook = getattr(mod, "aot_experiment", None)
+    return hook() if hook is not None else (mod.PRESETS, mod.ARMS)
+
+
 def arm_config(experiment: str, mod, cfg: Config) -> Config:
     """The config the experiment's ``run_arm`` trains: the module's ``arm_config(cfg)`` where it
     has one, else ``cfg``, except for ``upcycle``, whose arms give ``model.moe.d_expert`` as a
@@ -532,7 +692,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--topology", default=None,
                    help="e.g. v5p:2x4x4 (default: from the preset name)")
     p.add_argument("--slices", type=int, default=1, help="slices joined over DCN (data axis)")
-    p.add_argument("--no-eval", action="store_true", help="compile only the train step")
+    p.add_argument("--no-eval", action="store_true", help="compile only the train step (RL: no eval rollout)")
     p.add_argument("--json", default=None, help="write the report(s) here")
     p.add_argument("--markdown", action="store_true", help="also print results-table rows")
     p.add_argument("--dump-hlo", default=None, metavar="DIR",
@@ -544,13 +704,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise SystemExit(2)
     from moejax import experiment
     mod = load_experiment(args.experiment)
-    arms = args.arms.split(",") if args.arms else [next(iter(mod.ARMS))]
+    presets, arm_table = experiment_tables(mod)
+    arms = args.arms.split(",") if args.arms else [next(iter(arm_table))]
     topology = args.topology or default_topology(args.preset)
     out = {}
     with experiment.user_errors(experiment.debug_from_env()):
         for arm in arms:
             cfg = arm_config(args.experiment, mod, experiment.build_config(
-                mod.PRESETS, mod.ARMS, args.preset, arm, args.set))
+                presets, arm_table, args.preset, arm, args.set))
             try:
                 dump = (os.path.join(args.dump_hlo, f"{args.experiment}.{args.preset}.{arm}")
                         if args.dump_hlo else None)

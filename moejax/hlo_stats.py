@@ -9,8 +9,8 @@ the body adds to ``i``) times the weight of the computation that calls it. On th
   taps that fall in padding are not counted), plus the ``cost_estimate`` of Pallas
   ``tpu_custom_call`` kernels. Element-wise work is left out (it is not what MFU counts).
 - ``hbm_bytes``: operand + result bytes of every kernel the step launches (fusions, custom calls,
-  collectives, copies; a dynamic-slice counts the slice, an in-place dynamic-update-slice the
-  update): an estimate of HBM traffic, for the roofline.
+  collectives, copies; a (dynamic-)slice counts the slice, an in-place dynamic-update-slice or
+  scatter the update): an estimate of HBM traffic, for the roofline.
 - ``collectives``: count, payload bytes and per-chip wire bytes (ring algorithms) per kind;
   ``dcn-send``: the sends between slices of a multi-slice program (Megascale), over DCN.
 - ``kernels``: the Pallas custom calls by kernel name (``splash_mha_fwd...``, ``gmm``, ``tgmm``).
@@ -207,6 +207,26 @@ def trip_count(parent: Computation, w: Instr, comps: dict[str, Computation]) -> 
     return max(-(-span // step), 0)
 
 
+def trip_bound(parent: Computation, w: Instr, comps: dict[str, Computation]) -> int | None:
+    """At most how many times while ``w`` runs when its condition is ``and(i < N, ...)`` (a
+    loop with a data-dependent early exit, e.g. decoding until every row hit EOS): the
+    smallest trip count of the ``and``'s counter compares, or None."""
+    cond = comps.get((_called(w.attrs, "condition") or [""])[0])
+    if cond is None or cond.root.opcode != "and":
+        return None
+    bounds = []
+    for o in cond.root.operands:
+        cmp = cond.by_name.get(o)
+        if cmp is None or cmp.opcode != "compare":
+            continue
+        variant = Computation(cond.name, [dataclasses.replace(i, root=i is cmp)
+                                          for i in cond.instrs])
+        n = trip_count(parent, w, {**comps, cond.name: variant})
+        if n is not None:
+            bounds.append(n)
+    return min(bounds) if bounds else None
+
+
 def _loop_step(body: Computation | None, index: int | None) -> int:
     """The constant the body adds to loop-carried element ``index`` (1 if not a plain add):
     XLA's windowed-einsum loops advance their counter by 2 (two chunks per iteration)."""
@@ -238,8 +258,11 @@ def weights(comps: dict[str, Computation]) -> tuple[dict[str, float], set[str], 
             if ins.opcode == "while":
                 n = trip_count(comp, ins, comps)
                 if n is None:
-                    warnings.append(f"while {ins.name}: unknown trip count, counted once")
-                    n = 1
+                    n = trip_bound(comp, ins, comps)
+                    warnings.append(f"while {ins.name}: " + (
+                        "unknown trip count, counted once" if n is None else
+                        f"exits early on data, counted at its bound of {n} trips (worst case)"))
+                    n = n or 1
                 for b in _called(ins.attrs, "body"):
                     edges[b].append((comp.name, n))
                 for c in _called(ins.attrs, "condition"):
@@ -398,9 +421,20 @@ def collective_bytes(comp: Computation, ins: Instr, kind: str, n: int) -> tuple[
     return payload, wire
 
 
+IN_PLACE = ("dynamic-update-slice", "scatter")  # buffer updated in place: only the update moves
+
+
+def _update_bytes(comp: Computation, ins: Instr) -> float:
+    """Bytes an in-place update writes: a dynamic-update-slice's update (operand 1), a
+    scatter's updates (its operands after the buffer and the indices)."""
+    ops = ins.operands[1:2] if ins.opcode == "dynamic-update-slice" else ins.operands[2:]
+    return sum(nbytes(comp.by_name[o].shape) for o in ops if o in comp.by_name)
+
+
 def fusion_traffic(comps: dict[str, Computation], comp: Computation, ins: Instr) -> float:
-    """Operand + result bytes of a fusion, counting sliced operands by their slice and in-place
-    dynamic-update-slice buffers by the update."""
+    """Operand + result bytes of a fusion, counting (dynamic-)sliced operands by their slice
+    (one layer of a stacked KV cache) and buffers updated in place (dynamic-update-slice,
+    scatter: a KV-cache write) by the update."""
     body = comps.get((_called(ins.attrs, "calls") or [""])[0])
     if body is None:
         return nbytes(ins.shape) + sum(nbytes(comp.by_name[o].shape) for o in ins.operands
@@ -417,18 +451,18 @@ def fusion_traffic(comps: dict[str, Computation], comp: Computation, ins: Instr)
     for k, o in enumerate(ins.operands):
         p = params.get(k)
         us = users.get(p.name, []) if p is not None else []
-        if us and all(u.opcode == "dynamic-slice" and u.operands[0] == p.name for u in us):
+        if us and all(u.opcode in ("slice", "dynamic-slice") and u.operands[0] == p.name
+                      for u in us):
             total += sum(nbytes(u.shape) for u in us)
-        elif us and all(u.opcode == "dynamic-update-slice" and u.operands[0] == p.name for u in us):
+        elif us and all(u.opcode in IN_PLACE and u.operands[0] == p.name for u in us):
             continue  # updated in place: the write is counted with the result
         elif o in comp.by_name:
             total += nbytes(comp.by_name[o].shape)
     root = body.root
     outs = [body.by_name.get(o) for o in root.operands] if root.opcode == "tuple" else [root]
     for r in outs:
-        if r is not None and r.opcode == "dynamic-update-slice" and len(r.operands) > 1:
-            update = body.by_name.get(r.operands[1])
-            total += nbytes(update.shape) if update is not None else 0
+        if r is not None and r.opcode in IN_PLACE and len(r.operands) > 1:
+            total += _update_bytes(body, r)
         elif r is not None:
             total += nbytes(r.shape)
     return total
@@ -444,9 +478,8 @@ def traffic(comps: dict[str, Computation], comp: Computation, ins: Instr) -> flo
         return fusion_traffic(comps, comp, ins)
     if ins.opcode == "dynamic-slice":
         return 2 * nbytes(ins.shape)
-    if ins.opcode == "dynamic-update-slice" and len(ins.operands) > 1:
-        update = comp.by_name.get(ins.operands[1])
-        return 2 * nbytes(update.shape) if update is not None else 0
+    if ins.opcode in IN_PLACE and len(ins.operands) > 1:
+        return 2 * _update_bytes(comp, ins)
     operands = sum(nbytes(comp.by_name[o].shape) for o in ins.operands if o in comp.by_name)
     return nbytes(ins.shape) + operands
 

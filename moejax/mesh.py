@@ -7,11 +7,14 @@ layout maps logical names to the mesh axes ``data``, ``fsdp``, ``expert``, ``ten
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from typing import Iterator, Sequence
 
 import jax
+import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from moejax.config import ConfigError, MeshConfig
@@ -40,17 +43,41 @@ RULES: dict[str, LogicalRules] = {
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh over ``devices`` (default: all) with axes (data, fsdp, expert, tensor), all Auto."""
+    """A mesh over ``devices`` (default: all) with axes (data, fsdp, expert, tensor), all Auto.
+
+    Devices of several slices (``device.slice_index``: a multi-slice TPU job, or an AOT
+    topology with ``num_slices``) get a hybrid mesh: ``cfg`` lays out one slice's chips (ICI)
+    and the ``data`` axis also runs across the slices (DCN), ``data = cfg's data x slices``
+    (``device_grid``)."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = cfg.resolve(len(devices))
-    shape = tuple(sizes[a] for a in MESH_AXES)
-    try:
-        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                             devices=devices)
-    except TypeError:  # older signature without `devices`
-        from jax.experimental import mesh_utils
-        dev = mesh_utils.create_device_mesh(shape, devices=devices)
-        return Mesh(dev, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    grid = device_grid(cfg, devices)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def num_slices(devices: Sequence) -> int:
+    """How many slices ``devices`` span (1 where devices carry no ``slice_index``: CPU, GPU)."""
+    return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def device_grid(cfg: MeshConfig, devices: Sequence) -> np.ndarray:
+    """The devices as an array of the mesh's shape. One slice: ``mesh_utils.create_device_mesh``
+    (physical-topology aware on TPU). Several: ``create_hybrid_device_mesh`` with the config's
+    sizes over each slice and the slices stacked along ``data``; every slice must hold as many
+    devices."""
+    per_slice = collections.Counter(getattr(d, "slice_index", 0) for d in devices)
+    slices = len(per_slice)
+    if len(set(per_slice.values())) > 1:
+        raise ConfigError(f"devices per slice {dict(sorted(per_slice.items()))}: a mesh needs "
+                          "as many devices in every slice")
+    # as jax.make_mesh: v5e's 2D slices may split a physical axis, other chips' may not
+    split = getattr(devices[0], "device_kind", "") in ("TPU v5 lite", "TPU v5e")
+    sizes = cfg.resolve(len(devices) // slices)
+    ici = tuple(sizes[a] for a in MESH_AXES)
+    if slices == 1:
+        return mesh_utils.create_device_mesh(ici, devices=devices, allow_split_physical_axes=split)
+    dcn = tuple(slices if a == "data" else 1 for a in MESH_AXES)
+    return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,
+                                                allow_split_physical_axes=split)
 
 
 def rules_for(cfg: MeshConfig) -> LogicalRules:
