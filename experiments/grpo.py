@@ -10,7 +10,8 @@ completions on the synthetic arithmetic tasks (or ``--set rl.task_file=tasks.jso
     dr_grpo     no std, no length normalisation (Dr.GRPO's constant denominator)
     dapo        clip-higher 0.2/0.28, token-mean, dynamic sampling, overlong shaping
     gspo        sequence ratio, clip 3e-4/4e-4, sequence-level aggregation
-    moe_grpo    grpo on an MoE policy (8 experts, top-2, in every layer), live routing
+    moe_grpo    grpo on an MoE policy (8 experts, top-2, in every layer), sampled in bf16 and
+                trained in fp32 (the rollout/train mismatch of methods B.5), live routing
     moe_grpo_r3 moe_grpo with R3 routing replay (the rollout's top-k sets forced in training)
     moe_gspo    gspo on the MoE policy
 
@@ -98,7 +99,9 @@ PRESETS: dict[str, RLRunConfig] = {
                          mesh=MeshConfig(data=-1), mini_batches=4),
 }
 
-MOE = ("model.moe.num_experts=8", "model.moe.top_k=2", "model.moe.balance.scope=none")
+# MoE arms sample in bf16 and train in fp32 (methods B.5.1's setting): the mismatch R3 corrects
+MOE = ("model.moe.num_experts=8", "model.moe.top_k=2", "model.moe.balance.scope=none",
+       "rl.rollout_dtype=bfloat16")
 GSPO = ("rl.loss.algo=gspo", "rl.loss.eps_low=3e-4", "rl.loss.eps_high=4e-4",
         "rl.loss.agg=seq_mean_token_mean")
 GRPO = ("rl.advantage.estimator=grpo", "rl.loss.agg=seq_mean_token_mean")

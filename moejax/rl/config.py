@@ -91,6 +91,9 @@ class RLConfig:
     eval_every: int = 20  # RL steps between evaluations (also at the start and the end)
     eval_items_per_tier: int = 64
     eval_samples: int = 4  # sampled completions per eval prompt for pass@1 / pass@k; 0 = greedy only
+    # compute dtype of the rollout engine ("" = model.dtype): e.g. a bf16 sampler against an fp32
+    # trainer, the train/inference mismatch routing replay and TIS correct (methods B.5)
+    rollout_dtype: str = ""
 
     def __post_init__(self):
         for name in ("prompts_per_step", "mini_batches", "ppo_epochs", "micro_batches",
@@ -105,6 +108,7 @@ class RLConfig:
         _check_choice("rl.old_logprobs", self.old_logprobs, OLD_LOGPROBS)
         _check_choice("rl.filter_rule", self.filter_rule, FILTER_RULES)
         _check_choice("rl.chat_template", self.chat_template, ("auto", "none"))
+        _check_choice("rl.rollout_dtype", self.rollout_dtype, ("", "float32", "bfloat16", "float16"))
         if self.kl_in_reward_coef < 0:
             _fail("rl.kl_in_reward_coef", self.kl_in_reward_coef, "must be >= 0")
         if self.max_refills < 0:

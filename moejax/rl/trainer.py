@@ -180,14 +180,31 @@ class RLTrainer:
         self.tokenizer = rl_tokenizer(cfg)
         self.file_items = load_file_items(cfg)
         self.eval_items = eval_sets(cfg, self.file_items)
-        self.engine = RolloutEngine(self.setup, rl.rollout, eos_id=self.tokenizer.eos_id,
-                                    pad_id=self.tokenizer.pad_id)
+        self.engine = self._engine()
         self.logprob_fn = make_logprob_fn(self.setup, rl.rollout.temperature)
         self.update_step = make_update_step(self.setup, cfg)
         self.ckpt = Checkpointer(self.workdir / "ckpt", keep=cfg.train.keep_ckpts,
                                  async_save=cfg.train.async_ckpt)
         self.stop = StopSignals()
         self.chat = None if rl.chat_template == "none" else "auto"
+
+    def _engine(self) -> RolloutEngine:
+        """The rollout engine on the training mesh; with ``rl.rollout_dtype`` its model computes
+        in that dtype over the same (fp32) parameters."""
+        rl, eos, pad = self.cfg.rl, self.tokenizer.eos_id, self.tokenizer.pad_id
+        if not rl.rollout_dtype or rl.rollout_dtype == self.cfg.model.dtype:
+            return RolloutEngine(self.setup, rl.rollout, eos_id=eos, pad_id=pad)
+        from flax import nnx
+
+        from moejax.mesh import rules_for, use_mesh
+        from moejax.model import Model
+
+        model_cfg = dataclasses.replace(self.cfg.model, dtype=rl.rollout_dtype)
+        with use_mesh(self.mesh, rules_for(self.cfg.mesh)):
+            graphdef = nnx.split(nnx.eval_shape(lambda: Model(model_cfg, rngs=nnx.Rngs(0))),
+                                 nnx.Param, ...)[0]
+        return RolloutEngine(graphdef, rl.rollout, eos_id=eos, pad_id=pad, mesh=self.mesh,
+                             rules=rules_for(self.cfg.mesh))
 
     # -- prompts and rollouts ----------------------------------------------------------------
     def _items(self, cursor: int, n: int) -> list:
