@@ -5,8 +5,11 @@ Layers are an unrolled ``nnx.List`` or, with ``cfg.scan_layers``, one stacked bl
 an aux dict; the model stacks it over layers (``[L, ...]``) so MoE routers can report statistics.
 
 KV-cache convention (right padding, per-row lengths):
-  * ``cache = model.init_cache(B, S)``: k, v [L,B,S,Hkv,hd] in compute dtype, positions and
-    segment_ids [B,S] (segment 0 = empty slot, never attended), lengths [B] = next write slot.
+  * ``cache = model.init_cache(B, S)``: k, v head-major in compute dtype, a tuple of L per-layer
+    [B,Hkv,S,hd] buffers (unrolled layers) or one stacked [L,B,Hkv,S,hd] (``scan_layers``: the
+    scan carry); positions and segment_ids [B,S] (segment 0 = empty slot, never attended),
+    lengths [B] = next write slot. Head-major so a step writes in place and attention reads the
+    buffers as they lie (``moejax.kernels.decode_attention``).
   * ``model(tokens [B,T], segment_ids, positions, cache=cache)`` writes row b's T tokens at slots
     lengths[b] .. lengths[b]+T-1 (slots >= S are dropped), attends over the whole cache, and
     advances lengths[b] by the number of non-padding tokens (segment_ids != 0) in that row.
@@ -38,7 +41,13 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-KV_NAMES = ("layers", "batch", "length", "kv_heads", "head_dim")
+KV_NAMES = ("layers", "batch", "kv_heads", "length", "head_dim")  # a stacked k/v buffer
+
+
+def constrain_kv(buf: jax.Array) -> jax.Array:
+    """A k/v buffer sharded like activations: stacked [L,B,Hkv,S,hd] or one layer's [B,Hkv,S,hd]
+    (batch over the batch axes, kv heads over ``tensor``)."""
+    return constrain(buf, KV_NAMES if buf.ndim == len(KV_NAMES) else KV_NAMES[1:])
 
 
 @jax.tree_util.register_dataclass
@@ -46,20 +55,23 @@ KV_NAMES = ("layers", "batch", "length", "kv_heads", "head_dim")
 class KVCache:
     """Decoding state for all layers (a pytree: jit-able and donatable). See the module docstring."""
 
-    k: jax.Array  # [L,B,S,Hkv,hd] compute dtype
-    v: jax.Array  # [L,B,S,Hkv,hd]
+    k: jax.Array | tuple[jax.Array, ...]  # [L,B,Hkv,S,hd], or L x [B,Hkv,S,hd] (unrolled)
+    v: jax.Array | tuple[jax.Array, ...]
     positions: jax.Array  # [B,S] int32, position of the token held in each slot
     segment_ids: jax.Array  # [B,S] int32, 0 = empty or padding
     lengths: jax.Array  # [B] int32, next write slot (= number of valid tokens held)
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.positions.shape[1]
 
 
-@jax.jit(static_argnums=(0, 1, 2, 3, 4, 5))
-def _zeros_cache(L, B, S, Hkv, hd, dtype) -> KVCache:
-    kv = lambda: constrain(jnp.zeros((L, B, S, Hkv, hd), dtype), KV_NAMES)  # noqa: E731
+@jax.jit(static_argnums=(0, 1, 2, 3, 4, 5, 6))
+def _zeros_cache(L, B, S, Hkv, hd, dtype, stacked: bool) -> KVCache:
+    def kv():
+        if stacked:
+            return constrain_kv(jnp.zeros((L, B, Hkv, S, hd), dtype))
+        return tuple(constrain_kv(jnp.zeros((B, Hkv, S, hd), dtype)) for _ in range(L))
     z = lambda *shape: jnp.zeros(shape, jnp.int32)  # noqa: E731
     return KVCache(k=kv(), v=kv(), positions=constrain(z(B, S), ("batch", "length")),
                    segment_ids=constrain(z(B, S), ("batch", "length")),
@@ -81,8 +93,8 @@ class Block(nnx.Module):
                  tokens=None, cell=None, state=None, rng=None, forced=None, train: bool = False,
                  probes: bool = False):
         """x [B,T,D] -> (x [B,T,D], aux dict of per-layer values, the cache's updated (k, v)
-        buffers [L,B,S,Hkv,hd] or None, router state). ``forced`` [B,T,k] replays a routing in
-        an MoE layer (``Model.__call__``). ``probes`` adds the attention probes
+        buffers (``LayerCache.write``) or None, router state). ``forced`` [B,T,k] replays a
+        routing in an MoE layer (``Model.__call__``). ``probes`` adds the attention probes
         (``Attention.__call__``) and residual-stream probes of this block's output
         (``resid_probes``) to aux."""
         out = self.attn(self.attn_norm(x), positions=positions, segment_ids=segment_ids,
@@ -155,7 +167,7 @@ class Model(nnx.Module):
             raise ConfigError(f"init_cache(max_len={max_len}) exceeds model.max_seq_len="
                               f"{cfg.max_seq_len}; raise model.max_seq_len or shorten the cache")
         return _zeros_cache(cfg.num_layers, batch, max_len, a.num_kv_heads, a.head_dim,
-                            jnp.dtype(cfg.dtype))
+                            jnp.dtype(cfg.dtype), cfg.scan_layers)
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
                  positions: jax.Array | None = None, cache: KVCache | None = None, *,
@@ -175,9 +187,9 @@ class Model(nnx.Module):
         with a gate, ``attn/gate_mean [L]``, ``attn/gate_frac_below_0.1 [L]``,
         ``attn/gate_mean_first [L]``, ``attn/gate_mean_rest [L]`` (see ``moejax.analysis.sinks``).
 
-        With a cache, the stacked k/v buffers ride through the layers (the scan carry, or a loop
-        variable) and each layer scatters only its T new rows into them: nothing is re-stacked, so
-        a donated cache is updated in place."""
+        With a cache, the k/v buffers ride through the layers (the stacked ones in the scan carry,
+        or each unrolled layer its own) and each layer scatters only its T new rows into them:
+        nothing is re-stacked or transposed, so a donated cache is updated in place."""
         cfg = self.cfg
         B, T = tokens.shape
         tokens = constrain(tokens, ("batch", "length"))
@@ -189,15 +201,15 @@ class Model(nnx.Module):
         segment_ids, positions = segment_ids.astype(jnp.int32), positions.astype(jnp.int32)
         forced = self._checked_forced(forced_experts, B, T)  # [L_moe,B,T,k] or None
 
-        kv = None  # the stacked (k, v) buffers [L,B,S,Hkv,hd], threaded through the layers
+        kv = None  # (k, v): stacked [L,B,Hkv,S,hd] (scan carry) or lists of L [B,Hkv,S,hd]
         if cache is not None:
             slots = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None]  # [B,T]
             kv_pos = write_rows(cache.positions, slots, positions)  # [B,S]
             kv_seg = write_rows(cache.segment_ids, slots, segment_ids)
+            kv = (cache.k, cache.v) if cfg.scan_layers else (list(cache.k), list(cache.v))
 
-            def layer_cache(kv, layer):
-                return LayerCache(kv[0], kv[1], slots, kv_pos, kv_seg, layer)
-            kv = (cache.k, cache.v)
+            def layer_cache(k, v, layer=None):
+                return LayerCache(k, v, slots, kv_pos, kv_seg, layer)
 
         block_fn = _apply_block
         if cfg.remat != "none":
@@ -213,7 +225,7 @@ class Model(nnx.Module):
         if cfg.scan_layers:  # every layer is MoE or none is (config check): forced is [L,B,T,k]
             def body(carry, block, layer, rng_l, forced_l, cell):
                 x, state, kv = carry
-                lc = None if kv is None else layer_cache(kv, layer)
+                lc = None if kv is None else layer_cache(kv[0], kv[1], layer)
                 x, aux_l, kv, state = block_fn(block, x, positions, segment_ids, lc, tokens, cell,
                                                state, rng_l, forced_l, train, probes)
                 return (x, state, kv), aux_l
@@ -226,15 +238,18 @@ class Model(nnx.Module):
         else:
             auxes, moe_index = [], 0
             for i, block in enumerate(self.layers):
-                lc = None if kv is None else layer_cache(kv, i)
+                lc = None if kv is None else layer_cache(kv[0][i], kv[1][i])
                 forced_l = None
                 if forced is not None and block.is_moe:
                     forced_l, moe_index = forced[moe_index], moe_index + 1
-                x, aux_l, kv, state = block_fn(block, x, positions, segment_ids, lc, tokens, cell,
-                                               state, None if rngs is None else rngs[i], forced_l,
-                                               train, probes)
+                x, aux_l, kv_i, state = block_fn(block, x, positions, segment_ids, lc, tokens,
+                                                 cell, state, None if rngs is None else rngs[i],
+                                                 forced_l, train, probes)
+                if kv is not None:
+                    kv[0][i], kv[1][i] = kv_i
                 if aux_l:
                     auxes.append(aux_l)
+            kv = None if kv is None else (tuple(kv[0]), tuple(kv[1]))
             # stacked per key: MoE stats over the MoE layers, probes over all layers
             aux = {k: jax.tree.map(lambda *xs: jnp.stack(xs), *[a[k] for a in auxes if k in a])
                    for k in dict.fromkeys(k for a in auxes for k in a)}
@@ -244,8 +259,9 @@ class Model(nnx.Module):
         if cache is None:
             return logits, aux
         new_cache = KVCache(
-            k=constrain(kv[0], KV_NAMES), v=constrain(kv[1], KV_NAMES), positions=kv_pos,
-            segment_ids=kv_seg, lengths=cache.lengths + jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32))
+            k=jax.tree.map(constrain_kv, kv[0]), v=jax.tree.map(constrain_kv, kv[1]),
+            positions=kv_pos, segment_ids=kv_seg,
+            lengths=cache.lengths + jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32))
         return logits, aux, new_cache
 
     def _checked_forced(self, forced: jax.Array | None, B: int, T: int) -> jax.Array | None:

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax.mesh import constrain
-from moejax.model import KV_NAMES, KVCache
+from moejax.model import KVCache, constrain_kv
 
 ROUTING_KEY = "router/experts"  # model aux: [L_moe,B,T,k] int32 experts per token (-1 = none)
 LOGPROB_MODES = ("policy", "sampling")
@@ -94,7 +94,8 @@ def repeat_rows(cache: KVCache, times: int) -> KVCache:
     """Each row of the cache ``times`` times in a row (row b*times+g = row b), sharded like one."""
     rep = lambda x, axis: jnp.repeat(x, times, axis=axis)  # noqa: E731
     rows = lambda x: constrain(rep(x, 0), ("batch",) + (None,) * (x.ndim - 1))  # noqa: E731
-    return KVCache(k=constrain(rep(cache.k, 1), KV_NAMES), v=constrain(rep(cache.v, 1), KV_NAMES),
+    kv = lambda x: constrain_kv(rep(x, 1 if x.ndim == 5 else 0))  # noqa: E731  stacked / per layer
+    return KVCache(k=jax.tree.map(kv, cache.k), v=jax.tree.map(kv, cache.v),
                    positions=rows(cache.positions), segment_ids=rows(cache.segment_ids),
                    lengths=rows(cache.lengths))
 

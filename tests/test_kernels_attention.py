@@ -317,8 +317,8 @@ def test_layer_with_splash_equals_reference_single_and_sharded(interpret_splash)
         np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5)
 
     S = 8  # one decode step over a cache of 8 slots: no splash (T != S, not self-attention)
-    cache = LayerCache(k=jnp.asarray(rng.normal(size=(B, S, 2, 16)), jnp.float32),
-                       v=jnp.asarray(rng.normal(size=(B, S, 2, 16)), jnp.float32),
+    cache = LayerCache(k=jnp.asarray(rng.normal(size=(B, 2, S, 16)), jnp.float32),
+                       v=jnp.asarray(rng.normal(size=(B, 2, S, 16)), jnp.float32),
                        slots=jnp.full((B, 1), 5), kv_positions=jnp.tile(jnp.arange(S), (B, 1)),
                        kv_segment_ids=jnp.ones((B, S), jnp.int32))
     one = jnp.ones((B, 1), jnp.int32)

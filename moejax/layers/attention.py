@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax import kernels
+from moejax.kernels import decode_attention
 from moejax.layers import param, zeros_init
 from moejax.layers.embed import apply_rope
 from moejax.layers.mlp import linear
@@ -35,13 +36,12 @@ from moejax.mesh import constrain
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LayerCache:
-    """One layer's view of the KV cache (see ``moejax.model.KVCache`` for the convention).
+    """One layer's view of the head-major KV cache (see ``moejax.model.KVCache``).
 
-    k, v: the stacked buffers [L,B,S,Hkv,hd] of all layers before this layer's write, and
-    ``layer`` (int or int32 scalar) the one this layer owns; ``layer=None`` means k, v are a
-    single layer's [B,S,Hkv,hd] (a standalone Attention call). slots: [B,T] where this step's
-    tokens are written (out-of-range slots are dropped); kv_positions / kv_segment_ids: [B,S]
-    after the write.
+    k, v: this layer's buffers [B,Hkv,S,hd] (``layer=None``: unrolled layers, a standalone call),
+    or the stacked buffers [L,B,Hkv,S,hd] of all layers and ``layer`` (int32 scalar, the scan
+    index) the one this layer owns. slots: [B,T] where this step's tokens are written
+    (out-of-range slots are dropped); kv_positions / kv_segment_ids: [B,S] after the write.
     """
 
     k: jax.Array
@@ -53,9 +53,10 @@ class LayerCache:
 
     def write(self, k: jax.Array, v: jax.Array):
         """Scatter this step's k, v [B,T,Hkv,hd] into the buffers, in place (only T rows per
-        sequence move) -> (new k buffer, new v buffer, this layer's k, v [B,S,Hkv,hd])."""
+        sequence move) -> (new k buffer, new v buffer, this layer's k, v [B,Hkv,S,hd])."""
         if self.layer is None:
-            k_all, v_all = write_rows(self.k, self.slots, k), write_rows(self.v, self.slots, v)
+            k_all = write_head_major_rows(self.k, self.slots, k)
+            v_all = write_head_major_rows(self.v, self.slots, v)
             return k_all, v_all, k_all, v_all
         k_all = write_layer_rows(self.k, self.layer, self.slots, k)
         v_all = write_layer_rows(self.v, self.layer, self.slots, v)
@@ -68,10 +69,18 @@ def write_rows(buf: jax.Array, slots: jax.Array, new: jax.Array) -> jax.Array:
     return buf.at[b, slots].set(new.astype(buf.dtype), mode="drop")
 
 
+def write_head_major_rows(buf: jax.Array, slots: jax.Array, new: jax.Array) -> jax.Array:
+    """buf [B,Hkv,S,hd] with new [B,T,Hkv,hd] written at buf[b, :, slots[b,t]] (slots >= S
+    dropped)."""
+    b = jnp.arange(buf.shape[0])[:, None]
+    return buf.at[b, :, slots].set(new.astype(buf.dtype), mode="drop")
+
+
 def write_layer_rows(buf: jax.Array, layer, slots: jax.Array, new: jax.Array) -> jax.Array:
-    """buf [L,B,S,...] with new [B,T,...] written at buf[layer, b, slots[b,t]] (slots >= S dropped)."""
+    """buf [L,B,Hkv,S,hd] with new [B,T,Hkv,hd] written at buf[layer, b, :, slots[b,t]] (slots
+    >= S dropped)."""
     b = jnp.arange(buf.shape[1])[:, None]
-    return buf.at[layer, b, slots].set(new.astype(buf.dtype), mode="drop")
+    return buf.at[layer, b, :, slots].set(new.astype(buf.dtype), mode="drop")
 
 
 _GATE_NAMES = {  # (position, granularity) -> (einsum spec of x @ W, W's logical names)
@@ -172,6 +181,19 @@ class Attention(nnx.Module):
             logits = constrain(logits, ("batch", "length", *names[1:]))
         return GATE_ACTIVATIONS[act](logits.astype(jnp.float32))
 
+    def _cached_attention(self, q, k, v, cache: LayerCache, positions, segment_ids, sink, probes):
+        """q [B,T,H,hd] over this layer's head-major cache k, v [B,Hkv,S,hd]: the dense
+        head-major kernel for every ``impl`` (a cached step reads the cache once, memory-bound;
+        cudnn or splash would need a token-major copy of it per step), except that the probes'
+        statistics come from the reference kernel on the token-major view [B,S,Hkv,hd]."""
+        kw = dict(q_segment_ids=segment_ids, kv_segment_ids=cache.kv_segment_ids,
+                  q_positions=positions, kv_positions=cache.kv_positions, sink_logits=sink)
+        if not probes:
+            return decode_attention.attention(q, k, v, **kw)
+        token_major = lambda a: jnp.swapaxes(a, 1, 2)  # noqa: E731
+        return kernels.attention(q, token_major(k), token_major(v), impl="xla", return_stats=True,
+                                 **kw)
+
     def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array,
                  cache: LayerCache | None = None, probes: bool = False):
         """x [B,T,D]; positions, segment_ids [B,T]. Returns (y [B,T,D], the cache's updated k, v
@@ -209,18 +231,19 @@ class Attention(nnx.Module):
             v = gated(v)
         q = apply_rope(q, positions, rotary_dim=self.rotary_dim, theta=self.theta)
         k = apply_rope(k, positions, rotary_dim=self.rotary_dim, theta=self.theta)
+        sink = None if self.sink is None else self.sink[...]
         if cache is None:
-            kv_pos, kv_seg, new_kv = positions, segment_ids, None
+            new_kv = None
+            out = kernels.attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+                                    q_positions=positions, kv_positions=positions,
+                                    impl="xla" if probes else self.impl, sink_logits=sink,
+                                    return_stats=probes, self_attention=True)
         else:
             k_all, v_all, k, v = cache.write(k, v)
-            names = ("batch", "length", "kv_heads", "head_dim")
-            k, v = constrain(k, names).astype(dt), constrain(v, names).astype(dt)
-            kv_pos, kv_seg, new_kv = cache.kv_positions, cache.kv_segment_ids, (k_all, v_all)
-        sink = None if self.sink is None else self.sink[...]
-        out = kernels.attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=kv_seg,
-                                q_positions=positions, kv_positions=kv_pos,
-                                impl="xla" if probes else self.impl, sink_logits=sink,
-                                return_stats=probes, self_attention=cache is None)
+            names = ("batch", "kv_heads", "length", "head_dim")
+            k, v = constrain(k, names).astype(dt), constrain(v, names).astype(dt)  # [B,Hkv,S,hd]
+            new_kv = (k_all, v_all)
+            out = self._cached_attention(q, k, v, cache, positions, segment_ids, sink, probes)
         out, kstats = out if probes else (out, None)
         out = constrain(out, ("batch", "length", "heads", "head_dim"))  # [B,T,H,hd]
         if pos == "g1":
