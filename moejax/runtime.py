@@ -39,13 +39,21 @@ def tune_host_malloc() -> bool:
         raise ValueError(f"{ENV}={mode!r}: use 'keep', 'default' or leave it unset")
     if mode == "default" or (mode == "auto" and _has_accelerator()):
         return False
+    _applied = _mallopt((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1))
+    return _applied
+
+
+def limit_malloc_arenas(arenas: int) -> bool:
+    """Cap glibc's malloc arenas (made from now on): ``moejax.data.prepare``'s command, whose
+    tensorstore writer threads each kept an arena of freed buffers (peak memory grew with the
+    corpus; capped at 2, flat). Returns whether the cap is in force (False off glibc)."""
+    return _mallopt((M_ARENA_MAX, arenas))
+
+
+def _mallopt(*settings: tuple[int, int]) -> bool:
+    """glibc ``mallopt(param, value)`` for each pair; False when libc has no mallopt or refuses."""
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
-    for param, value in ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1)):
-        if mallopt(param, value) != 1:
-            return False
-    _applied = True
-    return True
+    return all(mallopt(param, value) == 1 for param, value in settings)

@@ -16,7 +16,7 @@ import math
 import jax
 import pytest
 
-from moejax import aot, hlo_stats, tpu_specs
+from moejax import aot, aot_table, hlo_stats, tpu_specs
 from moejax.config import MeshConfig, MoEConfig
 from moejax.mesh import make_mesh
 from moejax.testing import tiny_config
@@ -132,7 +132,7 @@ def test_compiled_flops_count_every_scanned_layer(compiled):
     assert 1.0 <= f["ratio"] <= hi, f
     if name == "gated":  # the parameter matmuls alone: 6 N tokens, layers x 4/3 for remat
         assert f["matmul_ratio_remat_adjusted"] == pytest.approx(1.0, abs=0.15), f
-    assert "| train |" in aot.markdown_rows("x", rep)[0]
+    assert "| train |" in aot_table.markdown_rows("x", rep)[0]
 
 
 @needs_libtpu

@@ -17,6 +17,7 @@ import tensorstore as ts
 
 from moejax.config import DataConfig
 from moejax.data import prepare as P
+from moejax.data import sources as sources_lib
 from moejax.data import corpus_provenance, prepare_data, store as store_lib
 from moejax.data.store import TokenStore
 from moejax.data.tokenizer import BPETokenizer, ByteTokenizer
@@ -149,7 +150,7 @@ def test_interrupted_prepare_resumes_to_the_straight_result(source, prepared, tm
         return real_append(streams, result, rec)
 
     monkeypatch.setattr(P, "_append", dying_append)
-    monkeypatch.setattr(P, "CHUNK_DOCS", 256)
+    monkeypatch.setattr(sources_lib, "CHUNK_DOCS", 256)
     with pytest.raises(KeyboardInterrupt):
         P.prepare(str(source[0]), str(out), val_fraction=VAL, workers=0, progress=False)
     m = P.read_manifest(out)

@@ -172,6 +172,13 @@ class RLRunConfig(Config):
             _fail("train.grad_accum", self.train.grad_accum,
                   "RL accumulates with rl.micro_batches; leave train.grad_accum at 1")
 
+    def optimizer_config(self) -> "RLRunConfig":
+        """The config the optimizer is built from: its schedule counts optimizer steps,
+        ``rl.updates_per_step`` per RL step (``train.steps`` and warmup count RL steps)."""
+        u = self.rl.updates_per_step
+        return dataclasses.replace(self, train=dataclasses.replace(
+            self.train, steps=self.train.steps * u, warmup_steps=self.train.warmup_steps * u))
+
     def check_mesh_divisibility(self, sizes: dict[str, int]) -> None:
         """Also: an update's micro-batch rows divide over the batch shards."""
         super().check_mesh_divisibility(sizes)

@@ -171,12 +171,8 @@ class RLTrainer:
         self.init_state_fn, self.on_step = init_state_fn, on_step
         self.progress = progress and jax.process_index() == 0
         rl = cfg.rl
-        # the optimizer's schedule runs over optimizer steps (updates_per_step per RL step)
-        opt_cfg = dataclasses.replace(cfg, train=dataclasses.replace(
-            cfg.train, steps=cfg.train.steps * rl.updates_per_step,
-            warmup_steps=cfg.train.warmup_steps * rl.updates_per_step))
         self.mesh = make_mesh(cfg.mesh)
-        self.setup = T.setup(opt_cfg, self.mesh)
+        self.setup = T.setup(cfg.optimizer_config(), self.mesh)
         self.tokenizer = rl_tokenizer(cfg)
         self.file_items = load_file_items(cfg)
         self.eval_items = eval_sets(cfg, self.file_items)
