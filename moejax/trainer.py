@@ -161,14 +161,20 @@ class Trainer:
     ``init_state_fn(setup, data_iterator) -> TrainState`` replaces the fresh init when no
     checkpoint exists (moejax.grow_run: grow a finished source run; it may rewind the iterator).
     ``data`` replaces the corpus pipeline ``data.*`` describes with any object of its interface
-    (``domains``, ``train_iterator``, ``eval_batches``; moejax.rl.sft: task demonstrations)."""
+    (``domains``, ``train_iterator``, ``eval_batches``; moejax.rl.sft: task demonstrations).
+    ``mixer`` changes the domain weights between steps: ``mixer.before_step(trainer, step)`` is
+    called before the batch of step ``step + 1`` is drawn (``trainer.state`` is the train state
+    after ``step`` steps) and returns new weights ``{domain: w}`` (applied from that batch on) or
+    None; its JSON-ready ``state()`` is saved inside the data iterator's checkpoint item and
+    handed back to ``load_state`` on resume (moejax.data.mixture)."""
 
     def __init__(self, cfg: Config, workdir: str | os.PathLike, *,
                  on_step: Callable[["Trainer", int, dict], None] | None = None,
                  progress: bool = True,
                  init_state_fn: Callable[[T.Setup, object], T.TrainState] | None = None,
-                 data=None):
+                 data=None, mixer=None):
         self.cfg, self.workdir, self.on_step = cfg, as_path(workdir), on_step
+        self.mixer = mixer
         self.init_state_fn = init_state_fn
         self.progress = progress and jax.process_index() == 0
         self.stop = StopSignals()
@@ -218,7 +224,17 @@ class Trainer:
         return out
 
     def _save(self, step: int, state, it, tokens: int, *, force: bool = False) -> None:
-        self.ckpt.save(step, state, it, {"step": step, "tokens": tokens}, force=force)
+        domain_tokens = dict(zip(self.domains, self._tokens_by_domain().tolist()))
+        self.ckpt.save(step, state, it, {"step": step, "tokens": tokens,
+                                         "domain_tokens": domain_tokens}, force=force)
+
+    def _tokens_by_domain(self) -> np.ndarray:
+        """Training target tokens seen per domain since step 0, all processes: [D] int64 (the
+        restored count plus every process's count since; a collective with several processes)."""
+        local = self._domain_tokens_local
+        if jax.process_count() > 1:
+            local = np.asarray(multihost_utils.process_allgather(local)).sum(0)
+        return self._domain_tokens_base + local
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> dict:
@@ -226,6 +242,11 @@ class Trainer:
         cfg = self.cfg
         write_or_check_config(cfg, self.workdir)
         it = self._iterator()
+        if self.mixer is not None:
+            if not hasattr(it, "set_weights"):
+                raise TypeError(f"Trainer(mixer=...) needs a data iterator with set_weights (the "
+                                f"corpus mixture); {type(it).__name__} has none")
+            it.mixer = self.mixer  # its state is saved and restored with the iterator's
         latest = self.ckpt.latest_step()
         if latest is not None and latest > cfg.train.steps:
             raise ConfigError(f"train.steps={cfg.train.steps} is below step {latest} of the "
@@ -236,12 +257,17 @@ class Trainer:
         if restored is not None:
             state, meta = restored
             step, tokens = int(meta["step"]), int(meta["tokens"])
+            saved_tokens = meta.get("domain_tokens", {})
         else:
             state, step, tokens = (T.init_state(self.setup) if self.init_state_fn is None
                                    else self.init_state_fn(self.setup, it)), 0, 0
+            saved_tokens = {}
             if cfg.model.moe.enabled and cfg.model.moe.router.token_mask == "maskmoe":
                 state = T.set_token_masks(self.setup, state,
                                           self.data.token_counts(cfg.model.vocab_size))
+        self._domain_tokens_base = np.array([saved_tokens.get(d, 0) for d in self.domains],
+                                            np.int64)
+        self._domain_tokens_local = np.zeros(len(self.domains), np.int64)
         logger = MetricsLogger(self.workdir, resume_step=step if restored is not None else None)
         if restored is None:
             logger.log(0, {"tokens": 0, **self.evaluate(state)})
@@ -255,7 +281,16 @@ class Trainer:
         preempted, last = False, {}
         try:
             while step < cfg.train.steps:
-                batch = T.global_batch(self.mesh, next(it))
+                if self.mixer is not None:
+                    self.state = state
+                    weights = self.mixer.before_step(self, step)
+                    if weights is not None:
+                        it.set_weights(weights)  # from this step's batch on
+                local = next(it)
+                self._domain_tokens_local += np.bincount(
+                    local["domain"], weights=local["loss_mask"].sum(1),
+                    minlength=len(self.domains)).astype(np.int64)
+                batch = T.global_batch(self.mesh, local)
                 state, metrics = self.train_step(state, batch)
                 step, tokens, window_steps = step + 1, tokens + tokens_per_step, window_steps + 1
                 if pending is not None:
@@ -268,7 +303,7 @@ class Trainer:
                     pending = None
                     dt = time.perf_counter() - window_t
                     rate = window_steps * tokens_per_step / dt
-                    last = self._log_record(metrics, tokens, rate, nonfinite_steps)
+                    last = self._log_record(metrics, tokens, rate, nonfinite_steps, it)
                     if evaluate:
                         last.update(self.evaluate(state))
                     logger.log(step, last)
@@ -306,7 +341,8 @@ class Trainer:
         tqdm.write(msg + "; skipped (train.nan_policy='skip')")
         return 1
 
-    def _log_record(self, metrics: dict, tokens: int, tokens_per_s: float, nonfinite: int) -> dict:
+    def _log_record(self, metrics: dict, tokens: int, tokens_per_s: float, nonfinite: int,
+                    it=None) -> dict:
         m = jax.device_get(metrics)
         rec = {"tokens": tokens, "train/loss": float(m["train/loss"]),
                "train/lr": float(m["train/lr"]), "train/grad_norm": float(m["train/grad_norm"]),
@@ -318,6 +354,11 @@ class Trainer:
             if m["domain_tokens"][i] > 0:
                 rec[f"train/loss/{d}"] = float(m["domain_loss_sum"][i] / m["domain_tokens"][i])
         rec.update(moe_records(m, self.cfg.model.moe.num_experts))
+        rec.update({f"train/tokens/{d}": int(n)
+                    for d, n in zip(self.domains, self._tokens_by_domain())})
+        weights = getattr(it, "weights", None)  # the corpus mixture's, in effect for this step
+        if weights:
+            rec.update({f"train/mixture/{d}": float(w) for d, w in weights.items()})
         return rec
 
 

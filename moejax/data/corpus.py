@@ -3,6 +3,11 @@
 Nothing is downloaded: ``code`` is the standard library's ``.py`` source, ``prose`` its docstrings
 plus ``pydoc_data.topics``, ``math`` generated problems with exact answers. Each domain is a list of
 documents (strings), deterministic for a given Python version, built once and cached as JSON lines.
+Finer domains for data-mixture methods (``FINE_DOMAINS``, by group ``embedded_domain_groups()``)
+split code by package family and prose into reference topics vs docstrings, generate math by
+operation and difficulty, and add structureless ``noise``. Their sub-skills are shared on
+purpose (the planted structure mixture methods should find): ``math-add`` helps ``math-word`` and
+``math-mul`` helps ``math-mul3``; see the fine math section.
 A local directory of ``<domain>/*.txt`` files can replace it (``DataConfig.corpus="<dir>"``).
 """
 
@@ -124,13 +129,18 @@ def code_docs(cap: int, bar: tqdm) -> list[str]:
     return _capped((s for _, p in files if (s := _read_source(p)) is not None), cap, bar)
 
 
-def _docstrings() -> Iterable[str]:
+def _reference_topics() -> Iterable[str]:
+    """The ``pydoc_data`` reference topics (the language reference's prose), sorted by name."""
     import pydoc_data.topics
 
     topics = pydoc_data.topics.topics
     for key in sorted(topics):
         yield topics[key].strip()
-    for _, path in stdlib_files():
+
+
+def _file_docstrings(files: Iterable[tuple[str, Path]]) -> Iterable[str]:
+    """Module, class and function docstrings of the given source files (file, then AST order)."""
+    for _, path in files:
         src = _read_source(path)
         if src is None:
             continue
@@ -144,6 +154,11 @@ def _docstrings() -> Iterable[str]:
                 doc = ast.get_docstring(node, clean=True)
                 if doc:
                     yield doc
+
+
+def _docstrings() -> Iterable[str]:
+    yield from _reference_topics()
+    yield from _file_docstrings(stdlib_files())
 
 
 def prose_docs(cap: int, bar: tqdm) -> list[str]:
@@ -221,15 +236,283 @@ def math_docs(cap: int, bar: tqdm) -> list[str]:
     return _capped(gen(), cap, bar)
 
 
+# -- fine domains -----------------------------------------------------------------------------
+# Finer splits of the three coarse domains, for data-mixture methods (RegMix, Aioli, DGA) that need
+# more domains with real structure between them. They have their own cache keys
+# (FINE_CORPUS_VERSION), so the coarse domains' caches and provenance hashes are untouched.
+
+FINE_CORPUS_VERSION = 1  # bump when a fine domain's recipe changes (coarse domains' keys ignore it)
+FINE_MATH_PATIENCE = 20_000  # a generator ends after this many repeated draws in a row
+
+# Code families by the top-level package/module name of a stdlib file (``json/decoder.py`` -> json).
+# A name listed nowhere belongs to ``code-other``, so every file is in exactly one family.
+#
+#   family       top-level names
+#   -----------  ----------------------------------------------------------------------------------
+CODE_FAMILIES: dict[str, frozenset[str]] = {
+    "code-text": frozenset({  # strings, regexes, text formats, tokenizing, option parsing
+        "string", "re", "sre_compile", "sre_constants", "sre_parse", "textwrap", "difflib",
+        "stringprep", "codecs", "locale", "gettext", "shlex", "fnmatch", "pprint", "reprlib",
+        "html", "_markupbase", "tokenize", "token", "keyword", "tabnanny", "argparse", "optparse",
+        "getopt", "cmd", "_strptime", "calendar"}),
+    "code-net": frozenset({  # protocols, mail, the web, sockets
+        "http", "email", "urllib", "socket", "socketserver", "ssl", "smtplib", "smtpd", "poplib",
+        "imaplib", "nntplib", "ftplib", "telnetlib", "xmlrpc", "wsgiref", "mailbox", "mailcap",
+        "mimetypes", "webbrowser", "ipaddress", "cgi", "cgitb", "netrc", "nturl2path", "uu",
+        "quopri", "base64"}),
+    "code-data": frozenset({  # serialisation, file formats, archives, compression, hashing
+        "json", "csv", "sqlite3", "pickle", "pickletools", "_compat_pickle", "copyreg", "shelve",
+        "dbm", "struct", "xml", "plistlib", "configparser", "tomllib", "zipfile", "tarfile", "gzip",
+        "bz2", "lzma", "_compression", "xdrlib", "chunk", "wave", "aifc", "sunau", "sndhdr",
+        "imghdr", "hashlib", "hmac", "secrets", "zipapp"}),
+    "code-sys": frozenset({  # files, paths, processes, the interpreter, imports and packaging
+        "os", "pathlib", "shutil", "subprocess", "posixpath", "ntpath", "genericpath", "stat",
+        "filecmp", "fileinput", "glob", "tempfile", "platform", "sysconfig", "site",
+        "_sitebuiltins", "pty", "tty", "signal", "getpass", "_osx_support", "_aix_support",
+        "_bootsubprocess", "io", "_pyio", "importlib", "pkgutil", "runpy", "zipimport", "imp",
+        "modulefinder", "venv", "ensurepip", "distutils", "compileall", "py_compile", "ctypes",
+        "curses", "crypt", "pipes", "linecache", "tracemalloc"}),
+    "code-async": frozenset({  # event loops, threads, processes, scheduling
+        "asyncio", "concurrent", "threading", "_threading_local", "multiprocessing", "queue",
+        "sched", "selectors", "asyncore", "asynchat", "contextvars"}),
+}
+CODE_OTHER = "code-other"  # everything else: collections, typing, unittest, tkinter, numbers, ...
+
+
+def code_family(rel_path: str) -> str:
+    """The code family of a stdlib file given its path relative to the stdlib root."""
+    top = rel_path.split("/", 1)[0].removesuffix(".py")
+    return next((fam for fam, names in CODE_FAMILIES.items() if top in names), CODE_OTHER)
+
+
+def code_family_files(family: str) -> list[tuple[str, Path]]:
+    """The family's stdlib files in the code domain's fixed-seed order (a subsequence of it)."""
+    files = stdlib_files()
+    random.Random(CODE_ORDER_SEED).shuffle(files)
+    return [(rel, p) for rel, p in files if code_family(rel) == family]
+
+
+def _code_family_builder(family: str) -> Callable[[int, tqdm], list[str]]:
+    def build(cap: int, bar: tqdm) -> list[str]:
+        files = code_family_files(family)
+        return _capped((s for _, p in files if (s := _read_source(p)) is not None), cap, bar)
+
+    return build
+
+
+def _until_full(docs: Iterable[str], cap: int) -> Iterable[str]:
+    """Documents until the next one would overflow ``cap`` bytes (an endless stream then ends,
+    where ``_capped`` would keep skipping long documents forever)."""
+    used = 0
+    for doc in docs:
+        used += len(doc.encode("utf-8"))
+        if used > cap:
+            return
+        yield doc
+
+
+def prose_reference_docs(cap: int, bar: tqdm) -> list[str]:
+    """The ``pydoc_data`` topics that pass the prose filter (the first part of ``prose``)."""
+    return _capped((d for d in _reference_topics() if _is_english(d)), cap, bar)
+
+
+def prose_docstring_docs(cap: int, bar: tqdm) -> list[str]:
+    """Stdlib docstrings that pass the prose filter, files in the code domain's fixed-seed order
+    (so a byte cap samples the whole library, unlike ``prose`` which walks paths alphabetically)."""
+    files = stdlib_files()
+    random.Random(CODE_ORDER_SEED).shuffle(files)
+    docs = (d for d in _file_docstrings(files) if _is_english(d))
+    return _capped(_until_full(docs, cap), cap, bar)  # stop parsing once full
+
+
+# Fine math: every document is ``Q: <question>\nA: <e0> = <e1> = ... = <int>`` where each ``e`` is a
+# Python expression (+ - * / and parentheses) of equal value, so answers are checked by evaluation.
+# Planted helper structure (what Aioli/DGA should find): ``math-word`` problems are additions whose
+# operands are drawn exactly like ``math-add``'s, and whose answer line ``A: a + b = c`` has the
+# very form of ``math-add``'s, so learning math-add teaches math-word's arithmetic; ``math-mul3``
+# (3-digit x 3-digit) asks the same question in the same form as ``math-mul`` (2-digit x 2-digit),
+# so the product skill transfers; ``math-sub`` and ``noise`` share neither. ``math-div`` is exact
+# division (the inverse of a 2-digit product), ``math-expr`` evaluates nested expressions step by
+# step (one operation per step).
+
+_ADD_ITEMS = ("apples", "marbles", "stickers", "books", "coins", "pencils", "cards", "shells")
+_WORD_TEMPLATES = (
+    "{n1} has {a} {item}. {n2} gives {n1} {b} more {item}. How many {item} does {n1} have now?",
+    "{n1} has {a} {item} and {n2} has {b} {item}. How many {item} do they have together?",
+    "{n1} read {a} pages on Monday and {b} pages on Tuesday. How many pages did {n1} read in "
+    "total?",
+    "A farm has {a} cows and {b} sheep. How many animals does the farm have?",
+    "{n1} walks {a} meters to the park and then {b} meters to school. How many meters does {n1} "
+    "walk?",
+    "A shop sold {a} {item} in the morning and {b} {item} in the afternoon. How many {item} did "
+    "the shop sell that day?",
+)
+_NOISE_CHARS = ("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+                "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~ ")
+
+
+def _add_operand(rng: random.Random) -> int:
+    """1 to 3 digits, the digit count uniform: the operands of math-add, math-sub and math-word."""
+    return rng.randint(1, 10 ** rng.randint(1, 3) - 1)
+
+
+def _binary_problem(a: int, op: str, b: int, answer: int) -> str:
+    return f"Q: What is {a} {op} {b}?\nA: {a} {op} {b} = {answer}"
+
+
+def math_add_problem(rng: random.Random) -> str:
+    a, b = _add_operand(rng), _add_operand(rng)
+    return _binary_problem(a, "+", b, a + b)
+
+
+def math_sub_problem(rng: random.Random) -> str:
+    a, b = sorted((_add_operand(rng), _add_operand(rng)), reverse=True)
+    return _binary_problem(a, "-", b, a - b)
+
+
+def math_mul_problem(rng: random.Random) -> str:
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    return _binary_problem(a, "*", b, a * b)
+
+
+def math_mul3_problem(rng: random.Random) -> str:
+    a, b = rng.randint(100, 999), rng.randint(100, 999)
+    return _binary_problem(a, "*", b, a * b)
+
+
+def math_div_problem(rng: random.Random) -> str:
+    divisor, quotient = rng.randint(2, 99), rng.randint(2, 99)
+    return _binary_problem(divisor * quotient, "/", divisor, quotient)
+
+
+def math_word_problem(rng: random.Random) -> str:
+    a, b = _add_operand(rng), _add_operand(rng)
+    n1, n2 = rng.sample(_NAMES, 2)
+    item = rng.choice(_ADD_ITEMS)
+    question = rng.choice(_WORD_TEMPLATES).format(n1=n1, n2=n2, a=a, b=b, item=item)
+    return f"Q: {question}\nA: {a} + {b} = {a + b}"
+
+
+_PRECEDENCE = {"+": 1, "-": 1, "*": 2}
+
+
+def _random_tree(rng: random.Random, depth: int):
+    """A random expression tree over + - * with leaves 1..99: an int or (op, left, right)."""
+    if depth == 0:
+        return rng.randint(1, 99)
+    left, right = _random_tree(rng, depth - 1), _random_tree(rng, rng.randint(0, depth - 1))
+    return (rng.choice("+-*"), left, right)
+
+
+def _render(node) -> str:
+    """Infix text with the parentheses precedence needs (kept on a right operand of equal rank)."""
+    if isinstance(node, int):
+        return f"({node})" if node < 0 else str(node)
+    op, left, right = node
+    ls, rs = _render(left), _render(right)
+    if not isinstance(left, int) and _PRECEDENCE[left[0]] < _PRECEDENCE[op]:
+        ls = f"({ls})"
+    if not isinstance(right, int) and _PRECEDENCE[right[0]] <= _PRECEDENCE[op]:
+        rs = f"({rs})"
+    return f"{ls} {op} {rs}"
+
+
+def _reduce_once(node):
+    """The tree with its leftmost innermost operation computed (one evaluation step)."""
+    op, left, right = node
+    if not isinstance(left, int):
+        return (op, _reduce_once(left), right)
+    if not isinstance(right, int):
+        return (op, left, _reduce_once(right))
+    return left + right if op == "+" else left - right if op == "-" else left * right
+
+
+def math_expr_problem(rng: random.Random) -> str:
+    tree = _random_tree(rng, rng.randint(2, 3))
+    steps = [_render(tree)]
+    while not isinstance(tree, int):
+        tree = _reduce_once(tree)
+        steps.append(_render(tree))
+    steps[-1] = str(tree)  # the answer without the parentheses of a negative operand
+    return f"Q: What is {steps[0]}?\nA: {' = '.join(steps)}"
+
+
+def noise_document(rng: random.Random) -> str:
+    """64 to 512 printable characters drawn independently and uniformly: nothing to learn but their
+    frequencies (the DGA distractor)."""
+    return "".join(rng.choices(_NOISE_CHARS, k=rng.randint(64, 512)))
+
+
+FINE_GENERATORS: dict[str, Callable[[random.Random], str]] = {
+    "math-add": math_add_problem, "math-sub": math_sub_problem, "math-mul": math_mul_problem,
+    "math-mul3": math_mul3_problem, "math-div": math_div_problem, "math-expr": math_expr_problem,
+    "math-word": math_word_problem, "noise": noise_document}
+
+
+def _distinct_draws(make: Callable[[random.Random], str], rng: random.Random) -> Iterable[str]:
+    """New documents from ``make(rng)``; ends once FINE_MATH_PATIENCE draws in a row were repeats,
+    i.e. a small problem space (2-digit products: 8100) is exhausted instead of looping forever."""
+    seen, repeats = set(), 0
+    while repeats < FINE_MATH_PATIENCE:
+        doc = make(rng)
+        if doc in seen:
+            repeats += 1
+            continue
+        seen.add(doc)
+        repeats = 0
+        yield doc
+
+
+def _generated_builder(domain: str) -> Callable[[int, tqdm], list[str]]:
+    make = FINE_GENERATORS[domain]
+
+    def build(cap: int, bar: tqdm) -> list[str]:
+        draws = _distinct_draws(make, random.Random(f"{MATH_SEED}/{domain}"))
+        return _capped(_until_full(draws, cap), cap, bar)
+
+    return build
+
+
+_FINE_GROUPS: dict[str, tuple[str, ...]] = {
+    "code": (*CODE_FAMILIES, CODE_OTHER),
+    "prose": ("prose-reference", "prose-docstrings"),
+    "math": ("math-add", "math-sub", "math-mul", "math-mul3", "math-div", "math-expr", "math-word"),
+    "noise": ("noise",),
+}
+FINE_DOMAINS = tuple(d for group in _FINE_GROUPS.values() for d in group)
+
+
+def embedded_domain_groups() -> dict[str, tuple[str, ...]]:
+    """The fine embedded domains by group (code, prose, math, noise); ``FINE_DOMAINS`` is all of
+    them in this order, e.g. for ``data.domains``."""
+    return dict(_FINE_GROUPS)
+
+
 BUILDERS: dict[str, Callable[[int, tqdm], list[str]]] = {
-    "code": code_docs, "prose": prose_docs, "math": math_docs}
+    "code": code_docs, "prose": prose_docs, "math": math_docs,
+    **{family: _code_family_builder(family) for family in _FINE_GROUPS["code"]},
+    "prose-reference": prose_reference_docs, "prose-docstrings": prose_docstring_docs,
+    **{domain: _generated_builder(domain) for domain in FINE_GENERATORS}}
+
+
+def check_embedded_domains(domains: Iterable[str]) -> None:
+    """Fail naming the domains the embedded corpus lacks and every valid name (coarse and fine)."""
+    bad = [d for d in domains if d not in BUILDERS]
+    if bad:
+        raise ValueError(f"data.domains: {bad} not in the embedded corpus; choose from "
+                         f"{EMBEDDED_DOMAINS + FINE_DOMAINS} (fine ones by group: "
+                         "embedded_domain_groups()) or set data.corpus to a directory of "
+                         "<domain>/*.txt files")
 
 
 # -- cached build -----------------------------------------------------------------------------
 
 def embedded_key(domain: str, cap: int) -> str:
-    return stable_hash({"v": CORPUS_VERSION, "domain": domain, "cap": cap, "python": sys.version,
-                        "math_seed": MATH_SEED})
+    recipe = {"v": CORPUS_VERSION, "domain": domain, "cap": cap, "python": sys.version,
+              "math_seed": MATH_SEED}
+    if domain in FINE_DOMAINS:  # coarse domains' keys stay as they were before fine ones existed
+        recipe["fine_v"] = FINE_CORPUS_VERSION
+    return stable_hash(recipe)
 
 
 def _jsonl_line(doc: str) -> str:
@@ -258,9 +541,7 @@ def _read_jsonl(path: Path) -> list[str]:
 
 def _embedded_dir(domain: str, cap: int, cache_dir: str) -> Path:
     """The published cache dir of one embedded domain (docs.jsonl + meta.json), built if missing."""
-    if domain not in BUILDERS:
-        raise ValueError(f"data.domains: {domain!r} is not an embedded domain; choose from "
-                         f"{EMBEDDED_DOMAINS} or set data.corpus to a directory of <domain>/*.txt")
+    check_embedded_domains([domain])
     root = cache_root(cache_dir) / "corpus"
     root.mkdir(exist_ok=True)
     final = root / f"{domain}-{embedded_key(domain, cap)}"

@@ -1,12 +1,13 @@
 """The grain input pipeline: cached token streams -> packed, per-process batches with a mixture.
 
-``prepare_data`` builds (once) and opens the corpus, tokenizer and token streams. Row ``i`` of the
-global training stream is a pure function of (seed, i): a domain drawn by the mixture weights and a
-window of ``seq_len + 1`` tokens at a uniform random offset of that domain's train stream
-(concat-then-split packing, so rows cross document boundaries). Global batch k is rows
-[k*B, (k+1)*B); process p of P reads only its contiguous B/P of them, so the global batch is the
-same for every P. Iterator state is grain's (``get_state``/``set_state``, orbax via
-``grain.checkpoint``).
+``prepare_data`` builds (once) and opens the corpus, tokenizer and token streams. The training
+stream is a keyed domain mixture (``moejax.data.mixture``): global row ``i`` takes the domain its
+seeded uniform draw picks under the current weights (``data.mixture`` until a mixer changes them)
+and that domain's next row, a window of ``seq_len + 1`` tokens in a seeded per-epoch permutation
+of the domain's windows (concat-then-split packing, so rows cross document boundaries). Global
+batch k is rows [k*B, (k+1)*B); process p of P reads only its contiguous B/P of them, so the
+global batch is the same for every P. Iterator state (weights, per-domain positions by name) is a
+grain ``DatasetIterator``'s (``get_state``/``set_state``, orbax via ``grain.checkpoint``).
 
 Row fields (T = seq_len): ``inputs``/``targets`` (targets = inputs shifted by one), ``segment_ids``
 (1, 2, 3, ... per document piece in the row; 0 on padding), ``positions`` (0 at every document
@@ -32,12 +33,12 @@ from tqdm.auto import tqdm
 
 from moejax.config import DataConfig
 from moejax.data import corpus as corpus_lib
+from moejax.data.mixture import DomainStream, Mixture, MixtureIterator
 from moejax.data.store import TokenStore, write_stream
 from moejax.data.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, load_tokenizer
 
 DATA_VERSION = 1  # bump when the token-stream layout changes
 SPLITS = ("train", "val")
-_MAX_ROWS = 1 << 50  # the training stream is endless in practice
 
 
 # -- rows ---------------------------------------------------------------------------------------
@@ -85,6 +86,9 @@ class Data:
     tokenizer: Tokenizer
     stores: dict[tuple[str, str], TokenStore]
     path: Path
+    # (mixture, (domains, positions)) of the first rows under data.mixture, for ``_row_choice``
+    _static_plan: tuple | None = dataclasses.field(default=None, init=False, repr=False,
+                                                   compare=False)
 
     @property
     def domains(self) -> tuple[str, ...]:
@@ -106,52 +110,39 @@ class Data:
         return counts
 
     # training stream -----------------------------------------------------------------------
+    def train_mixture(self) -> Mixture:
+        """A fresh ``Mixture`` of the training streams under ``data.mixture`` (row 0, no weight
+        changes yet): one ``DomainStream`` per domain, keyed by name."""
+        streams = [DomainStream(d, self.num_tokens(d, "train"), self.cfg.seq_len, self.cfg.seed)
+                   for d in self.domains]
+        return Mixture(streams, dict(zip(self.domains, self.cfg.mixture)), self.cfg.seed)
+
     def _row_choice(self, i: int) -> tuple[int, int]:
-        """(domain index, start offset) of global training row ``i``: a function of (seed, i)."""
-        rng = np.random.default_rng([self.cfg.seed, int(i)])
-        w = np.asarray(self.cfg.mixture, np.float64)
-        d = min(int(np.searchsorted(np.cumsum(w) / w.sum(), rng.random(), side="right")),
-                int(np.flatnonzero(w)[-1]))
-        store = self.stores[(self.domains[d], "train")]
-        return d, int(rng.integers(0, store.num_tokens - self.cfg.seq_len))
+        """(domain index, start offset) of global training row ``i`` while the weights stay at
+        ``data.mixture`` (replayed from row 0 and cached, growing by doubling)."""
+        if self._static_plan is None or i >= len(self._static_plan[1][0]):
+            mixture = self.train_mixture() if self._static_plan is None else self._static_plan[0]
+            self._static_plan = (mixture, mixture.replay(max(2 * i + 2, 4096)))
+        mixture, (domains, positions) = self._static_plan
+        return int(domains[i]), mixture.starts(domains[i:i + 1], positions[i:i + 1])[0]
 
     def train_row(self, i: int) -> dict[str, np.ndarray]:
-        """Global training row ``i`` (same for every process count)."""
+        """Global training row ``i`` while the weights stay at ``data.mixture``."""
         d, start = self._row_choice(i)
-        row = make_row(self.stores[(self.domains[d], "train")], start, self.cfg.seq_len,
-                       self.tokenizer.pad_id)
+        row = self._read_train_row(self.domains[d], start)
         row["domain"] = np.int32(d)
         return row
 
-    def train_dataset(self, global_batch: int, process_index: int = 0,
-                      process_count: int = 1):
-        """grain MapDataset whose element k is this process's slice of global batch k."""
-        import grain  # imports jax (~1 s): only paid by processes that iterate
+    def _read_train_row(self, domain: str, start: int) -> dict[str, np.ndarray]:
+        return make_row(self.stores[(domain, "train")], start, self.cfg.seq_len,
+                        self.tokenizer.pad_id)
 
-        b = _local_batch(global_batch, process_count)
-        if not 0 <= process_index < process_count:
-            raise ValueError(f"process_index={process_index} not in [0, {process_count})")
-        for dom, w in zip(self.domains, self.cfg.mixture):
-            n = self.num_tokens(dom, "train")
-            if w > 0 and n < self.cfg.seq_len + 1:
-                raise ValueError(f"domain {dom!r} has {n} training tokens, fewer than "
-                                 f"data.seq_len+1={self.cfg.seq_len + 1}; lower seq_len or its weight")
-
-        def global_row(r: int) -> int:  # local row counter -> global row index
-            return (r // b) * global_batch + process_index * b + r % b
-
-        return (grain.MapDataset.range(_MAX_ROWS)
-                .map(lambda r: self.train_row(global_row(r)))
-                .batch(b, drop_remainder=True))
-
-    def train_iterator(self, global_batch: int, process_index: int = 0, process_count: int = 1):
-        """A checkpointable grain iterator of local batches (``global_batch / process_count`` rows)."""
-        import grain
-
-        threads = self.cfg.prefetch_threads
-        opts = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4 * threads)
-        ds = self.train_dataset(global_batch, process_index, process_count)
-        return iter(ds.to_iter_dataset(opts))
+    def train_iterator(self, global_batch: int, process_index: int = 0,
+                       process_count: int = 1) -> MixtureIterator:
+        """A checkpointable iterator of local batches (``global_batch / process_count`` rows)
+        whose domain weights may change mid-run (``set_weights``; see moejax.data.mixture)."""
+        return MixtureIterator(self.train_mixture(), self._read_train_row, global_batch,
+                               process_index, process_count, threads=self.cfg.prefetch_threads)
 
     # validation -----------------------------------------------------------------------------
     def num_eval_rows(self, domain: str) -> int:
@@ -202,13 +193,9 @@ def _tokenizer_id(cfg: DataConfig):
 def data_key(cfg: DataConfig) -> str:
     """Cache key of the token streams: everything that changes their contents, nothing else."""
     if cfg.corpus == "embedded":
+        corpus_lib.check_embedded_domains(cfg.domains)
         src = {"embedded": [corpus_lib.embedded_key(d, cfg.corpus_bytes_per_domain)
                             for d in cfg.domains]}
-        bad = [d for d in cfg.domains if d not in corpus_lib.EMBEDDED_DOMAINS]
-        if bad:
-            raise ValueError(f"data.domains={cfg.domains}: {bad} not in the embedded corpus "
-                             f"{corpus_lib.EMBEDDED_DOMAINS}; set data.corpus to a directory of "
-                             "<domain>/*.txt files to use other domains")
     else:
         d = Path(os.path.expanduser(cfg.corpus)).resolve()
         src = {"dir": str(d), "files": corpus_lib.local_fingerprint(cfg.corpus, cfg.domains)}
