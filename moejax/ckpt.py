@@ -23,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from moejax.data.mixture import IteratorStateError
 from moejax.paths import as_path
 from moejax.train import TrainState
 
@@ -56,6 +57,17 @@ def _shapes(tree) -> dict[tuple[str, ...], tuple[int, ...]]:
         return str(k)
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {tuple(name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def _cause_of_type(e: BaseException, kind: type) -> BaseException | None:
+    """The first exception of ``kind`` in ``e``'s cause/context chain (Orbax wraps errors)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, kind):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _first_line(e: BaseException, limit: int = 300) -> str:
@@ -133,7 +145,10 @@ class Checkpointer:
             items["extra"] = ocp.args.StandardRestore(abstract_extra)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        except Exception as e:  # noqa: BLE001 -- shapes matched: the files are at fault
+        except Exception as e:  # noqa: BLE001 -- shapes matched: the files are at fault ...
+            incompatible = _cause_of_type(e, IteratorStateError)
+            if incompatible is not None:  # ... unless the data stream refused its saved state
+                raise CheckpointMismatchError(f"step {step}: {incompatible}") from e
             raise CheckpointDamagedError(f"its files do not read back ({_first_line(e)})") from e
         tree = restored["state"]
         rest = abstract_state.rest if target["rest"] is None else tree["rest"]

@@ -339,6 +339,27 @@ def test_grain_checkpoint_holds_the_mixture_and_the_mixer(data, tmp_path):
     _equal_batches(_run(restored, 4, first=4), expected)
 
 
+def test_a_checkpoint_of_another_stream_is_refused_not_set_aside(data, tmp_path):
+    """A step whose data item an older training stream wrote (a plain grain iterator) is intact
+    but incompatible: restoring it raises CheckpointMismatchError and the step stays in place
+    (before, it was moved aside as damaged and the run silently started from step 0)."""
+    import grain
+
+    from moejax import train as T
+    from moejax.ckpt import CheckpointMismatchError, Checkpointer
+
+    state = T.TrainState(step=np.int32(3), params={"w": np.ones(2, np.float32)}, rest=None,
+                         opt_state={}, rng=np.zeros(2, np.uint32))
+    old_stream = iter(grain.MapDataset.range(10).to_iter_dataset())
+    next(old_stream)
+    ck = Checkpointer(tmp_path / "ckpt", async_save=False)
+    ck.save(3, state, old_stream, {"step": 3, "tokens": 0})
+    ck.wait()
+    with pytest.raises(CheckpointMismatchError, match="not written by the domain mixture"):
+        ck.restore_latest(state, data.train_iterator(B))
+    assert ck.latest_step() == 3 and not (tmp_path / "ckpt" / "damaged-3").exists()
+
+
 # -- the trainer: mixer hook, per-domain tokens, interrupt + resume ------------------------------
 
 STEPS = 6

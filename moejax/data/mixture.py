@@ -42,6 +42,11 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # splitmix64's increment
 
 # -- seeded, counter-based randomness -------------------------------------------------------------
 
+class IteratorStateError(ValueError):
+    """A saved data-iterator state this stream cannot resume (another version's training stream):
+    the checkpoint is intact but incompatible, so it must not be set aside as damaged."""
+
+
 def _hash64(*parts) -> int:
     """A stable 64-bit key of ``parts`` (blake2b of their text; no Python hash randomisation)."""
     text = "\x1f".join(str(p) for p in parts).encode()
@@ -369,7 +374,7 @@ class MixtureIterator:
 
     def set_state(self, state: dict[str, Any]) -> None:
         if "mixture" not in state:
-            raise ValueError(f"data-iterator state {sorted(state)} was not written by the domain "
+            raise IteratorStateError(f"data-iterator state {sorted(state)} was not written by the domain "
                              "mixture (an older moejax's training stream?): it cannot resume "
                              "this stream; use a new workdir")
         self._drop_planned()
