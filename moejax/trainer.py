@@ -51,6 +51,14 @@ EXECUTION_ONLY_FIELDS = frozenset({
     "train.keep_ckpts", "train.async_ckpt", "train.peak_flops", "train.nan_policy"})
 
 
+# What a resumed run may change in its data mixture when its caller asks for it
+# (``Trainer(allow_mixture_change=True)``: a continued-training phase on other weights): the keyed
+# domain mixture (moejax.data.mixture) restores every stream by domain name, so new weights apply
+# from the resumed step, an added domain starts at its first row and a dropped one is left (logged);
+# per-domain token counts carry by name. Experiments never allow it: an arm is one mixture.
+RESUMABLE_MIXTURE_FIELDS = frozenset({"data.mixture", "data.domains"})
+
+
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -61,28 +69,30 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def resume_conflicts(saved: dict, cfg: Config) -> dict[str, tuple]:
+def resume_conflicts(saved: dict, cfg: Config, *,
+                     may_change: frozenset = frozenset()) -> dict[str, tuple]:
     """``{dotted field: (saved, now)}`` for changes that would alter the data stream or the math
-    of a run resumed from ``saved`` (a config dict). A field the saved run predates counts with
-    its default value."""
+    of a run resumed from ``saved`` (a config dict), other than the fields in ``may_change``. A
+    field the saved run predates counts with its default value."""
     defaults = _flatten(Config().to_dict())
     old, now = _flatten(saved), _flatten(json.loads(json.dumps(cfg.to_dict())))  # tuples -> lists
     out = {}
     for k, v in now.items():
         before = old.get(k, defaults.get(k))
         if before != v and k.split(".")[0] not in EXECUTION_ONLY_SECTIONS \
-                and k not in EXECUTION_ONLY_FIELDS:
+                and k not in EXECUTION_ONLY_FIELDS | may_change:
             out[k] = (before, v)
     return out
 
 
-def write_or_check_config(cfg: Config, workdir: epath.Path) -> None:
+def write_or_check_config(cfg: Config, workdir: epath.Path, *,
+                          may_change: frozenset = frozenset()) -> None:
     """Write ``config.json``; on resume refuse changes to the data stream or the math, naming the
-    fields (execution-only fields, the mesh and the step budget may change)."""
+    fields (execution-only fields, the mesh, the step budget and ``may_change`` may change)."""
     path = workdir / "config.json"
     saved = read_json(path)
     if saved is not None:
-        conflicts = resume_conflicts(saved, cfg)
+        conflicts = resume_conflicts(saved, cfg, may_change=may_change)
         if conflicts:
             what = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in
                              ((k, *ab) for k, ab in sorted(conflicts.items())))
@@ -90,7 +100,8 @@ def write_or_check_config(cfg: Config, workdir: epath.Path) -> None:
                 f"{path} holds a run with other settings ({what}): resuming it would change its "
                 f"data stream or its math. Restore the old values or use a new --workdir "
                 f"(a resume may change the mesh, train.steps and the execution-only fields "
-                f"{sorted(EXECUTION_ONLY_FIELDS - {'train.steps'})}).")
+                f"{sorted(EXECUTION_ONLY_FIELDS - {'train.steps'})}; the mixture "
+                f"{sorted(RESUMABLE_MIXTURE_FIELDS)} with Trainer(allow_mixture_change=True)).")
     if jax.process_index() == 0:
         write_text_atomic(path, cfg.to_json())
 
@@ -166,14 +177,16 @@ class Trainer:
     called before the batch of step ``step + 1`` is drawn (``trainer.state`` is the train state
     after ``step`` steps) and returns new weights ``{domain: w}`` (applied from that batch on) or
     None; its JSON-ready ``state()`` is saved inside the data iterator's checkpoint item and
-    handed back to ``load_state`` on resume (moejax.data.mixture)."""
+    handed back to ``load_state`` on resume (moejax.data.mixture). ``allow_mixture_change``
+    lets a resume change ``data.mixture``/``data.domains`` (a continued-training phase)."""
 
     def __init__(self, cfg: Config, workdir: str | os.PathLike, *,
                  on_step: Callable[["Trainer", int, dict], None] | None = None,
                  progress: bool = True,
                  init_state_fn: Callable[[T.Setup, object], T.TrainState] | None = None,
-                 data=None, mixer=None):
+                 data=None, mixer=None, allow_mixture_change: bool = False):
         self.cfg, self.workdir, self.on_step = cfg, as_path(workdir), on_step
+        self.allow_mixture_change = allow_mixture_change
         self.mixer = mixer
         self.init_state_fn = init_state_fn
         self.progress = progress and jax.process_index() == 0
@@ -240,7 +253,8 @@ class Trainer:
     def run(self) -> dict:
         """Train to ``train.steps``; returns a summary (final losses, whether preempted)."""
         cfg = self.cfg
-        write_or_check_config(cfg, self.workdir)
+        write_or_check_config(cfg, self.workdir, may_change=RESUMABLE_MIXTURE_FIELDS
+                              if self.allow_mixture_change else frozenset())
         it = self._iterator()
         if self.mixer is not None:
             if not hasattr(it, "set_weights"):

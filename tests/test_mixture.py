@@ -13,7 +13,7 @@ import signal
 import numpy as np
 import pytest
 
-from moejax.config import DataConfig
+from moejax.config import ConfigError, DataConfig
 from moejax.data import DomainStream, Mixture, MixtureIterator, prepare_data
 from moejax.data.mixture import row_uniforms
 from moejax.metrics import read_metrics
@@ -465,3 +465,32 @@ def test_interrupt_and_resume_with_a_mixer_is_bit_identical(straight_mixed, data
     for s in ref:
         assert exact(got[s]) == exact(ref[s]), s
     assert resumed["val/loss"] == ref_summary["val/loss"]
+
+
+def test_a_resume_may_change_the_mixture_and_drop_a_domain(data_cache, tmp_path):
+    """The keyed mixture restores by domain name, so a resumed run may (when its caller allows it)
+    reweight and drop domains:
+    the new weights are logged from the first resumed step and the kept domains' token counts
+    continue from the checkpoint's (a conflict on any other data field is still refused)."""
+    cfg = _cfg(data_cache)
+    wd = str(tmp_path / "run")
+    Trainer(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=3)), wd,
+            progress=False).run()
+    kept = cfg.data.domains[:2]
+    cfg2 = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, domains=kept,
+                                                             mixture=(1.0, 3.0)))
+    with pytest.raises(ConfigError, match="data.domains"):  # not by default
+        Trainer(cfg2, wd, progress=False).run()
+    out = Trainer(cfg2, wd, progress=False, allow_mixture_change=True).run()
+    assert out["step"] == STEPS
+    recs = _records(wd)
+    assert {d: recs[4][f"train/mixture/{d}"] for d in kept} == {kept[0]: 1.0, kept[1]: 3.0}
+    assert f"train/tokens/{cfg.data.domains[2]}" not in recs[4]
+    for d in kept:
+        assert recs[4][f"train/tokens/{d}"] >= recs[3][f"train/tokens/{d}"]
+    assert sum(recs[STEPS][f"train/tokens/{d}"] for d in kept) > sum(
+        recs[3][f"train/tokens/{d}"] for d in kept)
+    with pytest.raises(ConfigError, match="data.seq_len"):
+        Trainer(dataclasses.replace(cfg2, data=dataclasses.replace(
+            cfg2.data, seq_len=cfg.data.seq_len // 2)), wd, progress=False,
+            allow_mixture_change=True).run()
