@@ -50,6 +50,7 @@ from jax.sharding import Mesh
 from moejax import hlo_stats, tpu_specs
 from moejax.aot_table import MD_HEADER, format_table, markdown_rows
 from moejax.config import Config, ConfigError
+from moejax.runtime import LIBTPU_ENV, libtpu_flags, set_libtpu_flags
 
 GiB = tpu_specs.GiB
 INSTALL_LINE = f'pip install "jax[tpu]=={jax.__version__}"   (or: pip install -e ".[tpu]")'
@@ -616,11 +617,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     presets, arm_table = experiment_tables(mod)
     arms = args.arms.split(",") if args.arms else [next(iter(arm_table))]
     topology = args.topology or default_topology(args.preset)
-    out = {}
+    out, first_flags = {}, None
     with experiment.user_errors(experiment.debug_from_env()):
         for arm in arms:
             cfg = arm_config(args.experiment, mod, experiment.build_config(
                 presets, arm_table, args.preset, arm, args.set))
+            if first_flags is None:  # libtpu reads its flags once, when a topology is first built
+                set_libtpu_flags(cfg)
+                first_flags = libtpu_flags(cfg)
+            elif libtpu_flags(cfg) != first_flags:
+                print(f"warning: arm {arm} would run with libtpu flags {libtpu_flags(cfg)}; "
+                      f"this process compiles with {first_flags} (run it on its own)",
+                      file=sys.stderr)
             try:
                 dump = (os.path.join(args.dump_hlo, f"{args.experiment}.{args.preset}.{arm}")
                         if args.dump_hlo else None)
@@ -630,7 +638,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 print(f"error: {e}", file=sys.stderr)
                 raise SystemExit(3) from None
             key = f"{args.experiment}/{args.preset}/{arm}"
+            rep["libtpu_init_args"] = os.environ.get(LIBTPU_ENV, "")
             print(format_table(key, rep), flush=True)
+            print(f"LIBTPU_INIT_ARGS: {rep['libtpu_init_args'] or '(none)'}", flush=True)
             if args.markdown:
                 print("\n".join([MD_HEADER, *markdown_rows(key, rep)]), flush=True)
             out[key] = rep

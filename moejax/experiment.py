@@ -139,11 +139,15 @@ def main(*, description: str, presets: Mapping[str, Config], arms: Mapping[str, 
 
 def _run(args, presets, arms, run_arm, report, budget) -> dict[str, dict]:
     """Run (or reuse, or resume) each arm, then write the report."""
+    from moejax.runtime import set_libtpu_flags
+
+    names = [a for a in args.arms.split(",") if a]
+    configs = {a: build_config(presets, arms, args.preset, a, args.set) for a in names}
+    if configs:  # before the TPU backend starts (the arms of a preset share a mesh and model kind)
+        set_libtpu_flags(next(iter(configs.values())))
     if args.distributed:
         from moejax.mesh import initialize_distributed
         initialize_distributed()
-    names = [a for a in args.arms.split(",") if a]
-    configs = {a: build_config(presets, arms, args.preset, a, args.set) for a in names}
     summaries, workdirs = {}, {}
     for arm, cfg in configs.items():
         wd = workdirs[arm] = os.fspath(as_path(args.workdir) / arm)

@@ -1,4 +1,6 @@
-"""Process settings for running on a CPU host: glibc malloc tuned so XLA's per-step scratch is reused.
+"""Process settings made before jax starts its backend: glibc malloc on a CPU host, libtpu flags.
+
+glibc malloc is tuned so XLA's per-step scratch is reused on a CPU host.
 
 XLA:CPU allocates one large scratch buffer per executed program (~730 MiB for the dense CPU
 benchmark step) and frees it at the end. With glibc's defaults a buffer that size is mmap'd and
@@ -8,6 +10,14 @@ per op"). One arena, no mmap'd chunks and no trimming keep the freed memory for 
 the step then matches torch's (1.03-1.07x HF on one core). The cost: the process keeps its peak
 heap instead of returning it to the OS. Call ``tune_host_malloc()`` before jax starts its threads
 (their arenas are created on first use); experiment and benchmark entry points do.
+
+libtpu flags: ``set_libtpu_flags(cfg)`` adds ``libtpu_flags(cfg)`` to ``LIBTPU_INIT_ARGS`` before
+the TPU backend starts (experiments and ``python -m moejax.aot`` call it, so the AOT table shows the
+program a pod run compiles). Dense FSDP on one slice: with its defaults the TPU compiler turns the
+FSDP matmuls into windowed einsums (collective-permute loops adding each chunk's partial product into
+the full output), ~120 GiB of accumulator traffic per MLP matmul per step on pretrain's v5p-64
+preset, HBM-bound at a 36% MFU bound; with windowed einsum off it all-gathers the weights and the
+same step is compute-bound at 75% (benchmarks/RESULTS.md, the AOT table).
 """
 
 from __future__ import annotations
@@ -57,3 +67,29 @@ def _mallopt(*settings: tuple[int, int]) -> bool:
     except (OSError, AttributeError):
         return False
     return all(mallopt(param, value) == 1 for param, value in settings)
+
+
+LIBTPU_ENV = "LIBTPU_INIT_ARGS"
+DENSE_FSDP_FLAGS = ("--xla_tpu_enable_windowed_einsum_for_all_gather=false",
+                    "--xla_tpu_enable_windowed_einsum_for_reduce_scatter=false")
+
+
+def libtpu_flags(cfg) -> tuple[str, ...]:
+    """The libtpu flags a run of ``cfg`` (a moejax Config) compiles with: windowed einsum off for a
+    dense model sharded over ``mesh.fsdp`` (see the module docstring); none otherwise."""
+    fsdp = cfg.mesh.fsdp
+    if not cfg.model.moe.enabled and (fsdp > 1 or fsdp == -1):
+        return DENSE_FSDP_FLAGS
+    return ()
+
+
+def set_libtpu_flags(cfg) -> list[str]:
+    """Append ``libtpu_flags(cfg)`` to ``$LIBTPU_INIT_ARGS``, except flags the user already set by
+    name (theirs win). Call before the TPU backend starts (libtpu reads the variable once); returns
+    the flags added."""
+    current = os.environ.get(LIBTPU_ENV, "").split()
+    named = {f.split("=", 1)[0] for f in current}
+    added = [f for f in libtpu_flags(cfg) if f.split("=", 1)[0] not in named]
+    if added:
+        os.environ[LIBTPU_ENV] = " ".join(current + added)
+    return added

@@ -54,3 +54,35 @@ def test_bad_setting_names_the_variable(monkeypatch):
     monkeypatch.setenv(runtime.ENV, "sometimes")
     with pytest.raises(ValueError, match=runtime.ENV):
         runtime.tune_host_malloc()
+
+
+# -- libtpu flags ------------------------------------------------------------------------------
+
+def _cfg(moe: bool, fsdp: int):
+    import dataclasses
+
+    from moejax.testing import tiny_config
+    cfg = tiny_config()
+    model = cfg.model if not moe else dataclasses.replace(
+        cfg.model, moe=dataclasses.replace(cfg.model.moe, num_experts=4))
+    return dataclasses.replace(cfg, model=model,
+                               mesh=dataclasses.replace(cfg.mesh, data=1, fsdp=fsdp))
+
+
+def test_windowed_einsum_goes_off_for_dense_fsdp_only():
+    assert runtime.libtpu_flags(_cfg(moe=False, fsdp=4)) == runtime.DENSE_FSDP_FLAGS
+    assert runtime.libtpu_flags(_cfg(moe=False, fsdp=1)) == ()
+    assert runtime.libtpu_flags(_cfg(moe=True, fsdp=4)) == ()
+    assert all(f.endswith("=false") and "windowed_einsum" in f for f in runtime.DENSE_FSDP_FLAGS)
+
+
+def test_set_libtpu_flags_appends_once_and_the_users_flag_wins(monkeypatch):
+    user = "--xla_tpu_enable_windowed_einsum_for_all_gather=true"
+    monkeypatch.setenv(runtime.LIBTPU_ENV, f"--foo=1 {user}")
+    added = runtime.set_libtpu_flags(_cfg(moe=False, fsdp=4))
+    assert added == [runtime.DENSE_FSDP_FLAGS[1]]
+    assert os.environ[runtime.LIBTPU_ENV].split() == ["--foo=1", user, runtime.DENSE_FSDP_FLAGS[1]]
+    assert runtime.set_libtpu_flags(_cfg(moe=False, fsdp=4)) == []  # nothing twice
+    monkeypatch.delenv(runtime.LIBTPU_ENV)
+    assert runtime.set_libtpu_flags(_cfg(moe=True, fsdp=4)) == []
+    assert runtime.LIBTPU_ENV not in os.environ
