@@ -74,7 +74,7 @@ def resume_conflicts(saved: dict, cfg: Config, *,
     """``{dotted field: (saved, now)}`` for changes that would alter the data stream or the math
     of a run resumed from ``saved`` (a config dict), other than the fields in ``may_change``. A
     field the saved run predates counts with its default value."""
-    defaults = _flatten(Config().to_dict())
+    defaults = _flatten(type(cfg)().to_dict())  # its own sections (an RL run: rl.*) too
     old, now = _flatten(saved), _flatten(json.loads(json.dumps(cfg.to_dict())))  # tuples -> lists
     out = {}
     for k, v in now.items():

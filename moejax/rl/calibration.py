@@ -8,7 +8,8 @@ fitted state is a JSON-able dict (checkpointed with the run, bit-identical throu
   ``half_width`` when there are no pairs (RL rollouts).
 - ``lowess`` (recommended, R1 ``calibrate_score_LWR``): statsmodels' LOWESS of r̂ on c with span
   ``frac`` (tricube, local linear, 3 robustifying iterations, delta 0); b̂(c) = the fitted value
-  at the first fitted point at or above c (the last point beyond the range).
+  at the first fitted point at or above c (the last point beyond the range); at a length tied
+  by a whole neighbourhood (zero width, where statsmodels gives 0) the tied rewards' mean.
 A rolling buffer of (c, r̂) over recent rollout batches feeds the RL use (``buffer_append``).
 Also ``bradley_terry_loss`` for a reward head trained on preference pairs (JAX).
 """
@@ -56,6 +57,28 @@ def _as_float_list(x) -> list[float]:
     return [float(v) for v in np.asarray(x, np.float64).reshape(-1)]
 
 
+def _lowess_curve(c: np.ndarray, r: np.ndarray, cfg: CalibrationConfig):
+    """statsmodels' LOWESS curve (x sorted, y), except at a length tied by at least the span's
+    k = int(frac·n) points (common: rollouts at the length cap): its neighbourhood has zero width,
+    where statsmodels returns 0, and the local fit is the tied points' mean (Cleveland's rule:
+    points at distance 0 get weight 1)."""
+    import warnings
+
+    from statsmodels.nonparametric.smoothers_lowess import lowess
+
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        curve = lowess(r, c, frac=cfg.frac, it=cfg.lowess_iters, delta=0.0, return_sorted=True)
+    x, y = curve[:, 0], curve[:, 1].copy()
+    values, inv, counts = np.unique(c, return_inverse=True, return_counts=True)
+    means = np.bincount(inv.reshape(-1), weights=r) / counts
+    k = max(int(cfg.frac * len(c) + 1e-10), 1)  # statsmodels' neighbourhood size
+    for v, mean, n in zip(values, means, counts):
+        if n >= k:
+            y[x == v] = mean
+    return x, y
+
+
 def fit(lengths, rewards, cfg: CalibrationConfig = CalibrationConfig(), pairs=None) -> dict:
     """The fitted state from a pool of (c_j, r̂_j); ``pairs`` = (c_chosen, c_rejected) arrays set
     the local-average window (else ``cfg.half_width``)."""
@@ -63,11 +86,9 @@ def fit(lengths, rewards, cfg: CalibrationConfig = CalibrationConfig(), pairs=No
     if c.shape != r.shape or c.size == 0:
         raise ValueError(f"lengths {c.shape} and rewards {r.shape} must be equal, non-empty")
     if cfg.method == "lowess":
-        from statsmodels.nonparametric.smoothers_lowess import lowess
-
-        curve = lowess(r, c, frac=cfg.frac, it=cfg.lowess_iters, delta=0.0, return_sorted=True)
-        return {"method": "lowess", "alpha": cfg.alpha, "x": _as_float_list(curve[:, 0]),
-                "y": _as_float_list(curve[:, 1])}
+        x, y = _lowess_curve(c, r, cfg)
+        return {"method": "lowess", "alpha": cfg.alpha, "x": _as_float_list(x),
+                "y": _as_float_list(y)}
     if pairs is not None:
         gap = np.abs(np.asarray(pairs[0], np.float64) - np.asarray(pairs[1], np.float64))
         d = float(gap.mean() / cfg.window_ratio)

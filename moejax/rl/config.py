@@ -7,6 +7,10 @@ Batch geometry of one RL step: ``prompts_per_step`` prompts x ``num_generations`
 generated, rewarded and turned into advantages; the rows are split into ``mini_batches`` optimizer
 steps, repeated for ``ppo_epochs`` epochs, each accumulated over ``micro_batches`` micro-steps with
 the mini-batch's global loss denominators. ``train.steps`` counts RL steps.
+
+Method switches (methods B.1-B.4, all off by default): ``rl.prefix`` (Prefix-RFT; its variants
+multiply the rows by ``prefix.num_prefix``), ``rl.minibatch_sampler`` / ``rl.positive_only`` /
+``rl.balanced_subsample`` (B.2), ``rl.reward_calibration`` (B.3) and ``rl.budget`` (B.4).
 """
 
 from __future__ import annotations
@@ -17,13 +21,20 @@ from typing import Literal
 from moejax.config import Config
 from moejax.config_checks import _check_choice, _fail
 from moejax.rl.advantages import FILTER_RULES, AdvantageConfig
+from moejax.rl.budget import (CurriculumConfig, DifficultyFilterConfig, KnapsackConfig,
+                              success_buffer)
+from moejax.rl.calibration import METHODS as CALIBRATION_METHODS, CalibrationConfig
 from moejax.rl.losses import PolicyLossConfig
+from moejax.rl.minibatch import SAMPLERS
+from moejax.rl.prefix import PrefixConfig
 from moejax.rl.rewards import RewardConfig
 from moejax.rl.rollout import RolloutConfig
 from moejax.rl.tasks import TaskConfig
 
 REPLAY_MODES = ("none", "r2", "r3")
 OLD_LOGPROBS = ("recompute", "rollout")
+ALLOCATIONS = ("fixed", "knapsack")
+FILTER_WHERE = ("none", "online", "offline")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +75,74 @@ class SFTConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PrefixRFTConfig(PrefixConfig):
+    """Prefix-RFT in the loop (methods B.1, ``moejax.rl.prefix``): off unless ``enabled``. Each of
+    the ``prompts_per_step`` prompts gets ``num_prefix`` variants x ``num_generations`` rollouts;
+    advantages are the prefix ones (Dr.GRPO style, ``rl.advantage`` unused)."""
+
+    enabled: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardCalibrationConfig(CalibrationConfig):
+    """Reward calibration against response length (methods B.3, ``moejax.rl.calibration``):
+    ``method='none'`` (default) leaves rewards raw; otherwise every step appends its (length,
+    reward) points to a rolling buffer of ``buffer_size``, fits, and trains on r - alpha*b(len)."""
+
+    method: str = "none"
+    buffer_size: int = 512
+
+    def __post_init__(self):
+        _check_choice("rl.reward_calibration.method", self.method, ("none",) + CALIBRATION_METHODS)
+        if self.method != "none":
+            super().__post_init__()
+        if self.buffer_size < 1:
+            _fail("rl.reward_calibration.buffer_size", self.buffer_size, "must be >= 1")
+        if self.method == "local_average" and self.half_width is None:
+            _fail("rl.reward_calibration.half_width", None, "the local average over rollouts has "
+                  "no preference pairs to size its window: set half_width (in tokens)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetConfig:
+    """Rollout budget and curriculum (methods B.4, ``moejax.rl.budget``); defaults = fixed G, no
+    filter, no curriculum. ``allocation='knapsack'`` spreads prompts_per_step x num_generations
+    rollouts over the prompts by estimated value (``knapsack.mean_n`` must equal
+    ``num_generations``); ``filter`` applies ``difficulty`` to this step's own rollouts
+    (``online``, refilling as DAPO) or to the success buffer before generation (``offline``);
+    ``curriculum`` draws each prompt's task family from SEC's Q-table (``sec``)."""
+
+    allocation: str = "fixed"
+    knapsack: KnapsackConfig = KnapsackConfig()
+    filter: str = "none"
+    difficulty: DifficultyFilterConfig = DifficultyFilterConfig()
+    curriculum: bool = False
+    sec: CurriculumConfig = CurriculumConfig()
+    buffer_window: int = 16  # success buffer: outcomes kept per prompt
+    buffer_min_count: int = 8  # outcomes before a prompt's estimate counts
+
+    def __post_init__(self):
+        _check_choice("rl.budget.allocation", self.allocation, ALLOCATIONS)
+        _check_choice("rl.budget.filter", self.filter, FILTER_WHERE)
+        if self.buffer_window < 1:
+            _fail("rl.budget.buffer_window", self.buffer_window, "must be >= 1")
+        if not 1 <= self.buffer_min_count <= self.buffer_window:
+            _fail("rl.budget.buffer_min_count", self.buffer_min_count,
+                  f"must be in [1, buffer_window={self.buffer_window}]")
+
+    @property
+    def uses_success_buffer(self) -> bool:
+        return self.allocation == "knapsack" or self.filter == "offline"
+
+    def empty_buffer(self) -> dict:
+        return success_buffer(self.buffer_window, self.buffer_min_count)
+
+
+@dataclasses.dataclass(frozen=True)
 class RLConfig:
     """Everything RL-specific; see the module docstring for the batch geometry."""
 
@@ -94,6 +173,15 @@ class RLConfig:
     # compute dtype of the rollout engine ("" = model.dtype): e.g. a bf16 sampler against an fp32
     # trainer, the train/inference mismatch routing replay and TIS correct (methods B.5)
     rollout_dtype: str = ""
+    # method switches (methods B.1-B.4); every default is the plain GRPO loop above
+    prefix: PrefixRFTConfig = PrefixRFTConfig()
+    minibatch_sampler: str = "shuffled"  # shuffled | query_preserved | reward_balanced (B.2)
+    positive_only: bool = False  # B.2's control: rows with advantage <= 0 carry no signal
+    # B.2's reward-balanced batching (b): each group's majority class (correct / not) subsampled
+    # to its minority's count before the advantages; the other rows stay as masked padding
+    balanced_subsample: bool = False
+    reward_calibration: RewardCalibrationConfig = RewardCalibrationConfig()
+    budget: BudgetConfig = BudgetConfig()
 
     def __post_init__(self):
         for name in ("prompts_per_step", "mini_batches", "ppo_epochs", "micro_batches",
@@ -113,10 +201,11 @@ class RLConfig:
             _fail("rl.kl_in_reward_coef", self.kl_in_reward_coef, "must be >= 0")
         if self.max_refills < 0:
             _fail("rl.max_refills", self.max_refills, "must be >= 0")
-        rows = self.prompts_per_step * self.num_generations
+        rows = self.rows_per_step
         if rows % self.mini_batches:
             _fail("rl.mini_batches", self.mini_batches,
-                  f"must divide the rollout batch of prompts_per_step x num_generations = {rows}")
+                  f"must divide the rollout batch of prompts_per_step x num_generations "
+                  f"(x prefix.num_prefix) = {rows}")
         if (rows // self.mini_batches) % self.micro_batches:
             _fail("rl.micro_batches", self.micro_batches,
                   f"must divide the mini-batch of {rows // self.mini_batches} rows")
@@ -126,10 +215,53 @@ class RLConfig:
         if self.old_logprobs == "rollout" and self.replay.mode == "r2":
             _fail("rl.replay.mode", "r2", "records routing in the pi_old recompute, which "
                   "rl.old_logprobs='rollout' skips; use r3 or recompute")
+        self._check_methods()
+
+    def _check_methods(self) -> None:
+        """The method switches' combinations the loop supports (fixed shapes per step)."""
+        _check_choice("rl.minibatch_sampler", self.minibatch_sampler, SAMPLERS)
+        knapsack = self.budget.allocation == "knapsack"
+        if self.minibatch_sampler != "shuffled":
+            if self.prompts_per_step % self.mini_batches:
+                _fail("rl.mini_batches", self.mini_batches,
+                      f"{self.minibatch_sampler} mini-batches hold whole prompts: must divide "
+                      f"prompts_per_step={self.prompts_per_step}")
+            if knapsack:
+                _fail("rl.minibatch_sampler", self.minibatch_sampler, "whole-prompt mini-batches "
+                      "need equal groups; rl.budget.allocation='knapsack' varies them (use "
+                      "'shuffled')")
+        if self.prefix.enabled:
+            if self.loss.algo != "ppo":
+                _fail("rl.loss.algo", self.loss.algo, "Prefix-RFT's surrogate is token-level: "
+                      "use 'ppo' with rl.prefix.enabled")
+            if self.dynamic_sampling or self.budget.filter == "online":
+                _fail("rl.prefix.enabled", True, "prefix variants are not refilled: turn off "
+                      "rl.dynamic_sampling and rl.budget.filter='online'")
+            if knapsack:
+                _fail("rl.budget.allocation", "knapsack", "not combined with rl.prefix.enabled "
+                      "(variants have a fixed num_generations)")
+            if self.balanced_subsample:
+                _fail("rl.balanced_subsample", True, "not combined with rl.prefix.enabled "
+                      "(prefix advantages are baselined on every on-policy rollout)")
+        if knapsack:
+            k = self.budget.knapsack
+            if k.mean_n != self.num_generations:
+                _fail("rl.budget.knapsack.mean_n", k.mean_n, "the budget is prompts_per_step x "
+                      f"num_generations: set it to rl.num_generations={self.num_generations}")
+            smallest = min(k.min_n, k.negative_n or k.min_n, k.positive_n or k.min_n)
+            if smallest < 2 and self.advantage.singleton == "error":
+                _fail("rl.budget.knapsack.min_n", smallest, "group advantages need >= 2 rollouts "
+                      "per prompt (min_n, negative_n, positive_n >= 2)")
+            if self.dynamic_sampling or self.budget.filter == "online":
+                _fail("rl.budget.allocation", "knapsack", "online filtering refills whole groups "
+                      "of num_generations; use rl.budget.filter='offline' with knapsack")
+        if self.budget.curriculum and self.task_file:
+            _fail("rl.budget.curriculum", True, "draws task families; a rl.task_file has none")
 
     @property
     def rows_per_step(self) -> int:
-        return self.prompts_per_step * self.num_generations
+        variants = self.prefix.num_prefix if self.prefix.enabled else 1
+        return self.prompts_per_step * variants * self.num_generations
 
     @property
     def needs_reference(self) -> bool:

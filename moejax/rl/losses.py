@@ -242,8 +242,22 @@ def _ratio_metrics(ratio, high, low, dual, logprobs, old_logprobs, advantages, m
         nonzero_adv_frac=jnp.sum(has_signal.astype(jnp.float32)) / _safe(den.num_seqs))
 
 
+def _prefix_inputs(advantages, entropy, prefix_mask, mask, prefix_cfg, entropy_mask_ratio):
+    """Prefix-RFT's loss inputs: advantages with the low-entropy prefix tokens zeroed, the prefix
+    mask (bool, inside the completion) and the entropy-bonus mask -> three [n,T] arrays."""
+    from moejax.rl import prefix as prefix_lib  # it imports this module
+
+    if prefix_cfg is None or entropy is None or entropy_mask_ratio is None:
+        raise ValueError("prefix_mask needs prefix_cfg, entropy and entropy_mask_ratio")
+    pm = (prefix_mask > 0) & (mask > 0)
+    keep = prefix_lib.entropy_prefix_mask(jax.lax.stop_gradient(entropy), pm, entropy_mask_ratio)
+    bonus = prefix_lib.entropy_bonus_mask(mask, pm, prefix_cfg.entropy_bonus)
+    return jnp.where(keep, advantages, 0.0), pm, bonus
+
+
 def policy_loss(logprobs, old_logprobs, advantages, completion_mask, den: LossDenominators,
-                cfg: PolicyLossConfig, *, rollout_logprobs=None, ref_logprobs=None, entropy=None):
+                cfg: PolicyLossConfig, *, rollout_logprobs=None, ref_logprobs=None, entropy=None,
+                prefix_mask=None, prefix_cfg=None, entropy_mask_ratio=None):
     """This micro-batch's share of the mini-batch loss, and metrics -> (loss, dict of scalars).
 
     Shapes [n,T]: ``logprobs`` (live policy, differentiated), ``old_logprobs`` (π_old: the stored
@@ -252,6 +266,11 @@ def policy_loss(logprobs, old_logprobs, advantages, completion_mask, den: LossDe
     a mismatch correction; logs ``mismatch_kl``), ``ref_logprobs`` (KL term; logs ``kl_ref``, the
     aggregated estimator, whenever given), ``entropy`` (bonus; logs ``entropy``). ``den`` comes
     from ``loss_denominators`` on the whole mini-batch. Use with ``jax.grad(..., has_aux=True)``.
+
+    Prefix-RFT (``prefix_mask`` [n,T] and ``prefix_cfg``, a ``moejax.rl.prefix.PrefixConfig``;
+    ``algo='ppo'``): the lowest-entropy ``entropy_mask_ratio`` of the prefix tokens lose their
+    advantage, the surrogate is ``prefix.prefix_surrogate`` and the entropy bonus covers
+    ``prefix_cfg.entropy_bonus``'s tokens; ``entropy`` is required.
     """
     _check_inputs(cfg, rollout_logprobs, ref_logprobs, entropy)
     mask = completion_mask.astype(jnp.float32)
@@ -265,8 +284,17 @@ def policy_loss(logprobs, old_logprobs, advantages, completion_mask, den: LossDe
     def agg(x):
         return aggregate(x, mask, den, cfg.agg, cfg.dr_grpo_form)
 
+    bonus_mask = None
+    if prefix_mask is not None:
+        advantages, pm, bonus_mask = _prefix_inputs(advantages, entropy, prefix_mask, mask,
+                                                    prefix_cfg, entropy_mask_ratio)
     ratio, pg_tokens, high, low, dual = _ratio_and_surrogate(
         logprobs, old_logprobs, advantages, mask, cfg)
+    if prefix_mask is not None:
+        from moejax.rl import prefix as prefix_lib  # it imports this module
+        pg_tokens = prefix_lib.prefix_surrogate(logprobs, old_logprobs, advantages, mask, pm,
+                                                prefix_cfg, cfg.eps_low, cfg.eps_high,
+                                                cfg.dual_clip)
     metrics = {}
     if cfg.mismatch != "none":
         weights = mismatch_weights(old_logprobs, rollout_logprobs, mask, cfg)
@@ -282,7 +310,8 @@ def policy_loss(logprobs, old_logprobs, advantages, completion_mask, den: LossDe
         total = total + cfg.kl_coef * kl_loss
     if entropy is not None:
         metrics["entropy"] = _token_mean(entropy, mask, den)
-        total = total - cfg.entropy_coef * agg(entropy)
+        bonus = entropy if bonus_mask is None else entropy * bonus_mask
+        total = total - cfg.entropy_coef * agg(bonus)
     if rollout_logprobs is not None:  # k3 estimate of KL(π_rollout‖π_old) on the rollout's samples
         metrics["mismatch_kl"] = _token_mean(
             kl_lib.k3_value(rollout_logprobs - old_logprobs, None, None), mask, den)

@@ -6,7 +6,10 @@ An RL batch is a dict of rows [n, ...] built from a rollout (``moejax.rl.trainer
 ``positions``, ``segment_ids`` (0 on padding), ``completion_mask`` [n,T] (targets that were
 generated), ``advantages`` [n,T], ``old_logprobs`` / ``rollout_logprobs`` / ``ref_logprobs`` [n,T]
 and, under routing replay, ``forced_experts`` [n, L_moe, T, k] (row-major so micro-batches split
-it like every other field; the model takes [L_moe, n, T, k]).
+it like every other field; the model takes [L_moe, n, T, k]). Under Prefix-RFT (``rl.prefix``)
+also ``prefix_mask`` [n,T] (response tokens copied from a demonstration) and
+``entropy_mask_ratio`` [n] (the step's scheduled share of low-entropy prefix tokens left
+without advantage; a row so micro-batches split it and a new value does not recompile).
 
 Logprobs are of softmax(logits / temperature) (the rollout's "policy" logprobs; verl divides by
 the rollout temperature too). Forwards run with ``train=False``: the pi_old recompute and the
@@ -31,7 +34,8 @@ from moejax.rl.config import RLRunConfig
 from moejax.rl.losses import loss_denominators, policy_loss
 
 ROW_KEYS = ("inputs", "targets", "positions", "segment_ids", "completion_mask", "advantages",
-            "old_logprobs", "rollout_logprobs", "ref_logprobs", "forced_experts")
+            "old_logprobs", "rollout_logprobs", "ref_logprobs", "forced_experts", "prefix_mask",
+            "entropy_mask_ratio")
 
 
 def token_logprobs(logits: jax.Array, targets: jax.Array, temperature: float) -> tuple:
@@ -90,6 +94,14 @@ def make_policy_grad(s: T.Setup, cfg: RLRunConfig) -> Callable:
     live_balance = moe.enabled and rl.replay.balance_loss == "live"
     n_moe = T.num_moe_layers(cfg.model)
     e_all = moe.num_experts + moe.router.num_null_experts
+    # dr_grpo's L_max: the generation cap, or under Prefix-RFT the row width (prefix + new tokens)
+    max_response_len = (None if rl.prefix.enabled else rl.rollout.max_new_tokens)
+
+    def prefix_args(mb) -> dict:
+        if "prefix_mask" not in mb:
+            return {}
+        return {"prefix_mask": mb["prefix_mask"], "prefix_cfg": rl.prefix,
+                "entropy_mask_ratio": mb["entropy_mask_ratio"][0]}
 
     def micro_loss(params, rest, mb, den):
         model = nnx.merge(graphdef, params, rest)
@@ -97,7 +109,7 @@ def make_policy_grad(s: T.Setup, cfg: RLRunConfig) -> Callable:
         loss, metrics = policy_loss(
             lp, mb["old_logprobs"], mb["advantages"], mb["completion_mask"], den, rl.loss,
             rollout_logprobs=mb.get("rollout_logprobs"), ref_logprobs=mb.get("ref_logprobs"),
-            entropy=ent)
+            entropy=ent, **prefix_args(mb))
         if live_balance:
             aux_loss, _, _ = balance.moe_aux_loss(aux, moe, micro_groups=groups,
                                                   count_buffer=jnp.zeros((n_moe, e_all)))
@@ -107,7 +119,7 @@ def make_policy_grad(s: T.Setup, cfg: RLRunConfig) -> Callable:
 
     def grad_fn(state: T.TrainState, batch: dict):
         with T.tracing_mesh(s):
-            den = loss_denominators(batch["completion_mask"], max_len=rl.rollout.max_new_tokens)
+            den = loss_denominators(batch["completion_mask"], max_len=max_response_len)
             micro = T._split_microbatches(batch, accum)
             grad = jax.grad(micro_loss, has_aux=True)
 
