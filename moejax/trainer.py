@@ -74,7 +74,8 @@ def resume_conflicts(saved: dict, cfg: Config, *,
     """``{dotted field: (saved, now)}`` for changes that would alter the data stream or the math
     of a run resumed from ``saved`` (a config dict), other than the fields in ``may_change``. A
     field the saved run predates counts with its default value."""
-    defaults = _flatten(type(cfg)().to_dict())  # its own sections (an RL run: rl.*) too
+    # the run config's own defaults (an RL run's rl.* too), JSON round-tripped like ``saved``
+    defaults = _flatten(json.loads(json.dumps(type(cfg)().to_dict())))
     old, now = _flatten(saved), _flatten(json.loads(json.dumps(cfg.to_dict())))  # tuples -> lists
     out = {}
     for k, v in now.items():
@@ -306,6 +307,7 @@ class Trainer:
                     minlength=len(self.domains)).astype(np.int64)
                 batch = T.global_batch(self.mesh, local)
                 state, metrics = self.train_step(state, batch)
+                self.state = state  # the donated old state must not be read again (hooks read this)
                 step, tokens, window_steps = step + 1, tokens + tokens_per_step, window_steps + 1
                 if pending is not None:
                     nonfinite_steps += self._check_finite(*pending)
