@@ -9,12 +9,28 @@ fp32). Arms depend on the source:
     dense source (Qwen3):
       plain     fine-tune the model as it is
       emoe      EMoE: split each FFN by balanced k-means of its gate keys into 8 neuron blocks,
-                route top-4 blocks by average key (no new parameters), then fine-tune
+                route top-4 blocks by average key (no new parameters, no balance loss: EMoE
+                has none), in every layer, then fine-tune
       emoe_gw   EMoE as above plus GW-MoE: the first uncertain token per sequence (router entropy
                 >= 0.8 ln E) gets the dense mixture of all experts during training
+      emoe64    EMoE as in the paper (section 6.2): 64 blocks, top-16, only every 4th layer of
+                the last half (``moejax.upcycle.moe_layer_choice``; 'last_quarter' = every 2nd
+                of the last quarter); when d_ff divides by 64 and layers are not scanned
     MoE source (Qwen3-MoE / Qwen3-Next):
       plain     fine-tune the model as it is
       gwmoe     GW-MoE with the same threshold (inference stays plain top-k)
+
+Out-of-distribution evaluation (EMoE's headline): give a domain weight 0,
+``--set data.mixture=1,1,0``; the arms fine-tune on the others, and the report splits the final
+loss into in-distribution and held-out (OOD) loss and plots both against fine-tuning FLOPs. The
+report's active GFLOPs/token column and FLOPs plots compare arms of different active compute
+(EMoE top-4 of 8 uses half the FFN neurons per token) at equal compute.
+
+Smallest preset that can show the direction: ``cpu`` on the exported ``pretrain`` cpu model with
+a held-out domain. EMoE needs a pretrained FFN whose neurons already cluster (a random tiny source,
+as in cpu-smoke, has none: the smoke preset only checks the plumbing); gpu/tpu presets need a real
+fine-tuning corpus (``--set data.corpus=...``): the embedded corpus is repeated many times by their
+budgets (the report's passes table warns).
 
 Data: the embedded corpus (code / prose / math) or a local JSONL (``--set data.corpus=path.jsonl``,
 one ``{"text": ..., "domain": ...}`` per line; the domains present in the file are used), tokenised
@@ -46,6 +62,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from experiments.upcycle import held_out, plot_loss_vs_flops, pooled_loss
 from moejax import experiment, upcycle
 from moejax import train as T
 from moejax.analysis.plots import plot_curves, plot_domain_heatmaps
@@ -91,6 +108,8 @@ AOT_SOURCE = {"model_type": "qwen3", "hidden_size": 2048, "intermediate_size": 6
               "rope_theta": 1000000, "rms_norm_eps": 1e-6, "tie_word_embeddings": True}
 
 EMOE_EXPERTS, EMOE_TOPK, GW_NORMALISED_THRESHOLD = 8, 4, 0.8
+# EMoE as in the paper (section 6.2): 64 blocks, top-16, every 4th layer of the last half
+PAPER_EXPERTS, PAPER_TOPK, PAPER_LAYERS = 64, 16, "last_half"
 
 
 def gw_threshold(num_experts: int) -> float:
@@ -102,12 +121,27 @@ def arms_for(model: ModelConfig) -> dict[str, tuple[str, ...]]:
     if model.moe.enabled:
         return {"plain": (), "gwmoe": (
             f"model.moe.router.gw_entropy_threshold={gw_threshold(model.moe.num_experts)}",)}
-    emoe = (f"model.moe.num_experts={EMOE_EXPERTS}",
-            f"model.moe.top_k={EMOE_TOPK}", f"model.moe.d_expert={model.d_ff // EMOE_EXPERTS}",
-            "model.moe.router.gating=avg_key", "model.moe.balance.scope=none")
-    return {"plain": (), "emoe": emoe,
+    emoe = emoe_overrides(model, EMOE_EXPERTS, EMOE_TOPK)
+    arms = {"plain": (), "emoe": emoe,
             "emoe_gw": emoe + (f"model.moe.router.gw_entropy_threshold="
                                f"{gw_threshold(EMOE_EXPERTS)}",)}
+    if model.d_ff % PAPER_EXPERTS == 0 and not model.scan_layers:  # scanned: no dense/MoE mix
+        arms["emoe64"] = emoe_overrides(model, PAPER_EXPERTS, PAPER_TOPK, PAPER_LAYERS)
+    return arms
+
+
+def emoe_overrides(model: ModelConfig, experts: int, top_k: int,
+                   layers: str = "all") -> tuple[str, ...]:
+    """An EMoE conversion of the dense ``model``: ``experts`` blocks of d_ff/experts neurons,
+    top-k by average key, no balance loss (EMoE has none), in every layer or EMoE's layer choice
+    (``moejax.upcycle.moe_layer_choice``)."""
+    out = (f"model.moe.num_experts={experts}", f"model.moe.top_k={top_k}",
+           f"model.moe.d_expert={model.d_ff // experts}", "model.moe.router.gating=avg_key",
+           "model.moe.balance.scope=none")
+    if layers != "all":
+        first, every = upcycle.moe_layer_choice(model.num_layers, layers)
+        out += (f"model.moe.first_dense_layers={first}", f"model.moe.moe_every={every}")
+    return out
 
 
 def prepare_source(source: str, workdir: str) -> str:
@@ -181,35 +215,58 @@ def make_run_arm(import_dir: str, src: Config):
 def report(workdirs: dict[str, str], out_dir: str) -> str:
     plots = os.path.join(out_dir, "plots")
     first = read_metrics(os.path.join(next(iter(workdirs.values())), "metrics.jsonl"))
+    first_cfg = json.load(open(os.path.join(next(iter(workdirs.values())), "config.json")))
     domains = sorted(k.split("/")[-1] for k in first[0] if k.startswith("val/loss/"))
-    rows = ["| arm | val loss at step 0 | final val loss | " + " | ".join(domains)
-            + " | mean router entropy | domain specialisation |",
-            "|---" * (5 + len(domains)) + "|"]
-    heatmaps = []
+    fit, held = held_out(first_cfg)
+    ood_cols = ["ID loss", "OOD loss"] if held else []
+    header = ["arm", "active GFLOPs/token", "val loss at step 0", "final val loss", *domains,
+              *ood_cols, "mean router entropy", "domain specialisation"]
+    rows = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    heatmaps, id_curves, ood_curves = [], {}, {}
     for arm, wd in workdirs.items():
         recs = read_metrics(os.path.join(wd, "metrics.jsonl"))
         evals = [r for r in recs if "val/loss" in r]
         last = evals[-1]
         with open(os.path.join(wd, "config.json")) as f:
-            moe = json.load(f)["model"]["moe"]
+            cfg = Config.from_dict(json.load(f))
+        moe = cfg.model.moe
+        fpt = cfg.model.flops_per_token(cfg.data.seq_len)
         ent = [np.mean([v for k, v in r.items() if k.startswith("moe/entropy/layer")])
                for r in recs if any(k.startswith("moe/entropy/layer") for k in r)]
         spec = "n/a"
-        if "moe/domain_counts" in last and moe["num_experts"]:
-            freq = domain_frequencies(last, moe["top_k"])
+        if "moe/domain_counts" in last and moe.num_experts:
+            freq = domain_frequencies(last, moe.top_k)
             spec = f"{specialisation(freq):.2f}"
             heatmaps.append(plot_domain_heatmaps(freq, os.path.join(plots, f"heatmap_{arm}.png"),
-                                                 domains=domains, title=f"{arm}: expert use / uniform"))
-        rows.append(f"| {arm} | {evals[0]['val/loss']:.4f} | {last['val/loss']:.4f} | "
-                    + " | ".join(f"{last.get(f'val/loss/{d}', float('nan')):.3f}" for d in domains)
-                    + f" | {f'{np.mean(ent[-5:]):.3f}' if ent else 'n/a'} | {spec} |")
+                                                 domains=cfg.data.domains,
+                                                 title=f"{arm}: expert use / uniform"))
+        x = np.array([r.get("tokens", 0) * fpt for r in evals], np.float64)
+        id_curves[arm] = (x, np.array([pooled_loss(r, fit) for r in evals]))
+        cols = [arm, f"{fpt / 1e9:.4g}", f"{evals[0]['val/loss']:.4f}", f"{last['val/loss']:.4f}",
+                *[f"{last.get(f'val/loss/{d}', float('nan')):.3f}" for d in domains]]
+        if held:
+            cols += [f"{pooled_loss(last, fit):.4f}", f"{pooled_loss(last, held):.4f}"]
+            ood_curves[arm] = (x, np.array([pooled_loss(r, held) for r in evals]))
+        cols += [f"{np.mean(ent[-5:]):.3f}" if ent else "n/a", spec]
+        rows.append("| " + " | ".join(cols) + " |")
     curves = plot_curves(workdirs, ["train/loss", "val/loss"], os.path.join(plots, "loss.png"),
                          title="fine-tuning an imported checkpoint")
+    figs = [plot_loss_vs_flops(id_curves, os.path.join(plots, "id_loss_vs_flops.png"),
+                           "in-distribution val loss vs fine-tuning FLOPs")]
+    if held:
+        figs.append(plot_loss_vs_flops(ood_curves, os.path.join(plots, "ood_loss_vs_flops.png"),
+                                   f"held-out ({', '.join(held)}) val loss vs fine-tuning FLOPs"))
+    ood_text = (f"Out of distribution: the arms fine-tune on {', '.join(fit)} and never see "
+                f"{', '.join(held)} (weight 0 in data.mixture); ID / OOD loss = token-weighted "
+                "val loss over those domains. " if held else "")
     text = "\n".join([
         "# Fine-tuning an imported checkpoint: plain vs EMoE vs GW-MoE", "",
-        "Val loss at step 0 = the (converted) model before any update. Domain specialisation = mean "
+        "Val loss at step 0 = the (converted) model before any update. Active GFLOPs/token = "
+        "training FLOPs per token over the active parameters: the FLOPs plots put arms of "
+        "different active compute on one axis. " + ood_text + "Domain specialisation = mean "
         "over layers and domains of the hottest expert's selection rate relative to uniform.", "",
         *rows, "", f"![loss](plots/{os.path.basename(curves)})", "",
+        *[f"![{os.path.basename(f)}](plots/{os.path.basename(f)})" for f in figs], "",
         *[f"![{os.path.basename(h)}](plots/{os.path.basename(h)})" for h in heatmaps], ""])
     return experiment.write_report(out_dir, text)
 

@@ -7,20 +7,42 @@ Reproduces, at small scale, Gated Attention (Qiu et al., NeurIPS 2025, arXiv 250
 outlier-driven-rescaling paper (Qiu et al., arXiv 2601.22966); spec: shared/methods/architecture.md
 sections 2, 3 and 10.
 
-Arms (same model, data and token budget; one switch each):
+Arms (same data and token budget; one switch each):
     baseline         plain GQA + QK-norm (Qwen3)
+    baseline_matched the baseline with the G1 elementwise gate's parameters (D*H*hd per layer:
+                     +33 % of the attention's at 2 query heads per KV head): H/2 extra query heads (each adds q and o slices, 2*D*hd;
+                     the paper's "more heads" control) when the heads stay divisible by the KV
+                     heads (cpu-smoke, cpu: 4 -> 6 heads; tpu-v5e-16: 16 -> 24), else a wider FFN
+                     by D*H*hd / (3*D) channels (gpu: 12 heads over 4 KV heads, d_ff 2048 -> 2304);
+                     ``param_matched_overrides``; the report's params column shows the match
     g1_elementwise   sigmoid gate on the SDPA output, one per head channel (the paper's best)
     g1_headwise      ... one scalar per head
     g1_head_shared   ... one per channel shared by all heads (paper: lowers activations, keeps sink)
+    g1_input_indep   G1 elementwise with an input-independent gate σ(θ), θ [H, hd] learned (init
+                     0): the control for query dependence
+    g1_ns_sigmoid    G1 elementwise with the non-sparse 0.5 + 0.5σ (gate in [0.5, 1]): the control
+                     for sparsity (paper: both controls lose most of the gain)
     g2               gate on the values (elementwise)
     g5               gate after the output projection (elementwise over d_model)
     additive         G1 elementwise, y + σ(xW) instead of y ⊙ σ(xW)
     silu             G1 elementwise with SiLU instead of sigmoid
+    sink             no gate; a learnable per-head softmax sink logit with a zero value (GPT-OSS;
+                     the outlier paper's "absorb the attention sink"); runs the reference kernel
+                     (impl=auto picks it), which materialises T x T scores: on the gpu preset it
+                     may need --set train.grad_accum=2 or more
     preaffine        PreAffine RMSNorm γ ⊙ RMSNorm(λ ⊙ x) in the pre-attention and pre-FFN norms
     gatednorm        GatedNorm (rank 16) in the pre-attention, pre-FFN and final norms
+    gatednorm_x2     ... with the gate 2σ(·), so its gain starts at ≈1 instead of ≈0.5
     baseline_lr5x    baseline at 5x the learning rate (stability)
     g1_lr5x          G1 elementwise at 5x the learning rate
 All presets share the base lr 2e-3 (high: 1e-2), so the lr5x arms are literal overrides.
+
+W4A4 (the outlier paper's headline, spec 3.4): after training, each arm's validation loss is
+measured again with every dense projection of the blocks fake-quantised -- INT4 inputs per token,
+INT4 weights per group of 128 input channels, symmetric round-to-nearest -- the embedding and LM
+head in full precision (``moejax.analysis.quant``). The report gives PPL = exp(val loss), the W4A4
+PPL and ΔPPL; expected: gated/absorbing arms lose less PPL than the baseline once the baseline has
+outliers to lose.
 
 Expected (gpu preset, where a sink can form): baseline first-token share in the tens of percent
 and max |h| in the hundreds or more; G1 (elementwise/headwise) a few percent and an order of
@@ -29,13 +51,26 @@ head-shared lowers activations but keeps the sink; G1 equal or lower val loss; a
 baseline spikes (or diverges) while G1 trains smoothly. PreAffine/GatedNorm: no residual-sink
 channels (fixed-dim stripes in the |h| heatmap) and a smaller max |h|.
 
+Smallest preset that can show the claimed direction: ``gpu``. The sink and massive-activation
+claims need a baseline that forms a sink, which takes depth and context (spec 2.5: >= 12 layers,
+>= 1024-2048 tokens; ~5 % first-token share at context 128 vs ~40 % at 2048); the W4A4 claim
+needs the outliers that come with it. ``cpu`` (4 layers, 128 tokens) cannot form attention sinks:
+it checks the pipeline, the probes and the quantised evaluation, and shows loss/stability trends
+only; its ΔPPL differences measure INT4 noise on an outlier-free model. The gpu and tpu presets
+need a real corpus (``--set data.corpus=<dir written by python -m moejax.data.prepare>``): on the
+embedded corpus (~7M tokens, prose ~0.45M) they repeat each domain many times and the report's
+data-budget section (passes per domain) warns that their loss differences are not readable.
+
 Command:
     python -m experiments.gated_attention --preset cpu --workdir runs/gated_attention
 
 Presets and runtime:
     cpu-smoke  2 layers, d=64, 64-token rows, 4 steps: seconds per arm (CI runs a few arms)
-    cpu        4 layers, d=128, 128-token rows, 150 steps x 16 rows: ~45 s per arm; all 12 arms
-               with the report in 9.6 min on 2 quiet CPU cores (measured 2026-11-23).
+    cpu        4 layers, d=128, 128-token rows, 150 steps x 16 rows: ~45 s per arm; 12 arms
+               with the report in 9.6 min on 2 quiet CPU cores (measured 2026-11-23); the 17
+               arms, each with one more compile and 12 batches for W4A4: ~15 min on 2 quiet
+               cores (estimate, 2026-12-01: 9.6 min x 17/12 + ~5 s per arm; a 30-step run at
+               load 11 on 2 cores took 141 s for baseline, 598 s for g1_elementwise).
                This model is far too small and its context too short to form a real attention
                sink (tiny short-context models show ~0 first-token share even without gates);
                it exercises the pipeline and the probes, and shows the loss/stability trends only.
@@ -51,22 +86,25 @@ Probes are collected at evaluation time, with no second forward: after training,
 Loss spikes: logged steps whose train loss exceeds the median of the previous 20 logged losses by
 more than 10 %.
 
-Outputs: workdir/<arm>/{config.json, metrics.jsonl, tb/, ckpt/, summary.json, probes.npz},
+Outputs: workdir/<arm>/{config.json, metrics.jsonl, tb/, ckpt/, summary.json (with ``quant``: the
+W4A4 evaluation), probes.npz},
 workdir/plots/*.png and workdir/report.md.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 
 import numpy as np
 
 from moejax import experiment
-from moejax.analysis import sinks
+from moejax.analysis import quant, sinks
 from moejax.analysis.plots import plot_curves
-from moejax.config import (AttentionConfig, Config, DataConfig, MeshConfig, ModelConfig,
-                           TrainConfig)
+from moejax.config import (AttentionConfig, Config, ConfigError, DataConfig, MeshConfig,
+                           ModelConfig, TrainConfig)
 from moejax.metrics import read_metrics
+from moejax.overrides import apply_overrides
 from moejax.trainer import Trainer
 
 BASE_LR, HIGH_LR = 2e-3, 1e-2
@@ -109,21 +147,45 @@ PRESETS: dict[str, Config] = {
 }
 
 _G1 = ("model.attention.gate=g1",)
+_GATEDNORM = ("model.norm_variant_attn=gated", "model.norm_variant_ffn=gated",
+              "model.norm_variant_final=gated")
 ARMS: dict[str, tuple[str, ...]] = {
     "baseline": (),
     "g1_elementwise": _G1,
     "g1_headwise": (*_G1, "model.attention.gate_granularity=headwise"),
     "g1_head_shared": (*_G1, "model.attention.gate_granularity=head_shared"),
+    "g1_input_indep": (*_G1, "model.attention.gate_input=constant"),
+    "g1_ns_sigmoid": (*_G1, "model.attention.gate_activation=ns_sigmoid"),
     "g2": ("model.attention.gate=g2",),
     "g5": ("model.attention.gate=g5",),
     "additive": (*_G1, "model.attention.gate_form=additive"),
     "silu": (*_G1, "model.attention.gate_activation=silu"),
+    "sink": ("model.attention.sink=true", "model.attention.impl=auto"),
     "preaffine": ("model.norm_variant_attn=preaffine", "model.norm_variant_ffn=preaffine"),
-    "gatednorm": ("model.norm_variant_attn=gated", "model.norm_variant_ffn=gated",
-                  "model.norm_variant_final=gated"),
+    "gatednorm": _GATEDNORM,
+    "gatednorm_x2": (*_GATEDNORM, "model.gated_norm_double_gate=true"),
     "baseline_lr5x": (f"train.lr={HIGH_LR}",),
     "g1_lr5x": (*_G1, f"train.lr={HIGH_LR}"),
 }
+
+
+def param_matched_overrides(cfg: Config) -> tuple[str, ...]:
+    """Overrides giving ``cfg``'s (ungated) model the parameters of the G1 elementwise gate,
+    D*H*hd per layer: H/2 extra query heads (2*D*hd each: q and o) when the head count stays a
+    multiple of the KV heads, else D*H*hd / (3*D) extra FFN channels (rounded)."""
+    m, a = cfg.model, cfg.model.attention
+    gate = m.d_model * a.num_heads * a.head_dim
+    per_head = 2 * m.d_model * a.head_dim
+    heads = a.num_heads + gate // per_head
+    if gate % per_head == 0 and heads % a.num_kv_heads == 0:
+        return (f"model.attention.num_heads={heads}",)
+    return (f"model.d_ff={m.d_ff + round(gate / (3 * m.d_model))}",)
+
+
+def arms_for(cfg: Config) -> dict[str, tuple[str, ...]]:
+    """ARMS plus ``baseline_matched``, whose overrides depend on the preset's model (``cfg``)."""
+    rest = {arm: over for arm, over in ARMS.items() if arm != "baseline"}
+    return {"baseline": ARMS["baseline"], "baseline_matched": param_matched_overrides(cfg), **rest}
 
 
 def run_arm(cfg: Config, workdir: str) -> dict:
@@ -145,7 +207,9 @@ def run_arm(cfg: Config, workdir: str) -> dict:
     dims = sorted({d for layer in s.get("sink_dims", []) for d in layer})
     if dims:  # the pre-FFN γ on residual-sink channels (spec 3: expected ~0)
         s["mlp_norm_gamma_on_sinks"] = sinks.norm_weights(model, dims)["mlp_norm"].tolist()
-    return {**summary, "probes": s}
+    w4a4 = quant.evaluate_w4a4(trainer, trainer.state)
+    return {**summary, "probes": s, "quant": w4a4,
+            "params": cfg.model.num_params(include_embeddings=False)}
 
 
 def loss_spikes(losses, window: int = SPIKE_WINDOW, threshold: float = SPIKE_THRESHOLD) -> int:
@@ -168,11 +232,25 @@ def _load_probes(wd: str) -> dict:
         return {k: z[k] for k in z.files}
 
 
+def _params_cell(summary: dict) -> str:
+    """Non-embedding parameters in millions ('-' for a summary written before they were kept)."""
+    return f"{summary['params'] / 1e6:.3f}M" if "params" in summary else "-"
+
+
+def _quant_cells(summary: dict) -> str:
+    """'PPL | W4A4 PPL | ΔPPL' from an arm's summary ('-' where the W4A4 evaluation is missing)."""
+    q = summary.get("quant")
+    if not q:
+        return "- | - | -"
+    return f"{q['ppl']:.3f} | {q['ppl_quant']:.3f} | {q['delta_ppl']:+.3f}"
+
+
 def report(workdirs: dict[str, str], out_dir: str) -> str:
     plots = os.path.join(out_dir, "plots")
-    rows = ["| arm | val loss | first-token share | max abs(h) | gate mean | gate < 0.1 | "
-            "gate first / rest | residual-sink dims | loss spikes | non-finite |",
-            "|---" * 10 + "|"]
+    rows = ["| arm | params | val loss | PPL | W4A4 PPL | ΔPPL | first-token share | max abs(h) | "
+            "gate mean | gate < 0.1 | gate first / rest | residual-sink dims | loss spikes | "
+            "non-finite |",
+            "|---" * 14 + "|"]
     per_arm, images = {}, []
     for arm, wd in workdirs.items():
         recs = read_metrics(os.path.join(wd, "metrics.jsonl"))
@@ -185,8 +263,10 @@ def report(workdirs: dict[str, str], out_dir: str) -> str:
         gate = "gate_mean_avg" in s
         fmt = lambda key, f="{:.3f}": f.format(s[key]) if key in s else "-"  # noqa: E731
         dims = sorted({d for layer in s.get("sink_dims", []) for d in layer})
+        done = experiment.finished(wd) or {}
         rows.append(
-            f"| {arm} | {evals[-1]['val/loss']:.4f} | {fmt('first_token_share_mean')} | "
+            f"| {arm} | {_params_cell(done)} | {evals[-1]['val/loss']:.4f} | {_quant_cells(done)} | "
+            f"{fmt('first_token_share_mean')} | "
             f"{fmt('max_abs_max', '{:.1f}')} | {fmt('gate_mean_avg')} | "
             f"{fmt('gate_frac_below_0.1_avg')} | "
             + (f"{s['gate_mean_first_avg']:.3f} / {s['gate_mean_rest_avg']:.3f}" if gate else "-")
@@ -213,7 +293,10 @@ def report(workdirs: dict[str, str], out_dir: str) -> str:
         "gate statistics are layer means (first token vs the rest); residual-sink dims are "
         f"channels whose median |h| exceeds 10x the channel median in some layer. Loss spikes: "
         f"logged steps above the median of the previous {SPIKE_WINDOW} by more than "
-        f"{SPIKE_THRESHOLD:.0%}.", "",
+        f"{SPIKE_THRESHOLD:.0%}. Params: non-embedding parameters. PPL = exp(val loss) on the "
+        f"validation set; W4A4 PPL: the same model with every block projection fake-quantised, "
+        f"{quant.QuantSpec().label}, per-token activations, embedding and LM head unquantised; "
+        f"ΔPPL = W4A4 PPL - PPL.", "",
         *rows, "",
         f"![loss](plots/{os.path.basename(curves)})", "",
         f"![probes per layer](plots/{os.path.basename(layer_png)})", "",
@@ -221,8 +304,23 @@ def report(workdirs: dict[str, str], out_dir: str) -> str:
     return experiment.write_report(out_dir, text)
 
 
+def _command_line_model(argv) -> Config:
+    """The preset with the command line's ``--set`` overrides (the base of the parameter
+    matching); the preset alone when they do not apply (experiment.main reports the error)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--preset", default="cpu")
+    p.add_argument("--set", action="append", default=[])
+    args, _ = p.parse_known_args(argv)
+    base = PRESETS.get(args.preset, PRESETS["cpu"])
+    try:
+        return apply_overrides(base, args.set)
+    except (ConfigError, SystemExit, ValueError):
+        return base
+
+
 def main(argv=None):
-    return experiment.main(description=__doc__, presets=PRESETS, arms=ARMS, run_arm=run_arm,
+    return experiment.main(description=__doc__, presets=PRESETS,
+                           arms=arms_for(_command_line_model(argv)), run_arm=run_arm,
                            report=report, argv=argv)
 
 

@@ -1,4 +1,4 @@
-"""Depthwise model growth at matched FLOPs: scratch vs G_stack vs G_zero vs G_random
+"""Depthwise model growth at matched FLOPs: scratch vs G_stack vs G_zero vs G_random vs G_learn
 ("Stacking Your Transformers", Du et al., NeurIPS 2024; shared/methods/architecture.md section 5).
 
 Question: does training a small model (depth L/g, g=4) first and growing it to the target depth
@@ -6,28 +6,50 @@ reach the scratch model's loss with fewer total FLOPs? Arms (same target model, 
 
     scratch   the target trained from scratch for ``train.steps`` steps
     gstack    G_stack: a depth-L/4 model for ``growth.source_steps`` steps, stacked [0..L/4-1] x 4
-    gzero     G_zero depth: the same source, new layers (after each old one) with zero output
-              projections (function preserving at growth)
-    grandom   G_random depth: the same source, new layers randomly initialised
+    gzero     G_zero depth: the same source, each source layer followed by copies of itself whose
+              output projections (attn o, FFN down) are zero (``new_layer_init=copy``; 'fresh'
+              keeps the random-init variant): function preserving at growth
+    grandom   G_random depth as prts's MSG: the source layers, then new randomly initialised
+              layers on top whose residual branches are faded in by m(t) = min(1, t / T) over the
+              first T = ``growth.fade_in_steps`` grown steps (function preserving at growth; the
+              ramp's clock is the optimizer's step count, so it is checkpointed)
+    glearn    G_learn, **depth only** (LiGO-style: each target layer a learned linear mix of the
+              source layers, fitted for ``growth.learn_steps`` batches from the G_stack map; no
+              width map). Its fitting batches are not counted as training FLOPs.
+
+Every arm also runs on a second seed (``<arm>-s2``: ``train.seed=1``, its own source run; same
+data stream); the report gives mean ± half-range over the seeds that ran.
 
 Every growth arm continues with a fresh AdamW and a new LR schedule (warmup + cosine) for as many
-steps as keep its total FLOPs (source FLOPs counted) equal to scratch's; the three growth arms share
-one source run (``workdir/_source-<hash>``). FLOPs are training FLOPs (6 x active params +
-attention, ``ModelConfig.flops_per_token``) x tokens.
+steps as keep its total FLOPs (source FLOPs counted) equal to scratch's; the growth arms of one
+seed share one source run (``workdir/_source-<hash>``). FLOPs are training FLOPs (6 x active
+params + attention, ``ModelConfig.flops_per_token``) x tokens.
 
 Expected (the paper's direction): gstack starts above scratch's initial loss, drops fast and
 crosses below scratch's curve at matched FLOPs before the end; gzero/grandom gain less. The report
 plots validation loss vs FLOPs and gives the FLOPs-to-reach-scratch-final-loss speedup
-(1 - FLOPs_arm / FLOPs_scratch; the paper's 7B figure is 54.6%).
+(1 - FLOPs_arm / FLOPs_scratch, each seed against scratch of the same seed; the paper's 7B
+figure is 54.6%).
+
+Smallest preset that can show the direction: ``cpu`` (target 8 layers d=128 grown from 2, source
+40 of 160 scratch-equivalent steps). The effect needs a source trained long enough that its layers
+are worth copying and a target at least g = 4 times deeper; cpu-smoke (2 source steps, 4 layers)
+only checks the plumbing. The paper's growth-timing rule (section 5.3) asks for far more source
+tokens than any cpu budget, so a null result on cpu does not refute the claim. gpu/tpu presets
+need a real corpus (``--set data.corpus=...``): on the embedded corpus (~7M tokens, prose ~0.45M)
+their budgets repeat each domain many times (the report's passes table warns) and their loss
+comparisons are not readable.
 
 Command:
     python -m experiments.gstack --preset cpu --workdir runs/gstack
 
-Presets and runtime (2 shared CPU cores): cpu-smoke (CI; ~1.5 min for all arms), cpu (target
-8 layers d=128, 160 scratch-equivalent steps of 16 x 128 tokens, source 40 steps of the 2-layer
-model; measured 8:10 wall for all four arms incl. the corpus build, quiet machine, 2026-11-23),
-gpu (24 layers d=1024 grown from 6, one H100; not run), tpu-v5p-64 (1.5B target, 24 layers
-d=2048 grown from 6, FSDP over 32 chips; compiles and fits per ``python -m moejax.aot``).
+Presets and runtime (2 shared CPU cores): cpu-smoke (CI; ~2 min for the arms the test selects),
+cpu (target 8 layers d=128, 160 scratch-equivalent steps of 16 x 128 tokens, source 40 steps of
+the 2-layer model; measured 8:10 wall for the four arms scratch/gstack/gzero/grandom of one seed
+incl. the corpus build, quiet machine, 2026-11-23; glearn adds about one growth arm, the second
+seed doubles it: ~22 min for all ten runs, estimated), gpu (24 layers d=1024 grown from 6, one
+H100; not run), tpu-v5p-64 (1.5B target, 24 layers d=2048 grown from 6, FSDP over 32 chips;
+compiles and fits per ``python -m moejax.aot``).
 """
 
 from __future__ import annotations
@@ -59,13 +81,13 @@ PRESETS: dict[str, Config] = {
         data=DataConfig(seq_len=64, corpus_bytes_per_domain=300_000),
         train=TrainConfig(steps=4, batch_size=8, warmup_steps=1, log_every=1, eval_every=2,
                           eval_batches=1, ckpt_every=2, async_ckpt=False),
-        growth=GrowthConfig(factor=4, source_steps=2)),
+        growth=GrowthConfig(factor=4, source_steps=2, fade_in_steps=2, learn_steps=2)),
     "cpu": Config(
         model=_model(128, 8, 4, 2, 32, 128),
         data=DataConfig(seq_len=128, corpus_bytes_per_domain=2_000_000),
         train=TrainConfig(steps=160, batch_size=16, lr=3e-3, warmup_steps=16, log_every=10,
                           eval_every=20, eval_batches=2, ckpt_every=80),
-        growth=GrowthConfig(factor=4, source_steps=40)),
+        growth=GrowthConfig(factor=4, source_steps=40, fade_in_steps=30)),
     "gpu": Config(
         model=_model(1024, 24, 16, 4, 64, 1024, vocab_size=8192, dtype="bfloat16", remat="dots"),
         data=DataConfig(seq_len=1024, tokenizer="bpe", bpe_vocab_size=8192,
@@ -73,7 +95,7 @@ PRESETS: dict[str, Config] = {
         train=TrainConfig(steps=6000, batch_size=64, lr=3e-4, min_lr_ratio=0.1,
                           warmup_steps=200, log_every=20, eval_every=250, eval_batches=8,
                           ckpt_every=1000),
-        growth=GrowthConfig(factor=4, source_steps=1200)),
+        growth=GrowthConfig(factor=4, source_steps=1200, fade_in_steps=500)),
     "tpu-v5p-64": Config(
         model=_model(2048, 24, 16, 8, 128, 2048, vocab_size=8192, dtype="bfloat16",
                      scan_layers=True, remat="full"),
@@ -83,15 +105,29 @@ PRESETS: dict[str, Config] = {
         train=TrainConfig(steps=20000, batch_size=256, lr=6e-4, min_lr_ratio=0.1,
                           warmup_steps=1000, log_every=50, eval_every=500, eval_batches=8,
                           ckpt_every=1000),
-        growth=GrowthConfig(factor=4, source_steps=4000)),
+        growth=GrowthConfig(factor=4, source_steps=4000, fade_in_steps=1600)),
 }
 
-ARMS: dict[str, tuple[str, ...]] = {
+BASE_ARMS: dict[str, tuple[str, ...]] = {
     "scratch": ("growth.op=none",),
     "gstack": ("growth.op=stack",),
-    "gzero": ("growth.op=zero_depth",),
-    "grandom": ("growth.op=random_depth",),
+    "gzero": ("growth.op=zero_depth", "growth.new_layer_init=copy"),
+    "grandom": ("growth.op=random_depth", "growth.new_layers=top"),
+    "glearn": ("growth.op=learn_depth",),
 }
+LABELS = {"scratch": "scratch", "gstack": "G_stack", "gzero": "G_zero (copies, zero out-proj)",
+          "grandom": "G_random (MSG fade-in, on top)", "glearn": "G_learn (depth only)"}
+SEEDS = (0, 1)  # train.seed of the two replicas
+SEED_SUFFIX = "-s2"
+
+ARMS: dict[str, tuple[str, ...]] = {
+    **BASE_ARMS,
+    **{f"{a}{SEED_SUFFIX}": (*o, f"train.seed={SEEDS[1]}") for a, o in BASE_ARMS.items()}}
+
+
+def base_arm(arm: str) -> str:
+    """'gstack-s2' -> 'gstack'."""
+    return arm[:-len(SEED_SUFFIX)] if arm.endswith(SEED_SUFFIX) else arm
 
 
 def matched_steps(cfg: Config) -> int:
@@ -140,13 +176,58 @@ def flops_to_reach(x: np.ndarray, y: np.ndarray, target: float) -> float | None:
     return None
 
 
+def mean_spread(values: list[float]) -> str:
+    """'mean' for one value, 'mean ± half-range' for several; 'n/a' for none."""
+    v = [x for x in values if x is not None and np.isfinite(x)]
+    if not v:
+        return "n/a"
+    if len(v) == 1:
+        return f"{v[0]:.4g}"
+    return f"{np.mean(v):.4g} ± {(max(v) - min(v)) / 2:.2g}"
+
+
+def seed_rows(curves: dict[str, tuple]) -> list[str]:
+    """One table row per base arm: final val loss, total FLOPs, FLOPs to reach scratch's final
+    loss and the speedup, each as mean ± half-range over its seeds (each seed against scratch of
+    the same seed; a seed whose scratch did not run is left out of the speedup)."""
+    by_base: dict[str, dict[str, tuple]] = {}
+    for arm, c in curves.items():
+        by_base.setdefault(base_arm(arm), {})[arm[len(base_arm(arm)):] or "s1"] = c
+    scratch = by_base.get("scratch", {})
+    rows = ["| arm | seeds | final val loss | total FLOPs | FLOPs to reach scratch final loss | "
+            "speedup (FLOPs saved) |", "|---|---|---|---|---|---|"]
+    for base, runs in by_base.items():
+        reach, speed = [], []
+        for seed, (x, y, _) in runs.items():
+            ref = scratch.get(seed)
+            if ref is None:
+                continue
+            r = flops_to_reach(x, y, float(ref[1][-1]))
+            reach.append(r)
+            speed.append(None if r is None else 1 - r / ref[0][-1])
+        missed = sum(r is None for r in reach)
+        reach_s = mean_spread(reach)
+        if missed:
+            reach_s += f" ({missed} of {len(reach)} not reached)"
+        speed_s = mean_spread([100 * v if v is not None else None for v in speed])
+        rows.append(f"| {LABELS.get(base, base)} | {len(runs)} | "
+                    f"{mean_spread([float(y[-1]) for _, y, _ in runs.values()])} | "
+                    f"{mean_spread([float(x[-1]) for x, _, _ in runs.values()])} | {reach_s} | "
+                    f"{speed_s if speed_s == 'n/a' else speed_s + ' %'} |")
+    return rows
+
+
 def report(workdirs: dict[str, str], out_dir: str) -> str:
     plots = os.path.join(out_dir, "plots")
     os.makedirs(plots, exist_ok=True)
     curves = {arm: curve(wd) for arm, wd in workdirs.items()}
     fig, ax = plt.subplots(figsize=(6.5, 4))
+    colours = {}
     for arm, (x, y, ev) in curves.items():
-        ax.plot(x, y, marker=".", label=arm)
+        base = base_arm(arm)
+        colours.setdefault(base, f"C{len(colours)}")
+        ax.plot(x, y, marker=".", color=colours[base], ls="--" if base != arm else "-",
+                label=arm)
         if ev is not None:
             ax.axvline(ev, color="gray", ls=":", lw=0.8)
     ax.set_xlabel("training FLOPs (source model counted)")
@@ -158,21 +239,14 @@ def report(workdirs: dict[str, str], out_dir: str) -> str:
     png = os.path.join(plots, "val_loss_vs_flops.png")
     fig.savefig(png, dpi=110)
     plt.close(fig)
-    ref = curves.get("scratch")
-    target = float(ref[1][-1]) if ref else None
-    rows = ["| arm | final val loss | total FLOPs | FLOPs to reach scratch final loss | "
-            "speedup (FLOPs saved) |", "|---|---|---|---|---|"]
-    for arm, (x, y, _) in curves.items():
-        reach = None if target is None else flops_to_reach(x, y, target)
-        speed = "n/a" if reach is None or ref is None else f"{1 - reach / ref[0][-1]:.1%}"
-        rows.append(f"| {arm} | {y[-1]:.4f} | {x[-1]:.3e} | "
-                    f"{'not reached' if reach is None else f'{reach:.3e}'} | {speed} |")
     text = "\n".join([
-        "# G_stack vs G_zero vs G_random vs scratch (matched FLOPs)", "",
+        "# G_stack vs G_zero vs G_random vs G_learn vs scratch (matched FLOPs)", "",
         "Validation loss (all domains) at each evaluation against cumulative training FLOPs; "
-        "dotted lines mark the growth event. Speedup = 1 - FLOPs to reach scratch's final loss / "
-        "scratch's FLOPs.", "", *rows, "", f"![val loss vs FLOPs](plots/{os.path.basename(png)})",
-        ""])
+        "dotted lines mark the growth event, dashed curves the second seed. Speedup = 1 - FLOPs "
+        "to reach scratch's final loss / scratch's FLOPs, per seed against scratch of the same "
+        "seed. Values: mean ± half the range over seeds. G_learn is depth only (no width map); "
+        "its fitting batches are not counted in its FLOPs.", "", *seed_rows(curves), "",
+        f"![val loss vs FLOPs](plots/{os.path.basename(png)})", ""])
     return experiment.write_report(out_dir, text)
 
 

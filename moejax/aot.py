@@ -256,7 +256,8 @@ def rollout_args(engine, mesh: Mesh, prompts: int, G: int) -> tuple:
 def rl_rows(cfg, mesh: Mesh, rows: int, *, ref: bool, forced: bool) -> dict:
     """Abstract policy-program rows (``moejax.rl.policy``; ``trainer.rl_batch``) of ``rows``
     rows, sharded as ``trainer.to_global`` shards them; ``ref``: with ref_logprobs,
-    ``forced``: with forced_experts [rows, L_moe, T, k]."""
+    ``forced``: with forced_experts [rows, L_moe, T, k]; under ``rl.prefix.enabled`` also
+    prefix_mask [rows, T] and entropy_mask_ratio [rows]."""
     from moejax import train as T
     rl, m = cfg.rl, cfg.model
     Tn = rl.rollout.max_prompt_len + rl.rollout.max_new_tokens - 1
@@ -265,6 +266,9 @@ def rl_rows(cfg, mesh: Mesh, rows: int, *, ref: bool, forced: bool) -> dict:
     f32 = ["completion_mask", "advantages", "old_logprobs", "rollout_logprobs"]
     if ref:
         f32.append("ref_logprobs")
+    if rl.prefix.enabled:  # Prefix-RFT rows: demo tokens in the response, the step's mask ratio
+        f32.append("prefix_mask")
+        shapes["entropy_mask_ratio"] = ((rows,), jnp.float32)
     shapes.update({k: ((rows, Tn), jnp.float32) for k in f32})
     if forced:
         shapes["forced_experts"] = ((rows, T.num_moe_layers(m), Tn, m.moe.top_k), jnp.int32)
@@ -280,8 +284,9 @@ def eval_prompts(cfg) -> int:
 
 def build_rl_programs(cfg, mesh: Mesh, *, eval_rollout: bool = True) -> dict[str, Program]:
     """The programs of one RL step as ``RLTrainer`` builds them: ``rollout`` (prompts_per_step
-    prompts x G), ``logprobs`` (the pi_old / reference recompute over all P*G rows), ``update``
-    (one optimizer step on a mini-batch of P*G/mini_batches rows) and, with ``eval_rollout``,
+    prompts, x prefix.num_prefix variants under Prefix-RFT, x G), ``logprobs`` (the pi_old /
+    reference recompute over all ``rl.rows_per_step`` rows), ``update`` (one optimizer step on a
+    mini-batch of rows_per_step/mini_batches rows) and, with ``eval_rollout``,
     ``rollout_eval`` (every eval item x ``rl.eval_samples``, the largest eval bucket)."""
     from moejax import train as T
     from moejax.rl.policy import make_logprob_fn, make_update_step
@@ -302,7 +307,8 @@ def build_rl_programs(cfg, mesh: Mesh, *, eval_rollout: bool = True) -> dict[str
             return compile_program(name, engine._program, Work(1, bp, P, bp, bp * g, N),
                                    weights, *args, num_generations=g)
 
-        progs = {"rollout": rollout("rollout", rl.prompts_per_step, G)}
+        variants = rl.prefix.num_prefix if rl.prefix.enabled else 1  # Prefix-RFT prompt rows
+        progs = {"rollout": rollout("rollout", rl.prompts_per_step * variants, G)}
         if eval_rollout:
             progs["rollout_eval"] = rollout("rollout_eval", eval_prompts(cfg),
                                             max(rl.eval_samples, 1))

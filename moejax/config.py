@@ -18,7 +18,7 @@ from typing import Literal
 
 from moejax.config_checks import ConfigError, _check_choice, _check_positive, _fail  # noqa: F401
 from moejax.config_moe import (BALANCE_SCOPES, ROUTER_KINDS, BalanceConfig,  # noqa: F401
-                               MoEConfig, RouterConfig)
+                               MoEConfig, RouterConfig, VariantConfig)
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -39,11 +39,15 @@ class AttentionConfig:
     # g2 values, g3 keys, g4 queries (both after QK-norm, before RoPE), g5 after o_proj.
     gate: Literal["none", "g1", "g2", "g3", "g4", "g5"] = "none"
     gate_granularity: Literal["elementwise", "headwise", "head_shared"] = "elementwise"
-    gate_activation: Literal["sigmoid", "silu"] = "sigmoid"
+    # ns_sigmoid: the non-sparse control 0.5 + 0.5σ (gate confined to [0.5, 1])
+    gate_activation: Literal["sigmoid", "silu", "ns_sigmoid"] = "sigmoid"
     gate_form: Literal["multiplicative", "additive"] = "multiplicative"  # y*act(g) | y+act(g)
     # 'separate': own gate projection; 'qwen3_next': doubled q [D,H,2*hd] = per head [query|gate]
     gate_layout: Literal["separate", "qwen3_next"] = "separate"
     sink: bool = False  # learnable per-head softmax sink logit with a zero value (GPT-OSS style)
+    # 'hidden': gate logits x W_θ from the normed input; 'constant': a learned logit per gate entry
+    # (no D axis, init 0), the same for every token -- the paper's input-independent control
+    gate_input: Literal["hidden", "constant"] = "hidden"
 
     def __post_init__(self):
         _check_positive("model.attention.num_heads", self.num_heads)
@@ -63,7 +67,8 @@ class AttentionConfig:
         _check_choice("model.attention.gate", self.gate, ("none", "g1", "g2", "g3", "g4", "g5"))
         _check_choice("model.attention.gate_granularity", self.gate_granularity,
                       ("elementwise", "headwise", "head_shared"))
-        _check_choice("model.attention.gate_activation", self.gate_activation, ("sigmoid", "silu"))
+        _check_choice("model.attention.gate_activation", self.gate_activation,
+                      ("sigmoid", "silu", "ns_sigmoid"))
         _check_choice("model.attention.gate_form", self.gate_form, ("multiplicative", "additive"))
         _check_choice("model.attention.gate_layout", self.gate_layout, ("separate", "qwen3_next"))
         if self.gate == "g5" and self.gate_granularity != "elementwise":
@@ -74,6 +79,11 @@ class AttentionConfig:
             _fail("model.attention.gate_layout", self.gate_layout,
                   "the Qwen3-Next doubled q_proj holds an elementwise SDPA-output gate: set "
                   "gate='g1' and gate_granularity='elementwise', or gate_layout='separate'")
+        _check_choice("model.attention.gate_input", self.gate_input, ("hidden", "constant"))
+        if self.gate_input == "constant" and self.gate_layout != "separate":
+            _fail("model.attention.gate_input", self.gate_input,
+                  "an input-independent gate has no projection to fold into q: set "
+                  "gate_layout='separate'")
         if self.sink and self.impl in ("cudnn", "splash"):
             _fail("model.attention.sink", True,
                   "the softmax sink is implemented in the reference kernel only: set impl='xla' "
@@ -90,14 +100,67 @@ class AttentionConfig:
         n = H if self.sink else 0
         if self.gate == "none":
             return n
+        rows = 1 if self.gate_input == "constant" else d_model  # W_θ [D, ...] or one logit row
         if self.gate == "g5":
-            return n + d_model * d_model
+            return n + rows * d_model
         heads = Hkv if self.gate in ("g2", "g3") else H
         width = {"elementwise": heads * hd, "headwise": heads, "head_shared": hd}
-        return n + d_model * width[self.gate_granularity]
+        return n + rows * width[self.gate_granularity]
 
 
 NORM_VARIANTS = ("rms", "preaffine", "gated")
+LAYER_TYPES = ("full_attention", "linear_attention")
+
+
+@dataclasses.dataclass(frozen=True)
+class DeltaNetConfig:
+    """Gated DeltaNet sizes of the ``linear_attention`` layers (Qwen3-Next: 16 key heads and 32
+    value heads of 128, conv kernel 4); the layer is ``moejax.layers.deltanet``."""
+
+    num_k_heads: int = 2
+    num_v_heads: int = 4
+    head_k_dim: int = 16
+    head_v_dim: int = 16
+    conv_kernel: int = 4
+    chunk: int = 64  # tokens per chunk of the chunked form
+    impl: Literal["chunked", "recurrent"] = "chunked"  # the no-cache / prefill form
+
+    def __post_init__(self):
+        for name in ("num_k_heads", "num_v_heads", "head_k_dim", "head_v_dim", "conv_kernel",
+                     "chunk"):
+            _check_positive(f"model.deltanet.{name}", getattr(self, name))
+        if self.conv_kernel < 2:
+            _fail("model.deltanet.conv_kernel", self.conv_kernel,
+                  "must be >= 2 (the causal conv keeps the K-1 previous inputs as decode state)")
+        if self.num_v_heads % self.num_k_heads:
+            _fail("model.deltanet.num_v_heads", self.num_v_heads,
+                  f"must be a multiple of num_k_heads={self.num_k_heads} (each key head serves "
+                  "num_v_heads/num_k_heads value heads)")
+        _check_choice("model.deltanet.impl", self.impl, ("chunked", "recurrent"))
+
+    @property
+    def key_dim(self) -> int:
+        return self.num_k_heads * self.head_k_dim
+
+    @property
+    def value_dim(self) -> int:
+        return self.num_v_heads * self.head_v_dim
+
+    @property
+    def conv_dim(self) -> int:
+        return 2 * self.key_dim + self.value_dim
+
+    @property
+    def heads_per_key(self) -> int:
+        return self.num_v_heads // self.num_k_heads
+
+    def num_params(self, d_model: int) -> int:
+        """One layer's parameters: in_proj_qkvz, in_proj_ba, conv, A_log, dt_bias, norm,
+        out_proj."""
+        D, Hv = d_model, self.num_v_heads
+        return (D * (2 * self.key_dim + 2 * self.value_dim) + D * 2 * Hv
+                + self.conv_kernel * self.conv_dim + 2 * Hv + self.head_v_dim
+                + self.value_dim * D)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,8 +189,23 @@ class ModelConfig:
     scan_layers: bool = False  # stack layers with nnx.vmap and apply with nnx.scan
     remat: Literal["none", "full", "dots"] = "none"
     moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
+    # GatedNorm gate 2σ(·) instead of σ(·): the gain starts at ≈1 instead of ≈0.5 (spec 3.3)
+    gated_norm_double_gate: bool = False
+    # parallel block (GPT-J, BAM 8.9): x + attn(norm_attn(x)) + ffn(norm_ffn(x)), both branches
+    # reading the block input, instead of two sequential residual steps
+    parallel_block: bool = False
+    # token mixer per layer, 'full_attention' or 'linear_attention' (Gated DeltaNet, ``deltanet``);
+    # () = all full attention. Scanned layers scan over groups of the shortest repeating pattern.
+    layer_types: tuple[str, ...] = ()
+    deltanet: DeltaNetConfig = dataclasses.field(default_factory=DeltaNetConfig)
+    # multi-token prediction depths (``moejax.layers.mtp``; Qwen3-Next has 1) and the weight of
+    # their mean cross entropy in the training loss
+    mtp_layers: int = 0
+    mtp_loss_weight: float = 0.0
 
     def __post_init__(self):
+        self._check_layer_types()
+        self._check_mtp()
         if self.moe.enabled and self.scan_layers and (
                 self.moe.first_dense_layers or self.moe.moe_every != 1 or self.moe.dense_layers):
             _fail("model.scan_layers", True, "scan needs identical layers: set "
@@ -144,10 +222,66 @@ class ModelConfig:
         _check_choice("model.dtype", self.dtype, DTYPES)
         _check_choice("model.param_dtype", self.param_dtype, ("float32", "bfloat16"))
         _check_choice("model.remat", self.remat, ("none", "full", "dots"))
+        a = self.attention
+        if self.attention_experts and (a.gate != "none" or a.sink
+                                       or "linear_attention" in self.layer_types):
+            _fail("model.moe.variant.bam_attention", self.moe.variant.bam_attention,
+                  "BAM attention experts take no attention gate, sink or linear-attention "
+                  "layers: set attention.gate='none', attention.sink=False, layer_types=(), or "
+                  "bam_attention='none'")
+
+    def _check_layer_types(self):
+        if not self.layer_types:
+            return
+        if len(self.layer_types) != self.num_layers:
+            _fail("model.layer_types", self.layer_types,
+                  f"must name one mixer per layer (num_layers={self.num_layers}) or be ()")
+        for i, t in enumerate(self.layer_types):
+            _check_choice(f"model.layer_types[{i}]", t, LAYER_TYPES)
+        if self.is_hybrid and self.attention_experts:
+            _fail("model.layer_types", self.layer_types, "BAM attention experts replace full "
+                  "attention only: set moe.variant.bam_attention='none' or all full_attention")
+
+    def _check_mtp(self):
+        if self.mtp_layers < 0:
+            _fail("model.mtp_layers", self.mtp_layers, "must be >= 0 (0 = no MTP module)")
+        if self.mtp_loss_weight < 0:
+            _fail("model.mtp_loss_weight", self.mtp_loss_weight, "must be >= 0")
+        if self.mtp_loss_weight and not self.mtp_layers:
+            _fail("model.mtp_loss_weight", self.mtp_loss_weight,
+                  "needs an MTP module: set model.mtp_layers >= 1, or the weight to 0")
+        if self.mtp_layers and self.moe.enabled and (
+                self.moe.router.recurrent != "none" or self.moe.variant.kind == "hyper"):
+            _fail("model.mtp_layers", self.mtp_layers, "the MTP block has no shared router "
+                  "cell (RMoE/HyperMoE): set mtp_layers=0 or a plain router")
+
+    def layer_type(self, layer: int) -> str:
+        """The token mixer of ``layer``: 'full_attention' or 'linear_attention'."""
+        return self.layer_types[layer] if self.layer_types else "full_attention"
+
+    @property
+    def is_hybrid(self) -> bool:
+        """Any Gated DeltaNet (linear_attention) layer."""
+        return "linear_attention" in self.layer_types
+
+    @property
+    def layer_pattern(self) -> tuple[str, ...]:
+        """The shortest prefix of ``layer_types`` that repeats to all layers (scan group)."""
+        types = tuple(self.layer_type(i) for i in range(self.num_layers))
+        for p in range(1, self.num_layers + 1):
+            if self.num_layers % p == 0 and types == types[:p] * (self.num_layers // p):
+                return types[:p]
+        return types
 
     @property
     def head_dim(self) -> int:
         return self.attention.head_dim
+
+    @property
+    def attention_experts(self) -> int:
+        """BAM soft mixture-of-attention experts per block (0: plain attention)."""
+        v = self.moe.variant
+        return self.moe.num_experts if v.kind == "bam" and v.bam_attention != "none" else 0
 
     def check_mesh_divisibility(self, sizes: dict[str, int]) -> None:
         """Sharded parameter dims must divide by their mesh axes (``sizes``: resolved axis sizes)."""
@@ -160,6 +294,11 @@ class ModelConfig:
                 _fail(field, dim, f"must be divisible by mesh.tensor={t}")
         if self.d_model % f:
             _fail("model.d_model", self.d_model, f"must be divisible by mesh.fsdp={f}")
+        if self.is_hybrid:
+            for name in ("num_k_heads", "num_v_heads"):
+                dim = getattr(self.deltanet, name)
+                if dim % t:
+                    _fail(f"model.deltanet.{name}", dim, f"must be divisible by mesh.tensor={t}")
         e = sizes.get("expert", 1)
         if self.moe.enabled and self.moe.num_experts % e:
             _fail("model.moe.num_experts", self.moe.num_experts,
@@ -179,34 +318,93 @@ class ModelConfig:
         attn += norm_extra[self.norm_variant_attn] + norm_extra[self.norm_variant_ffn]
         dense_block = attn + 3 * D * self.d_ff + 2 * D
         total = 0
+        if self.attention_experts:  # BAM: the attention of every (MoE) block is mixed
+            attn += self._attention_experts_params() - self._attention_params()
+        linear_minus_full = (self.deltanet.num_params(D) - self._attention_params()
+                             - a.extra_params(D))  # a Gated DeltaNet layer's mixer instead
         for layer in range(self.num_layers):
-            if not m.is_moe_layer(layer):
-                total += dense_block
-                continue
-            r = m.router
-            experts = m.top_k if active else m.num_experts
-            router = D * m.num_experts if r.recurrent == "none" else 0  # RMoE reads out of h
-            router = 0 if r.gating == "avg_key" else router  # EMoE keys are not parameters
-            moe = 3 * D * m.d_expert * experts + router + D * r.num_null_experts
-            if m.num_shared_experts:
-                moe += 3 * D * (m.d_shared or m.d_expert * m.num_shared_experts)
-                moe += D if m.shared_gate else 0
-            if r.recurrent != "none":
-                moe += D * r.recurrent_dim + r.recurrent_dim * m.num_experts
-            total += attn + moe + 2 * D
+            mixer = linear_minus_full if self.layer_type(layer) == "linear_attention" else 0
+            block = (attn + self._moe_block_params(active) + 2 * D if m.is_moe_layer(layer)
+                     else dense_block)
+            total += block + mixer
+        # MTP depths: fc [2D,D], three norms and a full-attention block like the last layer's
+        total += self.mtp_layers * (block + 2 * D * D + 3 * D)
         if m.enabled and m.router.recurrent != "none":  # one cell shared by all layers
             p = m.router.recurrent_dim
             total += (3 if m.router.recurrent == "gru" else 1) * (2 * p * p + 2 * p)
+        if m.enabled and m.variant.kind == "hyper":  # one generator shared by all layers
+            total += self._hyper_generator_params()
         emb = self.vocab_size * D * (1 if self.tie_embeddings else 2)
         total += norm_extra[self.norm_variant_final]
         return total + D + (emb if include_embeddings else 0)
 
+    def _attention_params(self) -> int:
+        """One plain GQA attention's projections and QK-norm scales."""
+        a = self.attention
+        qk = 2 * a.head_dim if a.qk_norm else 0
+        return self.d_model * a.head_dim * (a.num_heads * 2 + a.num_kv_heads * 2) + qk
+
+    def _attention_experts_params(self) -> int:
+        """BAM's mixture of attention experts in one block: per expert q, o (and q-norm); k, v
+        (and k-norm) per expert ('full') or once ('kv_shared'); the soft router [D,E]."""
+        a, D, n = self.attention, self.d_model, self.attention_experts
+        hd = a.head_dim
+        q_side = 2 * D * a.num_heads * hd + (hd if a.qk_norm else 0)
+        kv_side = 2 * D * a.num_kv_heads * hd + (hd if a.qk_norm else 0)
+        kv_copies = n if self.moe.variant.bam_attention == "full" else 1
+        return n * q_side + kv_copies * kv_side + D * n
+
+    def _moe_block_params(self, active: bool) -> int:
+        """One MoE layer's FFN block (``active``: what one token's forward uses) per variant."""
+        m, D = self.moe, self.d_model
+        r, v = m.router, m.variant
+        experts = m.top_k if active else m.num_experts
+        router = D * m.num_experts if r.recurrent == "none" else 0  # RMoE reads out of h
+        router = 0 if r.gating == "avg_key" else router  # EMoE keys are not parameters
+        shared = 0
+        if m.num_shared_experts:
+            shared = 3 * D * (m.d_shared or m.d_expert * m.num_shared_experts)
+            shared += D if m.shared_gate else 0
+        if v.kind == "coe":  # one router per iteration; C x top_k/C = top_k expert calls
+            router *= v.coe_iterations
+        elif v.kind == "cartesian":  # sub-layers A and B, and the norm between them
+            return 2 * (3 * D * m.d_expert * experts + router + shared) + D
+        elif v.kind == "hyper":  # expert embeddings, phi (2 x Linear(P, P)), layer embedding
+            P = v.hyper_embed_dim
+            router += m.num_experts * P + 2 * (P * P + P) + v.hyper_layer_embed_dim
+        elif v.kind == "finedeep":  # per sub-layer an output-guided router vector and a norm
+            router = 2 * v.finedeep_sublayers * D
+        elif v.kind == "dsmoe":  # every block runs in training (the straight-through gradient)
+            experts = m.num_experts
+        moe = 3 * D * m.d_expert * experts + router + D * r.num_null_experts + shared
+        if r.recurrent != "none":
+            moe += D * r.recurrent_dim + r.recurrent_dim * m.num_experts
+        return moe
+
+    def _hyper_generator_params(self) -> int:
+        """HyperMoE's generator: hidden [P+Lz,H] and the heads emitting W_down [D,r], b_down [r],
+        W_up [r,D], b_up [D] (each a Dense with a bias)."""
+        v, D = self.moe.variant, self.d_model
+        H, r = v.hyper_bottleneck, v.hyper_adapter_dim
+        dense = lambda n_in, n_out: n_in * n_out + n_out  # noqa: E731
+        return (dense(v.hyper_embed_dim + v.hyper_layer_embed_dim, H) + dense(H, D * r)
+                + dense(H, r) + dense(H, r * D) + dense(H, D))
+
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward = 3x forward) over *active* parameters,
-        attention included."""
+        attention included. Shared modules count once per use: HyperMoE's generator runs in
+        every MoE layer; BAM's attention experts each attend (heads x experts)."""
         matmul_params = (self.num_params(include_embeddings=False, active=True)
                          + self.vocab_size * self.d_model)
-        attn = 2 * self.num_layers * seq_len * self.attention.num_heads * self.head_dim  # QK^T + PV, causal/2
+        m = self.moe
+        if m.enabled and m.variant.kind == "hyper":
+            n_moe = sum(m.is_moe_layer(i) for i in range(self.num_layers))
+            matmul_params += (n_moe - 1) * self._hyper_generator_params()
+        heads = self.attention.num_heads * max(1, self.attention_experts)
+        n_linear = sum(self.layer_type(i) == "linear_attention" for i in range(self.num_layers))
+        attn = 2 * (self.num_layers - n_linear) * seq_len * heads * self.head_dim  # QK^T+PV, /2
+        dn = self.deltanet  # per token: S^T k, the rank-1 update and S^T q on each value head
+        attn += n_linear * 3 * 2 * dn.num_v_heads * dn.head_k_dim * dn.head_v_dim
         return 3.0 * (2.0 * matmul_params + attn)
 
 
@@ -359,9 +557,22 @@ class GrowthConfig:
     factor: int = 4  # depth: source has num_layers/factor layers; width: d_ff/factor neurons
     stack_mode: Literal["block", "interleave"] = "block"  # G_stack: l -> l mod L/g | l // g
     new_layers: Literal["interleave", "top"] = "interleave"  # where G_zero/G_random add layers
+    # G_zero depth: new layers copy a source layer (the one before them; on top: l mod L_s) or
+    # take the fresh init; their output projections are zero either way (function preserving)
+    new_layer_init: Literal["copy", "fresh"] = "copy"
     source_steps: int = 0
     optimizer: Literal["fresh", "transform"] = "fresh"
-    fade_in: float = 1.0  # G_random: new layers' output projections scaled by this mask value
+    # G_random depth (MSG): the new layers' residual branches are scaled by m(t) = min(1, t / this)
+    # at grown-phase step t (moejax.growth.fade_in_ramp); 0 = no mask (plain random init). Only
+    # op='random_depth' reads it (a preset may set it for its G_random arm)
+    fade_in_steps: int = 0
+    # the source phase's data.mixture (one weight per data.domains); () = the grown phase's. An
+    # out-of-distribution run pretrains on every domain and fine-tunes with one weighted 0.
+    source_mixture: tuple[float, ...] = ()
+    # upcycling: which layers become MoE (EMoE's choice, section 6.2): 'all' keeps the model's
+    # model.moe layout; 'last_half' = every 4th layer from L/2, 'last_quarter' = every 2nd layer
+    # from 3L/4 (moejax.upcycle.apply_moe_layers sets first_dense_layers / moe_every from it)
+    moe_layers: Literal["all", "last_half", "last_quarter"] = "all"
     split: Literal["even", "random"] = "even"  # G_split: down rows shared evenly or randomly
     noise: float = 0.0  # upcycling: relative std of multiplicative noise on expert weights
     router_init: Literal["zero", "random"] = "random"  # upcycled router; zero = uniform softmax
@@ -372,13 +583,23 @@ class GrowthConfig:
     def __post_init__(self):
         _check_choice("growth.op", self.op, GROWTH_OPS)
         _check_positive("growth.factor", self.factor)
-        for name in ("source_steps", "learn_steps", "kmeans_iters"):
+        _check_choice("growth.new_layer_init", self.new_layer_init, ("copy", "fresh"))
+        _check_choice("growth.moe_layers", self.moe_layers, ("all", "last_half", "last_quarter"))
+        if self.moe_layers != "all" and self.op not in ("copy", "fine", "emoe", "emoe_learn"):
+            _fail("growth.moe_layers", self.moe_layers,
+                  f"chooses upcycled MoE layers (op copy/fine/emoe/emoe_learn, got {self.op!r}); "
+                  "use 'all'")
+        for name in ("source_steps", "learn_steps", "kmeans_iters", "fade_in_steps"):
             if getattr(self, name) < 0:
                 _fail(f"growth.{name}", getattr(self, name), "must be >= 0")
         if self.op != "none" and self.source_steps <= 0:
             _fail("growth.source_steps", self.source_steps, f"op={self.op!r} needs > 0 steps")
-        if not 0.0 <= self.fade_in <= 1.0 or self.noise < 0:
-            _fail("growth", (self.fade_in, self.noise), "fade_in must lie in [0, 1], noise >= 0")
+        if self.noise < 0:
+            _fail("growth.noise", self.noise, "must be >= 0")
+        if any(w < 0 for w in self.source_mixture) or (self.source_mixture
+                                                       and sum(self.source_mixture) <= 0):
+            _fail("growth.source_mixture", self.source_mixture,
+                  "weights must be >= 0 and not all zero (or () for the grown phase's mixture)")
 
 
 @dataclasses.dataclass(frozen=True)

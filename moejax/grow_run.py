@@ -63,9 +63,31 @@ def apply_op(cfg: Config, state: T.TrainState, src: T.Setup, dst: T.Setup, data_
         batches = [T.global_batch(dst.mesh, next(data_iterator)) for _ in range(g.learn_steps)]
         return growth.learn_depth(state, src, dst, batches, lr=g.learn_lr,
                                   stack_mode=g.stack_mode)[0]
-    opts = growth.Options(stack_mode=g.stack_mode, new_layers=g.new_layers, fade_in=g.fade_in,
+    return growth.grow(state, src, dst, g.op, options=options(cfg), optimizer=g.optimizer, key=key)
+
+
+def options(cfg: Config) -> growth.Options:
+    """The operator knobs of ``cfg.growth``."""
+    g = cfg.growth
+    return growth.Options(stack_mode=g.stack_mode, new_layers=g.new_layers,
+                          new_layer_init=g.new_layer_init, fade_in_steps=g.fade_in_steps,
                           split=g.split)
-    return growth.grow(state, src, dst, g.op, options=opts, optimizer=g.optimizer, key=key)
+
+
+class GrownTrainer(Trainer):
+    """The grown phase's Trainer; with G_random's MSG fade-in its optimizer is wrapped by
+    ``growth.fade_in_optimizer`` (the ramp's clock and the unmasked weights live in the optimizer
+    state, so they are checkpointed and a resumed run continues the ramp)."""
+
+    def __init__(self, cfg: Config, workdir, **kw):
+        super().__init__(cfg, workdir, **kw)
+        g = cfg.growth
+        if g.op == "random_depth" and g.fade_in_steps > 0:
+            src = growth.source_config(cfg).model
+            new = growth.new_layers_of(g.op, src, cfg.model, options(cfg))
+            self.setup = growth.with_fade_in(self.setup, new, g.fade_in_steps)
+            self.train_step = T.make_train_step(self.setup, len(self.domains))
+            self.eval_step = T.make_eval_step(self.setup, len(self.domains))
 
 
 def run(cfg: Config, workdir: str, *, source_workdir: str | None = None, progress: bool = True,
@@ -73,6 +95,7 @@ def run(cfg: Config, workdir: str, *, source_workdir: str | None = None, progres
     """Run the source phase (if not finished), grow, run the grown phase; merge the metrics."""
     if cfg.growth.op == "none":
         return Trainer(cfg, workdir, progress=progress, on_step=on_step).run()
+    cfg = upcycle.apply_moe_layers(cfg)
     src_cfg = growth.source_config(cfg)
     workdir = as_path(workdir)
     src_wd = as_path(source_workdir or workdir / "source")
@@ -94,8 +117,8 @@ def run(cfg: Config, workdir: str, *, source_workdir: str | None = None, progres
         ckpt.close()
         return apply_op(cfg, state, src_trainer.setup, setup, it)
 
-    trainer = Trainer(cfg, workdir / "grown", progress=progress, on_step=on_step,
-                      init_state_fn=init_state_fn)
+    trainer = GrownTrainer(cfg, workdir / "grown", progress=progress, on_step=on_step,
+                           init_state_fn=init_state_fn)
     summary = trainer.run()
     totals = merge_metrics(workdir, src_wd, workdir / "grown", src_cfg, cfg)
     if jax.process_index() == 0:

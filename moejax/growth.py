@@ -11,18 +11,21 @@ dst.state_shardings``. Inside, a fresh target model is initialised (seed ``dst.c
 Operators (``OPS``) and what they preserve:
   * ``stack``        G_stack: target layer l = source layer ``l mod L_s`` (block repeat, the paper
                      and `stackingpt.py`) or ``l // g`` (``stack_mode='interleave'``).
-  * ``zero_depth``   G_zero depth: source layers kept in order, new layers (fresh init) inserted
-                     after each source layer (``new_layers='interleave'``) or on top ('top'), with
-                     their output projections (attn ``o``, mlp ``down`` / expert ``w_down`` /
-                     shared ``down``) zero: every new block is the identity -> function preserving.
-  * ``random_depth`` G_random depth: as zero_depth with the fresh init kept. The MSG fade-in mask
-                     is represented statically: a scalar mask value ``fade_in`` in [0, 1] per new
-                     layer folded into its output projections (1 = no mask, 0 = G_zero). A
-                     time-varying ramp would need a residual-scale variable in the model (not done).
-  * ``learn_depth``  G_learn (LiGO-style, depth only): target layer l = sum_j M[l, j] * source
-                     layer j for every per-layer tensor, one M [L_t, L_s] per tensor name,
-                     initialised to the G_stack map and fitted by Adam on the LM loss for a few
-                     batches (``learn_depth``); embeddings / final norm are copied.
+  * ``zero_depth``   G_zero depth: source layers kept in order, new layers inserted after each
+                     source layer (``new_layers='interleave'``) or on top ('top'), each a copy of a
+                     source layer (``new_layer_init='copy'``: the one before it; on top, source
+                     layer ``l mod L_s``) or the fresh init ('fresh'), with its output projections
+                     (attn ``o``, mlp ``down`` / expert ``w_down`` / shared ``down``) zero: every
+                     new block is the identity -> function preserving.
+  * ``random_depth`` G_random depth (MSG, prts ``msg.py``): new layers from the fresh init, their
+                     residual branches faded in by m(t) = min(1, t / ``fade_in_steps``) over the
+                     grown phase's first steps (``fade_in_optimizer``; 0 = no mask: the full
+                     random layers from step 0). Function preserving at t = 0 when masked.
+  * ``learn_depth``  G_learn (LiGO-style, **depth only**: no width map): target layer
+                     l = sum_j M[l, j] * source layer j for every per-layer tensor, one
+                     M [L_t, L_s] per tensor name, initialised to the G_stack map and fitted by
+                     Adam on the LM loss for a few batches (``learn_depth``); embeddings / final
+                     norm are copied.
   * ``split``        G_split (Net2Net): MLP neurons (dense d_ff, expert d_expert, shared) and
                      attention heads duplicated cyclically; each copy's output row (down / o)
                      takes a share of the source row, shares summing to 1 ('even', or 'random' to
@@ -38,14 +41,16 @@ Optimizer state: ``optimizer='fresh'`` (default, the paper's choice) re-initiali
 target; ``'transform'`` maps Adam's mu/nu with the same operator (copies take the source moments
 unscaled, since Adam's update is invariant to the gradient scale; new parameters get zero
 moments) and keeps Adam's count. ``step`` is reset to 0 (the grown phase has its own LR schedule).
-Router state (``rest``: RouterBias, TokenMask) follows the layer map in depth ops (copies
-keep their bias; new layers take the fresh init) and is kept as is in width ops.
+Router state (``rest``: RouterBias, TokenMask) follows the layer map in depth ops (copies, of
+G_stack or G_zero, keep their source layer's bias; fresh new layers take the fresh init) and is
+kept as is in width ops. G_random's fade-in needs the target setup's optimizer wrapped
+(``with_fade_in``; ``moejax.grow_run.GrownTrainer`` does it for runs).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -54,7 +59,7 @@ import optax
 from flax import nnx
 
 from moejax import train as T
-from moejax.config import Config, ModelConfig
+from moejax.config import Config, ConfigError, ModelConfig
 from moejax.mesh import rules_for, use_mesh
 from moejax.model import Model
 
@@ -95,9 +100,11 @@ def map_out_proj(layer: Tree, fn: Callable[[jax.Array], jax.Array]) -> Tree:
 # -- depth plans ------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class NewLayer:
-    """A target layer taken from the fresh init, its output projections scaled by ``out_scale``."""
+    """A new target layer: a copy of source layer ``copy_of`` (None: the fresh init), its output
+    projections scaled by ``out_scale`` (0 = G_zero: the block is the identity)."""
 
     out_scale: float
+    copy_of: int | None = None
 
 
 def stack_plan(num_src: int, num_dst: int, mode: str = "block") -> list[int]:
@@ -112,31 +119,44 @@ def stack_plan(num_src: int, num_dst: int, mode: str = "block") -> list[int]:
     raise ValueError(f"stack_mode={mode!r}: choose 'block' or 'interleave'")
 
 
-def new_layer_plan(num_src: int, num_dst: int, position: str, out_scale: float) -> list:
-    """Source layers in order plus new layers: after each source layer, or all on top."""
+def new_layer_plan(num_src: int, num_dst: int, position: str, out_scale: float,
+                   init: str = "fresh") -> list:
+    """Source layers in order plus new layers: after each source layer (a copy of it with
+    ``init='copy'``), or all on top (target layer l copies source layer ``l mod L_s``)."""
     if num_dst < num_src:
         raise ValueError(f"depth growth: target depth {num_dst} < source depth {num_src}")
-    new = NewLayer(out_scale)
+    if init not in ("copy", "fresh"):
+        raise ValueError(f"new_layer_init={init!r}: choose 'copy' or 'fresh'")
+
+    def new(j: int) -> NewLayer:
+        return NewLayer(out_scale, j if init == "copy" else None)
+
     if position == "top":
-        return list(range(num_src)) + [new] * (num_dst - num_src)
+        return list(range(num_src)) + [new(l % num_src) for l in range(num_src, num_dst)]
     if position != "interleave":
         raise ValueError(f"new_layers={position!r}: choose 'interleave' or 'top'")
     if num_dst % num_src:
         raise ValueError(f"interleaved growth: target depth {num_dst} must be a multiple of {num_src}")
-    return [x for j in range(num_src) for x in [j] + [new] * (num_dst // num_src - 1)]
+    return [x for j in range(num_src) for x in [j] + [new(j)] * (num_dst // num_src - 1)]
 
 
 def apply_plan(src_layers: list[Tree], fresh_layers: list[Tree], plan: list, *,
-               moments: bool = False) -> list[Tree]:
+               kind: str = "params") -> list[Tree]:
+    """Target layers of a depth plan. ``kind``: 'params' (new layers: copy or fresh, output
+    projections scaled), 'moments' (new layers: ``fresh_layers``, i.e. zero Adam moments) or
+    'rest' (router state: copies follow their source layer, fresh layers the fresh init)."""
     out = []
     for l, p in enumerate(plan):
-        if isinstance(p, NewLayer):
-            lay = fresh_layers[l]
-            if not moments and p.out_scale != 1.0:
-                lay = map_out_proj(lay, lambda x, s=p.out_scale: x * s)
-            out.append(lay)
-        else:
+        if not isinstance(p, NewLayer):
             out.append(src_layers[p])
+            continue
+        if kind == "moments" or p.copy_of is None:
+            lay = fresh_layers[l]
+        else:
+            lay = src_layers[p.copy_of]
+        if kind == "params" and p.out_scale != 1.0:
+            lay = map_out_proj(lay, lambda x, s=p.out_scale: x * s)
+        out.append(lay)
     return out
 
 
@@ -262,15 +282,26 @@ class Options:
 
     stack_mode: str = "block"
     new_layers: str = "interleave"
-    fade_in: float = 1.0
+    new_layer_init: str = "copy"  # G_zero depth only; G_random's new layers are always fresh
+    fade_in_steps: int = 0  # G_random depth: MSG ramp length (0 = no mask)
     split: str = "even"
 
 
 def _depth_plan(op: str, sm: ModelConfig, dm: ModelConfig, o: Options) -> list:
+    """The depth plan of ``op``. G_random's plan keeps the fresh output projections (scale 1):
+    its MSG mask is applied by ``fade_in_optimizer`` / ``grow``, not folded into the plan."""
     if op == "stack":
         return stack_plan(sm.num_layers, dm.num_layers, o.stack_mode)
-    scale = {"zero_depth": 0.0, "random_depth": o.fade_in}[op]
-    return new_layer_plan(sm.num_layers, dm.num_layers, o.new_layers, scale)
+    if op == "zero_depth":
+        return new_layer_plan(sm.num_layers, dm.num_layers, o.new_layers, 0.0, o.new_layer_init)
+    return new_layer_plan(sm.num_layers, dm.num_layers, o.new_layers, 1.0, "fresh")
+
+
+def new_layers_of(op: str, sm: ModelConfig, dm: ModelConfig, o: Options = Options()) -> list[int]:
+    """Indices of the target layers a depth op adds (not taken from a source layer)."""
+    if op not in ("zero_depth", "random_depth"):
+        return []
+    return [l for l, p in enumerate(_depth_plan(op, sm, dm, o)) if isinstance(p, NewLayer)]
 
 
 def grow_tree(op: str, params: Tree, fresh: Tree, sm: ModelConfig, dm: ModelConfig, key,
@@ -282,7 +313,8 @@ def grow_tree(op: str, params: Tree, fresh: Tree, sm: ModelConfig, dm: ModelConf
     if op in ("stack", "zero_depth", "random_depth"):
         plan = _depth_plan(op, sm, dm, o)
         _check_layer_types(sm, dm, plan)
-        layers = apply_plan(src_layers, fresh_layers, plan, moments=moments)
+        layers = apply_plan(src_layers, fresh_layers, plan,
+                            kind="moments" if moments else "params")
     elif op in ("split", "zero_width", "random_width"):
         mode = op.split("_")[0]
         keys = jax.random.split(key, dm.num_layers)
@@ -303,7 +335,7 @@ def grow_rest(op: str, rest: Tree, fresh: Tree, sm: ModelConfig, dm: ModelConfig
     top, src_layers = split_layers(rest, sm)
     _, fresh_layers = split_layers(fresh, dm)
     return join_layers(top, apply_plan(src_layers, fresh_layers, _depth_plan(op, sm, dm, o),
-                                       moments=True), dm)
+                                       kind="rest"), dm)
 
 
 OPS = ("identity", "stack", "zero_depth", "random_depth", "split", "zero_width", "random_width")
@@ -340,10 +372,13 @@ def _replace(state: nnx.State, pure: Tree) -> nnx.State:
 def transform_state(state: T.TrainState, src: T.Setup, dst: T.Setup,
                     params_fn: Callable[[Tree, Tree, Any], Tree],
                     rest_fn: Callable[[Tree, Tree], Tree], *, key=None,
-                    moments_fn: Callable[[Tree, Tree], Tree] | None = None) -> T.TrainState:
+                    moments_fn: Callable[[Tree, Tree], Tree] | None = None,
+                    stored_fn: Callable[[Tree], Tree] | None = None) -> T.TrainState:
     """The generic driver: in one jit (out_shardings = the target's), init a fresh target model,
     ``params_fn(src_params, fresh_params, key)`` and ``rest_fn(src_rest, fresh_rest)`` (pure
-    dicts) give the target's; the optimizer is fresh, or mapped by ``moments_fn`` when given."""
+    dicts) give the target's; the optimizer is fresh, or mapped by ``moments_fn`` when given.
+    ``stored_fn`` maps the parameters after the optimizer was initialised from them (MSG: the
+    optimizer keeps the unmasked weights, the model holds the masked ones)."""
     del src
     cfg = dst.cfg
     key = jax.random.key(cfg.train.seed + 17) if key is None else key
@@ -356,6 +391,8 @@ def transform_state(state: T.TrainState, src: T.Setup, dst: T.Setup,
         opt = dst.tx.init(new_params)
         if moments_fn is not None:
             opt = transform_opt(opt, opt_state, moments_fn)
+        if stored_fn is not None:
+            new_params = _replace(new_params, stored_fn(new_params.to_pure_dict()))
         return T.TrainState(step=jnp.zeros((), jnp.int32), params=new_params, rest=new_rest,
                             opt_state=opt, rng=rng)
 
@@ -375,14 +412,152 @@ def grow(state: T.TrainState, src: T.Setup, dst: T.Setup, op: str, *, options: O
         raise ValueError("growth keeps d_model, vocab_size and num_experts (see moejax.upcycle)")
     if optimizer not in ("fresh", "transform"):
         raise ValueError(f"optimizer={optimizer!r}: choose 'fresh' or 'transform'")
-    moments_fn = None
+    moments_fn = stored_fn = None
     if optimizer == "transform":
         moments_fn = lambda old, zeros: grow_tree(op, old, zeros, sm, dm,  # noqa: E731
                                                   jax.random.key(0), options, moments=True)
+    if op == "random_depth" and options.fade_in_steps > 0:
+        if not isinstance(dst.abstract_state.opt_state, FadeInState):
+            raise ValueError("G_random with fade_in_steps > 0 needs the target setup's optimizer "
+                             "wrapped by fade_in_optimizer (use with_fade_in(dst, ...))")
+        new = new_layers_of(op, sm, dm, options)
+        m0 = float(fade_in_ramp(0, options.fade_in_steps))
+        stored_fn = lambda p: scale_new_out_proj(p, dm, new, m0)  # noqa: E731
     return transform_state(
         state, src, dst,
         lambda p, f, k: grow_tree(op, p, f, sm, dm, k, options),
-        lambda r, f: grow_rest(op, r, f, sm, dm, options), key=key, moments_fn=moments_fn)
+        lambda r, f: grow_rest(op, r, f, sm, dm, options), key=key, moments_fn=moments_fn,
+        stored_fn=stored_fn)
+
+
+# -- G_random's MSG fade-in ------------------------------------------------------------------------
+# MSG (prts ``msg.py``) multiplies a new layer's output by a mask m(t) ramped 0 -> 1. Here the
+# mask scales each residual branch of a new layer (attention ``o`` and FFN ``down`` projections:
+# linear and bias-free, so m * W gives m * branch). prts masks the block as a whole,
+# x + m (block(x) - x), whose FFN sees the unmasked attention output; the two agree at m = 0 and
+# m = 1 and differ in between (the whole-block mask needs a per-layer gate in ``model.Block``).
+# The model holds P = m(t) W; the optimizer keeps the unmasked W (``FadeInState.latent``), takes
+# the gradient wrt W (m(t) dL/dP: the reparameterisation's exact gradient) and writes back
+# P = m(t+1) W. The clock is the optimizer's own step count, so it is in every checkpoint.
+def fade_in_ramp(step, ramp_steps: int) -> jax.Array:
+    """MSG mask m(t) = min(1, t / ramp_steps) at grown-phase step t (prts: curr_step / grow_step,
+    then 1); ``ramp_steps <= 0`` means no mask (m = 1)."""
+    if ramp_steps <= 0:
+        return jnp.ones((), jnp.float32)
+    return jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / ramp_steps)
+
+
+def _layer_leaf(path, model: ModelConfig) -> tuple[int | None, tuple]:
+    """(layer index or None for a scanned stack, names inside the layer) of a params leaf path;
+    (-1, ()) for a leaf outside the layers."""
+    names = tuple(n for n in _names(path) if n is not None)
+    if not names or names[0] != "layers":
+        return -1, ()
+    return (None, names[1:]) if model.scan_layers else (names[1], names[2:])
+
+
+def _is_faded(path, model: ModelConfig, new: np.ndarray) -> bool:
+    """Whether a params leaf holds an output projection of a new layer (scanned: of any)."""
+    layer, names = _layer_leaf(path, model)
+    if layer == -1 or names not in OUT_PROJ:
+        return False
+    return bool(new.any()) if layer is None else bool(new[layer])
+
+
+def _fade_mult(path, x, model: ModelConfig, new: np.ndarray, m):
+    """The multiplier of a faded leaf ``x``: m (unrolled) or [L,1,...] with m on the new layers
+    and 1 on the others (scanned stack)."""
+    layer, _ = _layer_leaf(path, model)
+    if layer is not None:
+        return m
+    shape = (model.num_layers,) + (1,) * (len(x.shape) - 1)
+    return jnp.where(jnp.asarray(new), m, 1.0).reshape(shape)
+
+
+def _path_key(path) -> str:
+    return ".".join(str(n) for n in _names(path) if n is not None)
+
+
+def _new_mask(model: ModelConfig, new_layers) -> np.ndarray:
+    new = np.zeros(model.num_layers, bool)
+    new[list(new_layers)] = True
+    return new
+
+
+def scale_new_out_proj(params: Tree, model: ModelConfig, new_layers, m) -> Tree:
+    """A params pure dict with the new layers' output projections multiplied by ``m``."""
+    new = _new_mask(model, new_layers)
+
+    def leaf(path, x):
+        if not _is_faded(path, model, new):
+            return x
+        return x * jnp.asarray(_fade_mult(path, x, model, new, m), x.dtype)
+    return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+class FadeInState(NamedTuple):
+    """``count``: grown-phase steps taken (the ramp's clock); ``latent``: the unmasked weights W
+    of the faded leaves, by parameter path; ``inner``: the wrapped optimizer's state."""
+
+    count: jax.Array
+    latent: dict
+    inner: Any
+
+
+def fade_in_optimizer(inner: optax.GradientTransformation, model: ModelConfig, new_layers,
+                      ramp_steps: int) -> optax.GradientTransformation:
+    """``inner`` on the MSG reparameterisation P = m(t) W of the new layers' output projections
+    (see above). ``init`` must see the unmasked W (``grow`` then stores m(0) W)."""
+    new = _new_mask(model, new_layers)
+
+    def init(params):
+        flat = jax.tree_util.tree_flatten_with_path(params)[0]
+        latent = {_path_key(p): x for p, x in flat if _is_faded(p, model, new)}
+        return FadeInState(jnp.zeros((), jnp.int32), latent, inner.init(params))
+
+    def update(grads, state: FadeInState, params=None):
+        if params is None:
+            raise ValueError("fade_in_optimizer needs params in update()")
+        m0 = fade_in_ramp(state.count, ramp_steps)
+        m1 = fade_in_ramp(state.count + 1, ramp_steps)
+        flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+        keys = [_path_key(p) if _is_faded(p, model, new) else None for p, _ in flat]
+        weights = [x if k is None else state.latent[k] for (_, x), k in zip(flat, keys)]
+        grads_w = [g if k is None else g * _fade_mult(p, x, model, new, m0).astype(g.dtype)
+                   for g, (p, x), k in zip(jax.tree.leaves(grads), flat, keys)]
+        u, inner_state = inner.update(jax.tree.unflatten(treedef, grads_w), state.inner,
+                                      jax.tree.unflatten(treedef, weights))
+        out, latent = [], {}
+        for (p, x), w, du, k in zip(flat, weights, jax.tree.leaves(u), keys):
+            if k is None:
+                out.append(du)
+                continue
+            latent[k] = w + du
+            out.append(_fade_mult(p, x, model, new, m1).astype(x.dtype) * latent[k] - x)
+        return jax.tree.unflatten(treedef, out), FadeInState(state.count + 1, latent, inner_state)
+
+    return optax.GradientTransformation(init, update)
+
+
+def with_fade_in(s: T.Setup, new_layers, ramp_steps: int) -> T.Setup:
+    """``s`` with its optimizer wrapped by ``fade_in_optimizer``: state shapes and shardings
+    extended (the latent weights shard like their parameters, the clock is replicated)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+    m = s.cfg.model
+    new = _new_mask(m, new_layers)
+    tx = fade_in_optimizer(s.tx, m, new_layers, ramp_steps)
+    replicated = NamedSharding(s.mesh, PartitionSpec())
+
+    def faded(tree) -> dict:
+        return {_path_key(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+                if _is_faded(p, m, new)}
+
+    opt_sh = FadeInState(replicated, faded(s.state_shardings.params), s.state_shardings.opt_state)
+    abstract = FadeInState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+                           faded(s.abstract_state.params), s.abstract_state.opt_state)
+    return dataclasses.replace(
+        s, tx=tx, state_shardings=dataclasses.replace(s.state_shardings, opt_state=opt_sh),
+        abstract_state=dataclasses.replace(s.abstract_state, opt_state=abstract))
 
 
 # -- G_learn -------------------------------------------------------------------------------------
@@ -468,4 +643,10 @@ def source_config(cfg: Config) -> Config:
         model = source_model(cfg.model, g.op, g.factor)
     train = dataclasses.replace(cfg.train, steps=g.source_steps,
                                 warmup_steps=min(cfg.train.warmup_steps, g.source_steps))
-    return dataclasses.replace(cfg, model=model, train=train, growth=type(g)())
+    data = cfg.data
+    if g.source_mixture:
+        if len(g.source_mixture) != len(data.domains):
+            raise ConfigError(f"growth.source_mixture={g.source_mixture}: give one weight per "
+                              f"data.domains ({len(data.domains)}: {data.domains})")
+        data = dataclasses.replace(data, mixture=tuple(g.source_mixture))
+    return dataclasses.replace(cfg, model=model, data=data, train=train, growth=type(g)())

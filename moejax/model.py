@@ -29,10 +29,14 @@ from flax import nnx
 
 from moejax.config import ConfigError, ModelConfig
 from moejax.layers.attention import Attention, LayerCache, write_rows
+from moejax.layers.deltanet import DeltaNetCache, GatedDeltaNet
+from moejax.layers.deltanet import init_cache as init_linear_cache
 from moejax.layers.embed import Embed, LMHead
 from moejax.layers.mlp import MLP
-from moejax.layers.moe import MoE
-from moejax.layers.router import RecurrentCell
+from moejax.layers.mtp import MTP, MTP_KEY
+from moejax.layers.mtp import block_config as mtp_block_config
+from moejax.layers.moe_variants import (AttentionExperts, cache_kv_heads, make_moe,
+                                         make_shared_cell)
 from moejax.layers.norms import make_block_norm
 from moejax.mesh import constrain
 
@@ -60,6 +64,11 @@ class KVCache:
     positions: jax.Array  # [B,S] int32, position of the token held in each slot
     segment_ids: jax.Array  # [B,S] int32, 0 = empty or padding
     lengths: jax.Array  # [B] int32, next write slot (= number of valid tokens held)
+    # hybrid models (``layer_types``): k/v hold only the full-attention layers (unrolled: one per
+    # such layer in order; scanned: one stacked [G,...] per full position of the pattern) and
+    # ``linear`` the Gated DeltaNet states the same way (DeltaNetCache, stacked [G,...] when
+    # scanned); None for an all-attention model
+    linear: tuple[DeltaNetCache, ...] | None = None
 
     @property
     def max_len(self) -> int:
@@ -78,16 +87,61 @@ def _zeros_cache(L, B, S, Hkv, hd, dtype, stacked: bool) -> KVCache:
                    lengths=constrain(z(B), ("batch",)))
 
 
+def constrain_linear(c: DeltaNetCache) -> DeltaNetCache:
+    """A Gated DeltaNet cache sharded like activations (rows over batch, value heads over
+    ``tensor``); one layer's or stacked over a leading 'layers' axis."""
+    lead = ("layers",) if c.conv_state.ndim == 4 else ()
+    return DeltaNetCache(conv_state=constrain(c.conv_state, lead + ("batch", None, None)),
+                         recurrent_state=constrain(c.recurrent_state,
+                                                   lead + ("batch", "heads", None, None)))
+
+
+@jax.jit(static_argnums=(0, 1, 2))
+def _zeros_hybrid_cache(cfg: ModelConfig, B: int, S: int) -> KVCache:
+    """An empty hybrid cache (``KVCache.linear``): unrolled, one k/v per full-attention layer and
+    one DeltaNetCache per linear layer; scanned, each stacked [G,...] per pattern position."""
+    a = cfg.attention
+    types = cfg.layer_pattern if cfg.scan_layers else tuple(
+        cfg.layer_type(i) for i in range(cfg.num_layers))
+    lead = (cfg.num_layers // len(types),) if cfg.scan_layers else ()
+    stack = lambda t: jnp.broadcast_to(t, lead + t.shape)  # noqa: E731
+    kv = lambda: tuple(  # noqa: E731
+        constrain_kv(jnp.zeros(lead + (B, cache_kv_heads(cfg), S, a.head_dim), cfg.dtype))
+        for t in types if t == "full_attention")
+    linear = tuple(constrain_linear(jax.tree.map(stack, init_linear_cache(
+        cfg.deltanet, B, jnp.dtype(cfg.dtype)))) for t in types if t == "linear_attention")
+    z = lambda *shape: jnp.zeros(shape, jnp.int32)  # noqa: E731
+    return KVCache(k=kv(), v=kv(), positions=constrain(z(B, S), ("batch", "length")),
+                   segment_ids=constrain(z(B, S), ("batch", "length")),
+                   lengths=constrain(z(B), ("batch",)), linear=linear)
+
+
+def _stacked_blocks(cfg: ModelConfig, position: int, rngs: nnx.Rngs) -> Block:
+    """The G = num_layers / P blocks at ``position`` of the layer pattern, stacked (nnx.vmap,
+    params get a leading 'layers' axis) for the hybrid scan."""
+    @nnx.split_rngs(splits=cfg.num_layers // len(cfg.layer_pattern))
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(r):
+        return Block(cfg, position, rngs=r)
+    return make(rngs)
+
+
 class Block(nnx.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x)); ffn is the dense MLP or,
-    in MoE layers (``cfg.moe.is_moe_layer(layer)``), the MoE block."""
+    in MoE layers (``cfg.moe.is_moe_layer(layer)``), the MoE block. ``cfg.parallel_block``:
+    x + attn(norm(x)) + ffn(norm'(x)). BAM's attention experts replace attn
+    (``cfg.attention_experts``)."""
 
     def __init__(self, cfg: ModelConfig, layer: int = 0, *, rngs: nnx.Rngs):
         self.attn_norm = make_block_norm(cfg, cfg.norm_variant_attn, rngs=rngs)
-        self.attn = Attention(cfg, rngs=rngs)
+        self.linear = cfg.layer_type(layer) == "linear_attention"  # Gated DeltaNet mixer
+        self.attn = (GatedDeltaNet(cfg, cfg.deltanet, rngs=rngs) if self.linear
+                     else AttentionExperts(cfg, rngs=rngs) if cfg.attention_experts
+                     else Attention(cfg, rngs=rngs))
+        self.parallel = cfg.parallel_block
         self.mlp_norm = make_block_norm(cfg, cfg.norm_variant_ffn, rngs=rngs)
         self.is_moe = cfg.moe.is_moe_layer(layer)
-        self.mlp = MoE(cfg, rngs=rngs) if self.is_moe else MLP(cfg, rngs=rngs)
+        self.mlp = make_moe(cfg, rngs=rngs) if self.is_moe else MLP(cfg, rngs=rngs)
 
     def __call__(self, x, positions, segment_ids, cache: LayerCache | None = None, *,
                  tokens=None, cell=None, state=None, rng=None, forced=None, train: bool = False,
@@ -97,17 +151,21 @@ class Block(nnx.Module):
         routing in an MoE layer (``Model.__call__``). ``probes`` adds the attention probes
         (``Attention.__call__``) and residual-stream probes of this block's output
         (``resid_probes``) to aux."""
-        out = self.attn(self.attn_norm(x), positions=positions, segment_ids=segment_ids,
-                        cache=cache, probes=probes)
+        if self.linear:  # cache: this layer's DeltaNetCache (no attention probes)
+            out = (*self.attn(self.attn_norm(x), segment_ids=segment_ids, cache=cache), {})
+        else:
+            out = self.attn(self.attn_norm(x), positions=positions, segment_ids=segment_ids,
+                            cache=cache, probes=probes)
         h, new_kv = out[:2]
-        x = x + h
+        ffn_in = x if self.parallel else x + h  # a parallel block's branches share the input
         aux: Aux = {}
         if self.is_moe:
-            y, aux, state = self.mlp(self.mlp_norm(x), token_ids=tokens, segment_ids=segment_ids,
-                                     state=state, cell=cell, rng=rng, train=train, forced=forced)
+            y, aux, state = self.mlp(self.mlp_norm(ffn_in), token_ids=tokens,
+                                     segment_ids=segment_ids, state=state, cell=cell, rng=rng,
+                                     train=train, forced=forced)
         else:
-            y = self.mlp(self.mlp_norm(x))
-        x = x + y
+            y = self.mlp(self.mlp_norm(ffn_in))
+        x = x + h + y
         x = constrain(x, ("batch", "length", "embed"))
         if probes:
             aux = {**aux, **out[2], **resid_probes(x, segment_ids)}
@@ -133,8 +191,9 @@ def resid_probes(x: jax.Array, segment_ids: jax.Array) -> Aux:
 def _apply_block(block: Block, x, positions, segment_ids, cache, tokens, cell, state, rng, forced,
                  train, probes=False):
     """Block application as a plain function (what nnx.remat/nnx.scan wrap); ``train`` and
-    ``probes`` are static. ``tokens`` feed MaskMoE, ``cell`` is the shared RMoE recurrent cell,
-    ``forced`` [B,T,k] (or None) the replayed routing of this layer."""
+    ``probes`` are static. ``tokens`` feed MaskMoE, ``cell`` is the module shared by all MoE
+    layers (RMoE recurrent cell, HyperMoE generator), ``forced`` [B,T,k] (or None) the replayed
+    routing of this layer."""
     return block(x, positions, segment_ids, cache, tokens=tokens, cell=cell, state=state, rng=rng,
                  forced=forced, train=train, probes=probes)
 
@@ -146,7 +205,10 @@ class Model(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed = Embed(cfg, rngs=rngs)
-        if cfg.scan_layers:
+        if cfg.scan_layers and cfg.is_hybrid:  # one stack of G layers per pattern position
+            self.layers = nnx.List([_stacked_blocks(cfg, p, rngs) for p in
+                                    range(len(cfg.layer_pattern))])
+        elif cfg.scan_layers:
             @nnx.split_rngs(splits=cfg.num_layers)
             @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
             def make(r):
@@ -154,19 +216,24 @@ class Model(nnx.Module):
             self.layers = make(rngs)
         else:
             self.layers = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
-        r = cfg.moe.router
-        self.router_cell = (RecurrentCell(cfg, rngs=rngs)
-                            if cfg.moe.enabled and r.recurrent != "none" else None)
+        # one module shared by all MoE layers, passed to each as cell=: RMoE's recurrent router
+        # cell or HyperMoE's parameter generator (None otherwise)
+        self.router_cell = make_shared_cell(cfg, rngs=rngs)
         self.final_norm = make_block_norm(cfg, cfg.norm_variant_final, rngs=rngs)
         self.lm_head = None if cfg.tie_embeddings else LMHead(cfg, rngs=rngs)
+        self.mtp = None if not cfg.mtp_layers else MTP(  # Block like the last layer, full attn
+            cfg, lambda r: Block(mtp_block_config(cfg), cfg.num_layers - 1, rngs=r), rngs=rngs)
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
-        """An empty cache of ``max_len`` slots per row, sharded like activations under a mesh."""
+        """An empty cache of ``max_len`` slots per row, sharded like activations under a mesh
+        (``cache_kv_heads``: BAM's 'full' attention experts keep num_kv_heads per expert)."""
         cfg, a = self.cfg, self.cfg.attention
         if max_len > cfg.max_seq_len:
             raise ConfigError(f"init_cache(max_len={max_len}) exceeds model.max_seq_len="
                               f"{cfg.max_seq_len}; raise model.max_seq_len or shorten the cache")
-        return _zeros_cache(cfg.num_layers, batch, max_len, a.num_kv_heads, a.head_dim,
+        if cfg.is_hybrid:
+            return _zeros_hybrid_cache(cfg, batch, max_len)
+        return _zeros_cache(cfg.num_layers, batch, max_len, cache_kv_heads(cfg), a.head_dim,
                             jnp.dtype(cfg.dtype), cfg.scan_layers)
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
@@ -207,6 +274,8 @@ class Model(nnx.Module):
             kv_pos = write_rows(cache.positions, slots, positions)  # [B,S]
             kv_seg = write_rows(cache.segment_ids, slots, segment_ids)
             kv = (cache.k, cache.v) if cfg.scan_layers else (list(cache.k), list(cache.v))
+            if cfg.is_hybrid:  # tuples over the pattern's full positions (scan) or layers
+                kv = (list(cache.k), list(cache.v))
 
             def layer_cache(k, v, layer=None):
                 return LayerCache(k, v, slots, kv_pos, kv_seg, layer)
@@ -219,10 +288,16 @@ class Model(nnx.Module):
         x = self.embed(tokens)  # [B,T,D]
         cell = self.router_cell
         state = None
-        if self.router_cell is not None:
+        if cfg.moe.enabled and cfg.moe.router.recurrent != "none":
             state = jnp.zeros((B * T, cfg.moe.router.recurrent_dim), jnp.float32)  # h_0 = 0
         rngs = None if rng is None else jax.random.split(rng, cfg.num_layers)
-        if cfg.scan_layers:  # every layer is MoE or none is (config check): forced is [L,B,T,k]
+        linear = None if cache is None else cache.linear
+        if cfg.is_hybrid:
+            x, aux, kv, state, linear = self._apply_hybrid(
+                x, block_fn, positions, segment_ids, kv, linear,
+                None if cache is None else layer_cache, tokens, cell, state, rngs, forced, train,
+                probes)
+        elif cfg.scan_layers:  # every layer is MoE or none is (config check): forced is [L,B,T,k]
             def body(carry, block, layer, rng_l, forced_l, cell):
                 x, state, kv = carry
                 lc = None if kv is None else layer_cache(kv[0], kv[1], layer)
@@ -255,14 +330,102 @@ class Model(nnx.Module):
                    for k in dict.fromkeys(k for a in auxes for k in a)}
 
         h = self.final_norm(x)
-        logits = self.embed.attend(h) if self.lm_head is None else self.lm_head(h)  # [B,T,V] fp32
+        head = self.embed.attend if self.lm_head is None else self.lm_head
+        logits = head(h)  # [B,T,V] fp32
+        if self.mtp is not None and cache is None:  # [D_mtp,B,T,V]: the training loss's input
+            aux = {**aux, MTP_KEY: self.mtp(h, tokens, positions, segment_ids, self.embed, head)}
         if cache is None:
             return logits, aux
         new_cache = KVCache(
             k=jax.tree.map(constrain_kv, kv[0]), v=jax.tree.map(constrain_kv, kv[1]),
             positions=kv_pos, segment_ids=kv_seg,
-            lengths=cache.lengths + jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32))
+            lengths=cache.lengths + jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32),
+            linear=None if linear is None else tuple(map(constrain_linear, linear)))
         return logits, aux, new_cache
+
+    def _apply_hybrid(self, x, block_fn, positions, segment_ids, kv, linear, layer_cache, tokens,
+                      cell, state, rngs, forced, train, probes):
+        """The layers of a hybrid (``layer_types``) model: unrolled, or a scan over the G groups
+        of the repeating pattern (each group applies its P blocks in order). kv: lists of the
+        full layers' buffers (stacked [G,...] per full position when scanned) or None; linear:
+        the DeltaNetCaches likewise. -> (x, aux stacked over layers, kv as tuples, state,
+        linear)."""
+        cfg = self.cfg
+        if not cfg.scan_layers:
+            return self._hybrid_unrolled(x, block_fn, positions, segment_ids, kv, linear,
+                                         layer_cache, tokens, cell, state, rngs, forced, train,
+                                         probes)
+        L, P = cfg.num_layers, len(cfg.layer_pattern)
+        G = L // P
+        grouped = lambda a: None if a is None else a.reshape(G, P, *a.shape[1:])  # noqa: E731
+
+        def body(carry, blocks, group, rng_g, forced_g, linear_g, cell):
+            x, state, kv = carry
+            kv = None if kv is None else (list(kv[0]), list(kv[1]))
+            auxes, new_linear, f, n = [], [], 0, 0
+            for p, block in enumerate(blocks):
+                if block.linear:
+                    lc = None if linear_g is None else linear_g[n]
+                else:
+                    lc = None if kv is None else layer_cache(kv[0][f], kv[1][f], group)
+                x, aux_p, new, state = block_fn(
+                    block, x, positions, segment_ids, lc, tokens, cell, state,
+                    None if rng_g is None else rng_g[p], None if forced_g is None else forced_g[p],
+                    train, probes)
+                if block.linear:
+                    new_linear.append(new)
+                    n += 1
+                else:
+                    if kv is not None:
+                        kv[0][f], kv[1][f] = new
+                    f += 1
+                auxes.append(aux_p)
+            shared = [k for k in auxes[0] if all(k in a for a in auxes)]  # [P, ...] per key
+            aux = {k: jax.tree.map(lambda *xs: jnp.stack(xs), *[a[k] for a in auxes])
+                   for k in shared}
+            kv = None if kv is None else (tuple(kv[0]), tuple(kv[1]))
+            return (x, state, kv), (aux, None if linear_g is None else tuple(new_linear))
+
+        kv = None if kv is None else (tuple(kv[0]), tuple(kv[1]))
+        (x, state, kv), (aux, linear) = nnx.scan(
+            body, in_axes=(nnx.Carry, 0, 0, 0, 0, 0, None), out_axes=(nnx.Carry, 0),
+            transform_metadata={nnx.PARTITION_NAME: "layers"})(
+                (x, state, kv), self.layers, jnp.arange(G, dtype=jnp.int32), grouped(rngs),
+                grouped(forced), linear, cell)
+        aux = jax.tree.map(lambda a: a.reshape(L, *a.shape[2:]), aux)  # group-major = layer order
+        return x, aux, kv, state, linear
+
+    def _hybrid_unrolled(self, x, block_fn, positions, segment_ids, kv, linear, layer_cache,
+                         tokens, cell, state, rngs, forced, train, probes):
+        """``_apply_hybrid`` over unrolled layers: full layer j uses kv[.][j], linear layer j
+        linear[j]."""
+        linear = None if linear is None else list(linear)
+        auxes, moe_index, f, n = [], 0, 0, 0
+        for i, block in enumerate(self.layers):
+            if block.linear:
+                lc = None if linear is None else linear[n]
+            else:
+                lc = None if kv is None else layer_cache(kv[0][f], kv[1][f])
+            forced_l = None
+            if forced is not None and block.is_moe:
+                forced_l, moe_index = forced[moe_index], moe_index + 1
+            x, aux_l, new, state = block_fn(block, x, positions, segment_ids, lc, tokens, cell,
+                                            state, None if rngs is None else rngs[i], forced_l,
+                                            train, probes)
+            if block.linear:
+                if linear is not None:
+                    linear[n] = new
+                n += 1
+            else:
+                if kv is not None:
+                    kv[0][f], kv[1][f] = new
+                f += 1
+            if aux_l:
+                auxes.append(aux_l)
+        kv = None if kv is None else (tuple(kv[0]), tuple(kv[1]))
+        aux = {k: jax.tree.map(lambda *xs: jnp.stack(xs), *[a[k] for a in auxes if k in a])
+               for k in dict.fromkeys(k for a in auxes for k in a)}
+        return x, aux, kv, state, None if linear is None else tuple(linear)
 
     def _checked_forced(self, forced: jax.Array | None, B: int, T: int) -> jax.Array | None:
         """``forced_experts`` validated against the model and the batch -> int32 [L_moe,B,T,k]."""

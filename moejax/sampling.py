@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax.mesh import constrain
-from moejax.model import KVCache, constrain_kv
+from moejax.model import KVCache, constrain_kv, constrain_linear
 
 ROUTING_KEY = "router/experts"  # model aux: [L_moe,B,T,k] int32 experts per token (-1 = none)
 LOGPROB_MODES = ("policy", "sampling")
@@ -95,9 +95,12 @@ def repeat_rows(cache: KVCache, times: int) -> KVCache:
     rep = lambda x, axis: jnp.repeat(x, times, axis=axis)  # noqa: E731
     rows = lambda x: constrain(rep(x, 0), ("batch",) + (None,) * (x.ndim - 1))  # noqa: E731
     kv = lambda x: constrain_kv(rep(x, 1 if x.ndim == 5 else 0))  # noqa: E731  stacked / per layer
+    linear = None if cache.linear is None else tuple(  # Gated DeltaNet states (hybrid models)
+        constrain_linear(jax.tree.map(lambda x: rep(x, 1 if c.conv_state.ndim == 4 else 0), c))
+        for c in cache.linear)
     return KVCache(k=jax.tree.map(kv, cache.k), v=jax.tree.map(kv, cache.v),
                    positions=rows(cache.positions), segment_ids=rows(cache.segment_ids),
-                   lengths=rows(cache.lengths))
+                   lengths=rows(cache.lengths), linear=linear)
 
 
 def _rows(x: jax.Array) -> jax.Array:

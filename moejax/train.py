@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from moejax.config import Config, ModelConfig, TrainConfig
 from moejax.mesh import BATCH_AXES, use_mesh, rules_for
-from moejax.layers import balance
+from moejax.layers import balance, mtp
 from moejax.layers.router import maskmoe_mask, update_bias as balance_update_bias
 from moejax.model import Model
 
@@ -55,8 +55,10 @@ def lr_schedule(t: TrainConfig) -> optax.Schedule:
 # of router logits, the instability z-loss also targets. Never decayed: norm weights (unless
 # zero-centred and switched on, below), biases and sink logits: gains and offsets, not weights
 # whose size measures capacity (the usual "no decay on 1-D parameters", minus the layer axis).
-NORM_WEIGHTS = frozenset({"scale", "pre_scale"})  # RMSNorm / GatedNorm gamma, PreAffine lambda
-NEVER_DECAYED = frozenset({"sink", "b", "b_i", "b_h", "bias"})  # sink logits, biases
+# RMSNorm / GatedNorm gamma, PreAffine lambda, Gated DeltaNet's per-head gated RMSNorm weight
+NORM_WEIGHTS = frozenset({"scale", "pre_scale", "norm"})
+# sink/gate logits, biases; Gated DeltaNet's decay rate (A_log) and time-step bias (dt_bias)
+NEVER_DECAYED = frozenset({"sink", "b", "b_i", "b_h", "bias", "gate_bias", "A_log", "dt_bias"})
 
 
 def _param_name_and_stacked(path, model: ModelConfig) -> tuple[str, int]:
@@ -226,8 +228,16 @@ def make_grad_fn(s: Setup, num_domains: int) -> Callable[[TrainState, dict], tup
 
     def _grads(state: TrainState, batch: dict):
         total_tokens = jnp.maximum(batch["loss_mask"].sum(), 1.0)
-        micro = _split_microbatches(batch, accum)
         key = step_key(state)
+        rows, seq_len = batch["inputs"].shape
+        n_groups = balance.num_pooled_groups(moe.balance.scope, moe.balance.group_size, rows,
+                                             accum, groups) if moe.enabled else 0
+        if n_groups:  # pooled balance groups: fresh per step, from the step key
+            batch = {**batch, "balance_group": balance.balance_group_ids(
+                moe.balance.scope, jax.random.fold_in(key, balance.GROUP_KEY_SALT), rows, seq_len,
+                n_groups)}
+        micro = _split_microbatches(batch, accum)
+        totals = _pooled_group_totals(state, micro, key, n_groups) if n_groups else None
 
         def micro_loss(params, mb, buffer, k):
             # re-create the non-trainable variables at this trace level (the jit level's objects
@@ -236,11 +246,16 @@ def make_grad_fn(s: Setup, num_domains: int) -> Callable[[TrainState, dict], tup
             model = nnx.merge(graphdef, params, rest)
             ce, aux = token_losses(model, mb, train=True, rng=k)
             lm = (ce * mb["loss_mask"]).sum() / total_tokens
+            aux, mtp_loss = mtp.mtp_loss_term(aux, mb, cfg.model.mtp_loss_weight)
+            lm_mtp = lm + mtp_loss / total_tokens  # the reported loss stays the LM loss
             if not moe.enabled:
-                return lm, (ce, lm, {}, buffer)
+                return lm_mtp, (ce, lm, {}, buffer)
+            pooled = None if totals is None else balance.PooledGroups(
+                mb["balance_group"], *totals, accum)
             aux_loss, buffer, stats = balance.moe_aux_loss(aux, moe, micro_groups=groups,
-                                                           count_buffer=buffer)
-            return lm + aux_loss / accum, (ce, lm, stats, buffer)
+                                                           count_buffer=buffer, step=state.step,
+                                                           pooled=pooled)
+            return lm_mtp + aux_loss / accum, (ce, lm, stats, buffer)
 
         value_and_grad = jax.value_and_grad(micro_loss, has_aux=True)
 
@@ -262,6 +277,25 @@ def make_grad_fn(s: Setup, num_domains: int) -> Callable[[TrainState, dict], tup
         (grads, loss, dsum, dcount, _, stats), _ = jax.lax.scan(
             body, init, (micro, jnp.arange(accum)))
         return loss, grads, {"domain_loss_sum": dsum, "domain_tokens": dcount, "stats": stats}
+
+    def _pooled_group_totals(state: TrainState, micro: dict, key, n_groups: int):
+        """Selections [L,G,E_all] and valid tokens [G] of each pooled balance group over the
+        whole global batch: a forward without gradient over every micro-step (same keys as the
+        gradient pass, so the same routing) before any balance loss can use them."""
+        def body(counts, xs):
+            mb, i = xs
+            params, rest = jax.tree.map(lambda x: x, (state.params, state.rest))
+            _, aux = token_losses(nnx.merge(graphdef, params, rest), mb, train=True,
+                                  rng=jax.random.fold_in(key, i))
+            return counts + balance.group_token_pool(aux["router/token_selected"],
+                                                     mb["balance_group"], n_groups), None
+
+        counts = jax.lax.scan(body, jnp.zeros((n_moe, n_groups, e_all), jnp.float32),
+                              (micro, jnp.arange(accum)))[0]
+        valid = (micro["segment_ids"] != 0).astype(jnp.float32)[..., None]  # [accum,b,T,1]
+        tokens = jnp.sum(jax.vmap(lambda v, ids: balance.group_token_pool(v, ids, n_groups))(
+            valid, micro["balance_group"]), axis=(0, 2))  # [G]
+        return counts, tokens
 
     return grad_fn
 

@@ -23,6 +23,10 @@ the same model without experts (``dense_source``), whose FFN width ``d_ff`` fixe
               cosine). Use ``norm_topk_prob=True`` with ``routed_scaling=top_k`` to match the
               weight-1 sum of avg-key EMoE at init (approximately).
 
+Which layers: every MoE layer of the target (``model.moe.first_dense_layers`` / ``moe_every``);
+the others keep the dense FFN. EMoE's choice (every 4th layer of the last half, every 2nd of the
+last quarter) is ``growth.moe_layers``, resolved by ``apply_moe_layers``.
+
 Router init (copy / fine): ``router_init='zero'`` (uniform softmax, ties go to the lowest expert
 ids) or 'random' (the target's fresh init). ``noise`` adds multiplicative Gaussian noise of that
 relative std to the expert weights (breaks copy symmetry; not function preserving). Shared
@@ -39,10 +43,36 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax import train as T
-from moejax.config import ModelConfig, MoEConfig
+from moejax.config import Config, ConfigError, ModelConfig, MoEConfig
 from moejax.growth import join_layers, split_layers, transform_state
 
 METHODS = ("copy", "fine", "emoe", "emoe_learn")
+# EMoE's layer choice (section 6.2; LLaMA-7B: every 4th layer from 16 of 32, or every 2nd late):
+# (first MoE layer as a fraction of the depth, stride)
+MOE_LAYER_CHOICES = {"last_half": (0.5, 4), "last_quarter": (0.75, 2)}
+
+
+def moe_layer_choice(num_layers: int, choice: str) -> tuple[int, int]:
+    """(first_dense_layers, moe_every) of EMoE's layer choice: 'last_half' = every 4th layer from
+    L/2, 'last_quarter' = every 2nd from 3L/4 (L=32: [16, 20, 24, 28] / [24, 26, 28, 30])."""
+    if choice not in MOE_LAYER_CHOICES:
+        raise ValueError(f"moe layer choice {choice!r}: choose from {list(MOE_LAYER_CHOICES)}")
+    frac, every = MOE_LAYER_CHOICES[choice]
+    return int(num_layers * frac), every
+
+
+def apply_moe_layers(cfg: Config) -> Config:
+    """``cfg`` with ``growth.moe_layers`` resolved into ``model.moe.first_dense_layers`` and
+    ``moe_every`` (idempotent; 'all' and dense models are left as they are)."""
+    choice, m = cfg.growth.moe_layers, cfg.model
+    if choice == "all" or not m.moe.enabled:
+        return cfg
+    first, every = moe_layer_choice(m.num_layers, choice)
+    if m.scan_layers:
+        raise ConfigError(f"growth.moe_layers={choice!r} mixes dense and MoE layers, which "
+                          "scanned layers cannot (set model.scan_layers=false)")
+    moe = dataclasses.replace(m.moe, first_dense_layers=first, moe_every=every, dense_layers=())
+    return dataclasses.replace(cfg, model=dataclasses.replace(m, moe=moe))
 
 
 def dense_source(dm: ModelConfig, method: str = "copy") -> ModelConfig:

@@ -263,3 +263,157 @@ def test_sequence_scope_per_document_or_per_row(packed):
     per_row = np.mean([c[:5].max() / c[:5].mean() for c in sc])
     np.testing.assert_allclose(got["row"]["seq_imbalance"], [per_row], **TOL)
     assert abs(float(got["row"]["balance_loss"]) - float(doc["doc_balance"])) > 1e-3
+
+
+# -- pooled balance groups ('shuffled', 'group' across micro-steps) and the micro->global switch ---
+
+def test_shuffled_group_membership():
+    """Each token of the global batch lies in exactly one of G groups of n/G tokens that mix
+    rows; the draw is a pure function of the step key: fresh per step, equal on a rerun."""
+    rows, seq, G = 16, 32, 4
+    base = jax.random.key(3)
+    ids = [np.asarray(BL.balance_group_ids("shuffled", jax.random.fold_in(base, step), rows, seq,
+                                           G)) for step in (0, 1)]
+    for a in ids:
+        assert a.shape == (rows, seq) and a.min() >= 0 and a.max() < G
+        np.testing.assert_array_equal(np.bincount(a.ravel(), minlength=G), [rows * seq // G] * G)
+        assert all(len(np.unique(np.nonzero(a == g)[0])) == rows for g in range(G))  # mixes rows
+    assert np.mean(ids[0] != ids[1]) > 0.5  # another step, another partition
+    again = BL.balance_group_ids("shuffled", jax.random.fold_in(base, 0), rows, seq, G)
+    np.testing.assert_array_equal(again, ids[0])
+    rows_ids = np.asarray(BL.balance_group_ids("group", base, rows, seq, 2))
+    np.testing.assert_array_equal(rows_ids, np.repeat(np.arange(rows) // 8, seq).reshape(rows, seq))
+
+
+def test_num_pooled_groups():
+    assert BL.num_pooled_groups("shuffled", 1, rows=64, micro_steps=16, batch_shards=2) == 32
+    assert BL.num_pooled_groups("group", 4, rows=64, micro_steps=16, batch_shards=1) == 0  # fits
+    assert BL.num_pooled_groups("group", 16, rows=64, micro_steps=16, batch_shards=1) == 4
+    assert BL.num_pooled_groups("micro", 1, rows=64, micro_steps=16, batch_shards=1) == 0
+    with pytest.raises(ValueError, match="must divide"):
+        BL.num_pooled_groups("group", 24, rows=64, micro_steps=16, batch_shards=1)
+
+
+def token_groups_np(sel, probs, valid, ids, G):
+    """mean over layers and non-empty groups of E sum_i f_i p_i (token loops, float64)."""
+    L, E_ = sel.shape[0], sel.shape[-1]
+    out = []
+    for l in range(L):
+        vals = []
+        for g in range(G):
+            m = (ids == g) & valid
+            if m.sum() == 0:
+                continue
+            c, p = sel[l][m].sum(0), probs[l][m].sum(0)
+            vals.append(E_ * np.sum(c / c.sum() * p / m.sum()))
+        out.append(np.mean(vals))
+    return np.mean(out)
+
+
+def test_pooled_balance_matches_numpy_on_planted_tokens():
+    """Micro-step shares (rows a::accum, as the loop splits them) with the global group counts
+    sum to the numpy loss on planted selections/probabilities, padding and an empty group."""
+    L, rows, seq, G, accum = 2, 8, 12, 4, 4
+    rng = np.random.default_rng(5)
+    probs = rng.dirichlet(np.ones(E), size=(L, rows, seq))
+    sel = np.zeros_like(probs)
+    top = np.argsort(-probs + rng.normal(size=probs.shape) * 0.3, -1)[..., :K]  # planted picks
+    np.put_along_axis(sel, top, 1.0, -1)
+    valid = rng.uniform(size=(rows, seq)) > 0.25
+    ids = np.asarray(BL.balance_group_ids("shuffled", jax.random.key(9), rows, seq, G))
+    ids = np.where(ids == 3, 2, ids)  # group 3 empty: skipped, not NaN
+    v = valid[None, ..., None]
+    sel_v, probs_v = (sel * v).astype(np.float32), (probs * v).astype(np.float32)
+    counts = BL.group_token_pool(jnp.asarray(sel_v), jnp.asarray(ids), G)
+    tokens = BL.group_token_pool(jnp.asarray(valid[..., None], jnp.float32), jnp.asarray(ids),
+                                 G)[:, 0]
+    shares = [BL.pooled_balance(jnp.asarray(probs_v[:, a::accum]), BL.PooledGroups(
+        jnp.asarray(ids[a::accum]), counts, tokens, accum)) for a in range(accum)]
+    ref = token_groups_np(sel, probs, valid, ids, G)
+    np.testing.assert_allclose(sum(float(x) for x in shares), ref, **TOL)
+    assert abs(ref - token_groups_np(sel, probs, valid, np.zeros_like(ids), 1)) > 1e-3  # not global
+
+
+def _aux_for(c, ps, tok, L=1):
+    return {"router/seq_counts": jnp.stack([jnp.asarray(c)] * L),
+            "router/seq_prob_sum": jnp.stack([jnp.asarray(ps)] * L),
+            "router/seq_tokens": jnp.stack([jnp.asarray(tok)] * L),
+            "router/z": jnp.zeros(L), "router/entropy": jnp.zeros(L),
+            **{f"router/{k}": jnp.zeros(L) for k in ("topk_score_sum", "active_experts", "dropped",
+                                                      "doc_balance", "doc_imbalance")}}
+
+
+def test_switch_step_micro_then_global(stats):
+    from moejax.config import BalanceConfig, ConfigError, MoEConfig
+    c, ps, tok = stats
+    moe = MoEConfig(num_experts=E, top_k=K, balance=BalanceConfig(scope="global", coef=1.0,
+                                                                  switch_step=5))
+    got = {s: float(BL.moe_aux_loss(_aux_for(c, ps, tok), moe, micro_groups=2,
+                                    step=jnp.asarray(s))[2]["balance_loss"]) for s in (0, 4, 5, 9)}
+    micro, glob = reference("micro", c, ps, tok), reference("global", c, ps, tok)
+    np.testing.assert_allclose([got[0], got[4], got[5], got[9]], [micro, micro, glob, glob], **TOL)
+    assert abs(micro - glob) > 1e-3
+    with pytest.raises(ValueError, match="step"):
+        BL.moe_aux_loss(_aux_for(c, ps, tok), moe, micro_groups=2)
+    with pytest.raises(ConfigError, match="switch_step"):
+        BalanceConfig(scope="micro", switch_step=5)
+
+
+def _synthetic_batch(rows, seq, vocab, seed=0):
+    rng = np.random.default_rng(seed)
+    seg = np.ones((rows, seq), np.int32)
+    seg[:, seq // 2:] = 2
+    seg[::3, -3:] = 0  # padding
+    return {"inputs": rng.integers(0, vocab, (rows, seq)).astype(np.int32),
+            "targets": rng.integers(0, vocab, (rows, seq)).astype(np.int32),
+            "segment_ids": seg, "positions": np.tile(np.arange(seq, dtype=np.int32), (rows, 1)),
+            "loss_mask": (seg != 0).astype(np.float32), "domain": np.arange(rows) % 3}
+
+
+POOLED_RUNS = {  # name: (balance overrides, mesh data, devices, grad_accum, groups)
+    "shuffled_data2_accum2": (dict(scope="shuffled"), 2, 2, 2, 4),
+    "group8_accum2": (dict(scope="group", group_size=8), 1, 1, 2, 1),
+}
+
+
+@pytest.mark.parametrize("name", list(POOLED_RUNS))
+def test_pooled_scope_gradient_equals_whole_batch_formula(name):
+    """make_grad_fn with a pooled scope (f per group over the whole global batch, across
+    micro-steps and shards) gives the loss and raw gradient of the whole-batch formula: LM mean
+    + coef * mean_{layers, groups} E sum_i sg(f^g_i) p^g_i, with the step's group draw."""
+    from flax import nnx
+
+    from moejax import train as T
+    from moejax.config import BalanceConfig, MeshConfig, MoEConfig
+    from moejax.mesh import make_mesh
+    from moejax.testing import tiny_config
+    bal, data, ndev, accum, G = POOLED_RUNS[name]
+    moe = MoEConfig(num_experts=4, top_k=2, d_expert=32,
+                    balance=BalanceConfig(coef=0.5, **bal))
+    cfg = tiny_config(model={"moe": moe}, train={"grad_accum": accum, "batch_size": 8})
+    s = T.setup(cfg, make_mesh(MeshConfig(data=data), jax.devices()[:ndev]))
+    state = T.init_state(s)
+    batch = _synthetic_batch(8, 16, cfg.model.vocab_size)
+    loss, grads, sums = jax.jit(T.make_grad_fn(s, 3))(state, T.global_batch(s.mesh, batch))
+    ids = BL.balance_group_ids(bal["scope"], jax.random.fold_in(T.step_key(state),
+                                                                BL.GROUP_KEY_SALT), 8, 16, G)
+
+    def whole(params):
+        model = nnx.merge(s.graphdef, params, state.rest)
+        ce, aux = T.token_losses(model, jax.tree.map(jnp.asarray, batch))
+        lm = (ce * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
+        counts = jax.lax.stop_gradient(BL.group_token_pool(aux["router/token_selected"], ids, G))
+        ps = BL.group_token_pool(aux["router/token_probs"], ids, G)
+        tok = BL.group_token_pool(jnp.asarray(batch["loss_mask"])[..., None], ids, G)[:, 0]
+        per = BL.lbl(counts, ps, tok)  # [L,G]
+        return lm + 0.5 * jnp.mean(jnp.sum(per, -1) / G), (lm, jnp.mean(per))
+
+    host = jax.device_get(state)  # the reference runs unsharded, without a mesh
+    (_, (lm, bal_ref)), ref = jax.jit(jax.value_and_grad(whole, has_aux=True))(host.params)
+    np.testing.assert_allclose(loss, lm, rtol=1e-5)
+    np.testing.assert_allclose(sums["stats"]["balance_loss"] / accum, bal_ref, rtol=1e-5)
+    for (path, r), g in zip(jax.tree_util.tree_leaves_with_path(jax.device_get(ref)),
+                            jax.tree.leaves(jax.device_get(grads)), strict=True):
+        scale = float(np.abs(r).max())
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * scale + 1e-12,
+                                   err_msg=jax.tree_util.keystr(path))

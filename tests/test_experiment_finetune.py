@@ -32,10 +32,17 @@ def test_finetune_dense_source_plain_emoe_gw(tmp_path, data_cache):
         vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True), src)
     wd = str(tmp_path / "ft")
-    out = finetune.main(["--source", src, "--workdir", wd, *SMOKE,
+    out = finetune.main(["--source", src, "--workdir", wd, *SMOKE, "--set", "data.mixture=1,1,0",
                          "--set", f"data.cache_dir={data_cache}"])
-    assert set(out) == {"plain", "emoe", "emoe_gw"}
+    assert set(out) == {"plain", "emoe", "emoe_gw", "emoe64"}
     assert all(s["step"] == 4 for s in out.values())
+    paper = json.load(open(os.path.join(wd, "emoe64", "config.json")))["model"]["moe"]
+    assert (paper["num_experts"], paper["top_k"], paper["d_expert"]) == (64, 16, 2)
+    assert (paper["first_dense_layers"], paper["moe_every"]) == (1, 4)  # 2 layers: layer 1
+    assert paper["balance"]["scope"] == "none" and paper["router"]["gating"] == "avg_key"
+    text = open(os.path.join(wd, "report.md")).read()
+    assert "| ID loss | OOD loss |" in text and "never see math" in text
+    assert os.path.getsize(os.path.join(wd, "plots", "ood_loss_vs_flops.png")) > 1000
     plain = read_metrics(os.path.join(wd, "plain", "metrics.jsonl"))
     emoe = read_metrics(os.path.join(wd, "emoe", "metrics.jsonl"))
     # the imported weights are used: the dense arm starts from the source's loss, and EMoE with

@@ -1,5 +1,6 @@
-"""Gated attention (G1-G5; elementwise/headwise/head-shared; sigmoid/SiLU; multiplicative/additive),
-the Qwen3-Next doubled-q layout and the softmax sink: each against a by-hand numpy layer; the
+"""Gated attention (G1-G5; elementwise/headwise/head-shared; sigmoid/SiLU/NS-sigmoid;
+multiplicative/additive; input-dependent or constant), the Qwen3-Next doubled-q layout and the
+softmax sink: each against a by-hand float64 numpy layer; GatedNorm's 2σ gate at init; the
 gate-free layer bit for bit against the backbone; every variant sharded (tensor=2 x data=4) and
 KV-cached against the single-device full forward.
 
@@ -19,6 +20,7 @@ from moejax.config import AttentionConfig, ConfigError, MeshConfig
 from moejax.kernels import reference
 from moejax.layers.attention import Attention
 from moejax.layers.embed import apply_rope
+from moejax.layers.norms import GatedNorm, make_block_norm
 from moejax.mesh import make_mesh, rules_for, use_mesh
 from moejax.model import Model
 from moejax.testing import BATCH, SEQ, TOL_FP32, TOL_SHARDED_FP32, tiny_model
@@ -38,7 +40,8 @@ def np_sigmoid(z):
 
 
 def np_act(z, kind):
-    return np_sigmoid(z) if kind == "sigmoid" else z * np_sigmoid(z)
+    return {"sigmoid": np_sigmoid(z), "silu": z * np_sigmoid(z),
+            "ns_sigmoid": 0.5 + 0.5 * np_sigmoid(z)}[kind]
 
 
 def np_rope(x, pos, rot, theta=10_000.0):
@@ -58,7 +61,9 @@ def np_attention_layer(p, x, pos, seg, a: AttentionConfig):
     if a.gate_layout == "qwen3_next":
         q_w, gate_logits = q_w[..., :HD], np.einsum("btd,dhk->bthk", x, q_w[..., HD:])
     q, k, v = (np.einsum("btd,dhk->bthk", x, w) for w in (q_w, p["k"], p["v"]))
-    if a.gate != "none" and gate_logits is None:
+    if a.gate != "none" and gate_logits is None and a.gate_input == "constant":
+        gate_logits = np.broadcast_to(p["gate_bias"], (*x.shape[:2], *p["gate_bias"].shape))
+    elif a.gate != "none" and gate_logits is None:
         gate_logits = np.tensordot(x, p["gate"], axes=([2], [0]))  # [B,T,...]
     g = None if a.gate == "none" else np_act(gate_logits, a.gate_activation)
 
@@ -148,6 +153,12 @@ LAYER_VARIANTS = [
     dict(gate="g1", gate_form="additive"),
     dict(gate="g2", gate_granularity="headwise", gate_activation="silu", gate_form="additive"),
     dict(gate="g1", gate_layout="qwen3_next"),
+    dict(gate="g1", gate_activation="ns_sigmoid"),
+    dict(gate="g1", gate_input="constant"),
+    dict(gate="g2", gate_granularity="headwise", gate_input="constant"),
+    dict(gate="g1", gate_granularity="head_shared", gate_input="constant",
+         gate_activation="ns_sigmoid"),
+    dict(gate="g5", gate_input="constant"),
     dict(sink=True),
     dict(gate="g1", gate_granularity="headwise", sink=True),
 ]
@@ -161,6 +172,22 @@ def test_every_layer_variant_matches_numpy(inputs):
         got = run_layer(layer, x, pos, seg)
         want = np_attention_layer(layer_params(layer), x, pos, seg, cfg.attention)
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, err_msg=str(variant))
+
+
+def test_gate_controls_at_init():
+    """The input-independent gate is one logit per gate entry, zero at init (σ = 0.5 for every
+    token, as the input-dependent gate starts near); NS-sigmoid stays in [0.5, 1]."""
+    const = Attention(layer_cfg(gate="g1", gate_input="constant"), rngs=nnx.Rngs(0))
+    assert const.gate is None and const.gate_bias.shape == (H, HD)
+    assert np.all(np.asarray(const.gate_bias[...]) == 0)
+    assert const.gate_bias.get_metadata()["out_sharding"] == ("heads", "head_dim")
+    assert layer_cfg(gate="g1", gate_input="constant").attention.extra_params(D) == H * HD
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(B, T, D)) * 30, jnp.float32)
+    np.testing.assert_array_equal(np.asarray(const._gate(x, None)), 0.5)
+    ns = Attention(layer_cfg(gate="g1", gate_activation="ns_sigmoid"), rngs=nnx.Rngs(0))
+    ns.gate[...] = ns.gate[...] * 1000  # saturate both ways
+    g = np.asarray(ns._gate(x, None))
+    assert g.min() >= 0.5 and g.max() <= 1.0 and g.min() < 0.51 and g.max() > 0.99
 
 
 def backbone_attention(p, x, pos, seg, cfg):
@@ -253,6 +280,10 @@ def test_config_validation_names_the_field():
         AttentionConfig(gate="g6")
     with pytest.raises(ConfigError, match="model.attention.sink"):
         AttentionConfig(sink=True, impl="cudnn")
+    with pytest.raises(ConfigError, match="model.attention.gate_input"):
+        AttentionConfig(gate="g1", gate_layout="qwen3_next", gate_input="constant")
+    with pytest.raises(ConfigError, match="model.attention.gate_activation"):
+        AttentionConfig(gate="g1", gate_activation="tanh")
     with pytest.raises(ConfigError, match="norm_variant_ffn"):
         tiny_model(norm_variant_ffn="layer")
     with pytest.raises(ConfigError, match="gated_norm_rank"):
@@ -279,6 +310,9 @@ MODEL_VARIANTS = {  # each gate position/granularity once; sink, norms, silu, ad
     "g4_elem": dict(attention=dict(gate="g4")),
     "g5": dict(attention=dict(gate="g5")),
     "qwen3_next": dict(attention=dict(gate="g1", gate_layout="qwen3_next", rope_fraction=0.25)),
+    "g1_const_ns_gatednorm_x2": dict(
+        attention=dict(gate="g1", gate_input="constant", gate_activation="ns_sigmoid"),
+        norm_variant_ffn="gated", gated_norm_rank=4, gated_norm_double_gate=True),
 }
 
 
@@ -364,3 +398,25 @@ def test_every_variant_sharded_and_cached_equal_single_device(base_model, tokens
             dec = cached_decode(sharded, tokens)
         full = np.stack([want[rows, LENS - 1 + s] for s in range(STEPS + 1)], 1)
         np.testing.assert_allclose(dec, full, *TOL_SHARDED_FP32, err_msg=name)
+
+
+# -- GatedNorm's 2σ gate ----------------------------------------------------------------------------
+
+def test_gated_norm_double_gate_starts_at_unit_gain():
+    """With ``gated_norm_double_gate`` the gate is 2σ(·): at init (W ~ N(0, 0.02)) the norm is
+    RMSNorm(x)·γ within 1 %, where the plain σ(·) halves it; with trained (large) weights the
+    output is the numpy 2σ formula."""
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(B, T, D)) * 4, jnp.float32)
+    rms = np_rms(np.asarray(x, np.float64), 1.0)
+    for double, gain in ((True, 1.0), (False, 0.5)):
+        cfg = tiny_model(norm_variant_ffn="gated", gated_norm_double_gate=double)
+        norm = make_block_norm(cfg, cfg.norm_variant_ffn, rngs=nnx.Rngs(0))
+        got = np.asarray(norm(x), np.float64)
+        np.testing.assert_allclose(got / rms, gain, rtol=1e-2, err_msg=f"double_gate={double}")
+    gn = GatedNorm(D, rank=4, double_gate=True, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(2)
+    down, up = rng.normal(size=(D, 4)) * 0.5, rng.normal(size=(4, D)) * 0.5
+    gn.down[...], gn.up[...] = jnp.asarray(down, jnp.float32), jnp.asarray(up, jnp.float32)
+    z = rms @ down
+    want = rms * 2 * np_sigmoid((z * np_sigmoid(z)) @ up)
+    np.testing.assert_allclose(np.asarray(gn(x)), want, rtol=2e-5, atol=2e-5)

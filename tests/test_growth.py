@@ -6,8 +6,11 @@ import os
 import signal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
 from moejax import growth as G
 from moejax import grow_run
@@ -63,28 +66,159 @@ def test_stack_maps_target_layer_to_source_layer_mod(moe):
     assert int(grown.step) == 0
 
 
-@pytest.mark.parametrize("position", ["interleave", "top"])
-def test_zero_depth_preserves_function(moe, dense, position):
+def _out(lay):
+    return lay["mlp"].get("w_down", lay["mlp"].get("down"))
+
+
+@pytest.mark.parametrize("position,init", [("interleave", "copy"), ("top", "copy"),
+                                           ("interleave", "fresh")])
+def test_zero_depth_preserves_function(moe, dense, position, init):
+    """The grown model's logits equal the source model's forward (G_zero: copies or fresh layers
+    with zero output projections); copies equal their source layer but for o / down."""
     s, state = moe if position == "interleave" else dense
     d = _setup(tiny_model(moe=MOE if position == "interleave" else MoEConfig(), num_layers=4))
-    grown = G.grow(state, s, d, "zero_depth", options=G.Options(new_layers=position))
+    grown = G.grow(state, s, d, "zero_depth",
+                   options=G.Options(new_layers=position, new_layer_init=init))
     np.testing.assert_allclose(_logits(d, grown), _logits(s, state), rtol=1e-5, atol=1e-5)
-    new = 1 if position == "interleave" else 2
+    plan = G.new_layer_plan(2, 4, position, 0.0, init)
+    new = 1 if position == "interleave" else 3
+    src = _layers(state, s.cfg.model)[plan[new].copy_of if init == "copy" else 0]
     lay = _layers(grown, d.cfg.model)[new]
-    assert not np.any(lay["attn"]["o"]) and not np.any(lay["mlp"].get("w_down", lay["mlp"].get("down")))
-    assert np.any(lay["attn"]["q"])  # new layers' inputs are random, so they can learn
+    assert not np.any(lay["attn"]["o"]) and not np.any(_out(lay))
+    assert np.any(lay["attn"]["q"])  # new layers' inputs are non-zero, so they can learn
+    if init == "copy":
+        assert [p.copy_of if isinstance(p, G.NewLayer) else p for p in plan] == (
+            [0, 0, 1, 1] if position == "interleave" else [0, 1, 0, 1])
+        np.testing.assert_array_equal(lay["attn"]["q"], src["attn"]["q"])
+        np.testing.assert_array_equal(lay["mlp_norm"]["scale"], src["mlp_norm"]["scale"])
+        for k in ("w_gate", "w_up") if "w_gate" in lay["mlp"] else ("gate", "up"):
+            np.testing.assert_array_equal(lay["mlp"][k], src["mlp"][k])
+        np.testing.assert_array_equal(np.zeros_like(src["attn"]["o"]), lay["attn"]["o"])
+    else:
+        assert not np.array_equal(lay["attn"]["q"], src["attn"]["q"])
+    if position == "interleave":  # MoE copies keep their source layer's router state
+        bias = G.split_layers(jax.device_get(grown.rest.to_pure_dict()), d.cfg.model)[1]
+        b3 = float(bias[3]["mlp"]["router"]["bias"][0])  # layer 3: new, after source layer 1
+        assert b3 == (10.0 if init == "copy" else 0.0)  # source bias | the fresh (zero) init
 
 
-def test_random_depth_fade_in_and_scanned_layers(dense):
+def test_fade_in_ramp_by_hand():
+    """m(t) = min(1, t / T): prts msg.py's curr_step / grow_step, then 1; T = 0: no mask."""
+    got = [float(G.fade_in_ramp(t, 4)) for t in range(7)]
+    assert got == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert float(G.fade_in_ramp(0, 0)) == 1.0 and float(G.fade_in_ramp(5, 0)) == 1.0
+    assert float(G.fade_in_ramp(1, 3)) == pytest.approx(1 / 3)
+
+
+def test_random_depth_without_mask_and_scanned_layers(dense):
     s, state = dense
     d = _setup(tiny_model(num_layers=4, scan_layers=True))
     full = G.grow(state, s, d, "random_depth")
-    off = G.grow(state, s, d, "random_depth", options=G.Options(fade_in=0.0))
     assert np.abs(_logits(d, full) - _logits(s, state)).max() > 1e-4  # random layers change it
-    np.testing.assert_allclose(_logits(d, off), _logits(s, state), rtol=1e-5, atol=1e-5)
     o = jax.device_get(full.params.to_pure_dict())["layers"]["attn"]["o"]  # [L, H, hd, D]
     np.testing.assert_array_equal(o[2], jax.device_get(
         state.params.to_pure_dict())["layers"][1]["attn"]["o"])
+    assert np.any(o[1]) and np.any(o[3])
+
+
+def _batch(mesh, seed=1, rows=8, length=16):
+    toks = np.random.RandomState(seed).randint(0, 288, (rows, length + 1))
+    batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:],
+             "segment_ids": np.ones((rows, length), np.int32),
+             "positions": np.tile(np.arange(length, dtype=np.int32), (rows, 1)),
+             "loss_mask": np.ones((rows, length), np.float32), "domain": np.zeros(rows, np.int32)}
+    return T.global_batch(mesh, batch)
+
+
+def test_msg_fade_in_sgd_step_by_hand(dense):
+    """With SGD inside, one fade-in step at t = 1 of a 3-step ramp is, by hand: W' = W - lr g_W
+    with g_W = m(1) dL/dP (the reparameterisation's gradient, here by autodiff of L(m(1) W)), and
+    the model gets P' = m(2) W'. A missing or wrong mask factor changes the update (SGD shows the
+    gradient's scale, Adam would hide it)."""
+    s, state = dense
+    m = tiny_model(num_layers=4)
+    d = _setup(m)
+    opts = G.Options(new_layers="top")
+    new = G.new_layers_of("random_depth", s.cfg.model, m, opts)
+    w = G.grow(state, s, d, "random_depth", options=opts).params  # unmasked W
+    batch = _batch(d.mesh)
+    rest = T.init_state(d).rest
+
+    def loss(params):
+        model = nnx.merge(d.graphdef, params, jax.tree.map(lambda x: x, rest))
+        ce, _ = T.token_losses(model, batch)
+        return ce.mean()
+
+    def scaled(w, t):
+        return G._replace(w, G.scale_new_out_proj(w.to_pure_dict(), m, new,
+                                                  G.fade_in_ramp(t, 3)))
+
+    lr = 0.5
+    tx = G.fade_in_optimizer(optax.sgd(lr), m, new, 3)
+    st = tx.init(w)._replace(count=jnp.ones((), jnp.int32))
+    p1 = scaled(w, 1)
+    u, st = jax.jit(tx.update)(jax.grad(loss)(p1), st, p1)
+    got = optax.apply_updates(p1, u).to_pure_dict()
+    g_w = jax.grad(lambda w: loss(scaled(w, 1)))(w)
+    want = scaled(jax.tree.map(lambda a, b: a - lr * b, w, g_w), 2).to_pure_dict()
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got, want)
+    assert int(st.count) == 2
+    o_new = G.split_layers(jax.device_get(got), m)[1][2]["attn"]["o"]
+    o_old = G.split_layers(jax.device_get(w.to_pure_dict()), m)[1][2]["attn"]["o"]
+    assert np.abs(o_new - o_old * 2 / 3).max() > 1e-6  # the step moved the faded weights
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_msg_fade_in_matches_reparameterised_reference(dense, scan):
+    """G_random + MSG: at growth the model is the source's function (m(0) = 0) and the optimizer
+    holds the fresh weights; each train step equals a reference that differentiates the loss of
+    W through P = m(t) W by autodiff and applies the plain optimizer to W (ramp over 3 steps,
+    5 steps: the ramp ends inside the run)."""
+    s, state = dense
+    ramp, steps = 3, 5
+    m = tiny_model(num_layers=4, scan_layers=scan)
+    plain = _setup(m)
+    opts = G.Options(new_layers="top", fade_in_steps=ramp)
+    new = G.new_layers_of("random_depth", s.cfg.model, m, opts)
+    assert new == [2, 3]
+    d = G.with_fade_in(plain, new, ramp)
+    grown = G.grow(state, s, d, "random_depth", options=opts)
+    np.testing.assert_allclose(_logits(d, grown), _logits(s, state), rtol=1e-5, atol=1e-5)
+    fresh = G.grow(state, s, plain, "random_depth", options=G.Options(new_layers="top"))
+    w = fresh.params  # the unmasked weights W (fresh init of the new layers)
+    latent = grown.opt_state.latent
+    assert len(latent) == (2 if scan else 4)  # o and down of each new layer (scanned: stacked)
+    batch = _batch(d.mesh)
+    graphdef = plain.graphdef
+
+    def loss_of_w(w, t):
+        params = G._replace(w, G.scale_new_out_proj(w.to_pure_dict(), m, new,
+                                                    G.fade_in_ramp(t, ramp)))
+        model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, fresh.rest))
+        ce, _ = T.token_losses(model, batch, train=True)
+        return (ce * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
+
+    ref_tx = plain.tx
+    ref_opt = ref_tx.init(w)
+    step = T.make_train_step(d, 1)
+    grad = jax.jit(jax.grad(loss_of_w))
+    got = grown
+    for t in range(steps):
+        g = grad(w, t)
+        u, ref_opt = ref_tx.update(g, ref_opt, w)
+        w = optax.apply_updates(w, u)
+        got, metrics = step(got, batch)
+        want = G.scale_new_out_proj(w.to_pure_dict(), m, new, G.fade_in_ramp(t + 1, ramp))
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6),
+                     jax.device_get(got.params.to_pure_dict()), jax.device_get(want))
+    assert int(got.opt_state.count) == steps
+    # the ramp is over: the model holds W itself
+    for k, v in got.opt_state.latent.items():
+        names = [int(n) if n.isdigit() else n for n in k.split(".")]
+        p = got.params.to_pure_dict()
+        for n in names:
+            p = p[n]
+        np.testing.assert_allclose(np.asarray(p), np.asarray(v), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("heads,kv", [(8, 2), (8, 4)])
@@ -192,3 +326,61 @@ def test_growth_in_a_run_survives_restarts(data_cache, tmp_path, monkeypatch):
     assert recs[-1]["flops"] > events[0]["flops"] > 0
     with open(os.path.join(wd, "config.json")) as f:
         assert json.load(f)["growth"]["op"] == "zero_depth"
+
+
+def test_msg_fade_in_in_a_run_resumes_the_ramp(data_cache, tmp_path):
+    """G_random + MSG inside a run: the grown model starts as the source's function (m(0) = 0),
+    and a run stopped mid-ramp (SIGTERM at grown step 1 of a 3-step ramp) resumes it: the same
+    losses as a straight run (a ramp restarted at 0 would zero the new layers again)."""
+    cfg = _run_cfg(data_cache)
+    cfg = dataclasses.replace(cfg, growth=GrowthConfig(op="random_depth", factor=2, source_steps=3,
+                                                       new_layers="top", fade_in_steps=3))
+    src_wd = str(tmp_path / "source")
+    grow_run.run(cfg, str(tmp_path / "straight"), source_workdir=src_wd, progress=False)
+
+    def kill_at_1(trainer, step, metrics):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    wd = str(tmp_path / "restarted")
+    first = grow_run.run(cfg, wd, source_workdir=src_wd, progress=False, on_step=kill_at_1)
+    assert first["preempted"] and first["step"] == 1
+    done = grow_run.run(cfg, wd, source_workdir=src_wd, progress=False)
+    assert done["step"] == 4
+    recs, ref = (read_metrics(os.path.join(w, "metrics.jsonl"))
+                 for w in (wd, str(tmp_path / "straight")))
+    event = [r for r in recs if r.get("event") == "grow"][0]
+    src_final = [r for r in recs if r["step"] == 3 and "val/loss" in r and "event" not in r][0]
+    np.testing.assert_allclose(event["val/loss"], src_final["val/loss"], rtol=1e-5)
+    loss = lambda rs: [r["train/loss"] for r in rs if "train/loss" in r]  # noqa: E731
+    np.testing.assert_array_equal(loss(recs), loss(ref))
+    assert len(loss(recs)) == 7
+
+
+def test_msg_fade_in_sharded_matches_unsharded(dense):
+    """The fade-in optimizer on 8 devices (data=2, fsdp=2, tensor=2): latent weights sharded like
+    their parameters, and two train steps give the single-device parameters."""
+    s, state = dense
+    mesh8 = MeshConfig(data=2, fsdp=2, tensor=2)
+    s8 = _setup(s.cfg.model, mesh8, devices=8)
+    m = tiny_model(num_layers=4)
+    opts = G.Options(new_layers="top", fade_in_steps=3)
+    new = G.new_layers_of("random_depth", s.cfg.model, m, opts)
+    d1 = G.with_fade_in(_setup(m), new, 3)
+    d8 = G.with_fade_in(_setup(m, mesh8, devices=8), new, 3)
+    a = G.grow(state, s, d1, "random_depth", options=opts)
+    b = G.grow(jax.device_put(state, s8.state_shardings), s8, d8, "random_depth", options=opts)
+    lat = b.opt_state.latent["layers.2.attn.o"]
+    assert lat.sharding.is_equivalent_to(
+        b.params.to_pure_dict()["layers"][2]["attn"]["o"].sharding, lat.ndim)
+    step1, step8 = T.make_train_step(d1, 1), T.make_train_step(d8, 1)
+    for _ in range(2):
+        a, ma = step1(a, _batch(d1.mesh))
+        b, mb = step8(b, _batch(d8.mesh))
+        np.testing.assert_allclose(float(mb["train/grad_norm"]), float(ma["train/grad_norm"]),
+                                   rtol=1e-5)
+    # Adam turns reduction-order noise in near-zero gradients into up to ~lr per element: the
+    # bound is 5e-5 (lr / 60), far below what a wrong mask or clock would change
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-3, atol=5e-5)
+    assert np.any(np.asarray(b.params.to_pure_dict()["layers"][2]["attn"]["o"]))  # m(2) = 2/3

@@ -90,10 +90,11 @@ def test_bias_changes_selection_not_weights(logits):
     np.testing.assert_allclose(r.probs, s / s.sum(-1, keepdims=True), **TOL)
 
 
-def limited_np(sel, k, G, topk_groups):
-    """Brute force: group score = sum of its top-max(1, k//topk_groups) scores; keep best groups."""
+def limited_np(sel, k, G, topk_groups, m=None):
+    """Brute force: group score = sum of its top-m scores (default max(1, k//topk_groups); m=1 is
+    the group's max); keep best groups."""
     Tn, En = sel.shape
-    ng, m = En // G, min(max(1, k // topk_groups), En // G)
+    ng, m = En // G, m or min(max(1, k // topk_groups), En // G)
     out = np.zeros((Tn, k), np.int64)
     for t in range(Tn):
         gs = [np.sort(sel[t, g * ng:(g + 1) * ng])[::-1][:m].sum() for g in range(G)]
@@ -118,18 +119,54 @@ def test_group_limited(logits, score, k, groups):
     assert max(used_groups) <= groups
 
 
-@pytest.mark.parametrize("norm", [True, False])
-def test_moge_exactly_k_per_group(logits, norm):
+@pytest.mark.parametrize("norm,renorm", [(True, False), (False, False), (True, True)])
+def test_moge_exactly_k_per_group(logits, norm, renorm):
+    """MoGE keeps the global-softmax weights (spec 8.11) whatever norm_topk_prob says; it
+    renormalises only under moge_renormalize."""
     G, k = 4, 8
-    r = R.topk_route(jnp.asarray(logits), k, group_mode="moge", num_groups=G, norm_topk_prob=norm)
+    r = R.topk_route(jnp.asarray(logits), k, group_mode="moge", num_groups=G, norm_topk_prob=norm,
+                     moge_renormalize=renorm)
     per_group = np.asarray(r.selected).reshape(T, G, E // G).sum(-1)
     np.testing.assert_array_equal(per_group, k // G)
     p = softmax(logits.astype(np.float64))
     idx = np.concatenate([g * (E // G) + topk_np(p[:, g * (E // G):(g + 1) * (E // G)], k // G)
                           for g in range(G)], 1)
     w = np.take_along_axis(p, idx, 1)
-    w = w / w.sum(-1, keepdims=True) if norm else w
+    w = w / w.sum(-1, keepdims=True) if renorm else w
     assert_same_routing(r.experts, r.weights, idx, w)
+
+
+@pytest.mark.parametrize("renorm", [False, True])
+def test_router_module_moge_weights_and_replay(renorm):
+    """The Router (default norm_topk_prob=True) gives MoGE's global-softmax weights unless
+    moge_renormalize; replaying its own picks reproduces them."""
+    rt = R.Router(_cfg(group_mode="moge", num_groups=2, moge_renormalize=renorm), rngs=nnx.Rngs(4))
+    x = jnp.asarray(np.random.default_rng(21).normal(size=(T, 64)), jnp.float32)
+    out, _ = rt(x)
+    p = softmax(np.asarray(x, np.float64) @ np.asarray(rt.w[...], np.float64))
+    w = np.take_along_axis(p, np.asarray(out.experts), 1)
+    w = w / w.sum(-1, keepdims=True) if renorm else w
+    np.testing.assert_allclose(out.weights, w, **TOL)
+    replay, _ = rt(x, forced=out.experts)
+    np.testing.assert_allclose(replay.weights, out.weights, **TOL)
+
+
+def test_group_score_max_is_deepseek_v2_device_limited(logits):
+    """group_score='max' keeps the topk_groups groups with the highest single affinity (V2);
+    k=4 over 2 kept groups makes 'topsum' a top-2 sum, which picks other groups here."""
+    G, groups, k = 4, 2, 4
+    r = R.topk_route(jnp.asarray(logits), k, group_mode="limited", num_groups=G,
+                     topk_groups=groups, group_score="max")
+    s = softmax(logits.astype(np.float64))
+    np.testing.assert_array_equal(r.experts, limited_np(s, k, G, groups, m=1))
+    topsum = R.topk_route(jnp.asarray(logits), k, group_mode="limited", num_groups=G,
+                          topk_groups=groups)
+    assert np.any(np.asarray(topsum.experts) != np.asarray(r.experts))
+    rt = R.Router(_cfg(group_mode="limited", num_groups=4, topk_groups=2, group_score="max"),
+                  rngs=nnx.Rngs(5))
+    x = jnp.asarray(np.random.default_rng(22).normal(size=(T, 64)), jnp.float32)
+    z = np.asarray(x, np.float64) @ np.asarray(rt.w[...], np.float64)
+    np.testing.assert_array_equal(rt(x)[0].experts, limited_np(softmax(z), 2, 4, 2, m=1))
 
 
 def topp_np(p, thr, max_slots):
@@ -316,6 +353,26 @@ def test_rmoe_gru_three_layers_vs_numpy():
         np.testing.assert_allclose(r.logits, h @ np.asarray(rt.gate[...], np.float64),
                                    rtol=1e-4, atol=1e-5)
     assert np.abs(h).max() > 0.05  # the state carries signal across layers
+
+
+@pytest.mark.parametrize("kind", ["gru", "rnn"])
+def test_recurrent_init_normal_vs_default(kind):
+    """recurrent_init='normal' draws every cell weight and bias from N(0, init_std) (RMoE's
+    reference init); 'default' stays PyTorch's U(+-1/sqrt(p))."""
+    p, std = 64, 0.05
+    normal = R.init_gru_params(jax.random.key(0), p, kind, "normal", std)
+    default = R.init_gru_params(jax.random.key(0), p, kind)
+    for name, v in normal.items():
+        v = np.asarray(v, np.float64)
+        assert abs(v.mean()) < 4 * std / math.sqrt(v.size), name
+        np.testing.assert_allclose(v.std(), std, rtol=0.15 if v.ndim == 1 else 0.03, err_msg=name)
+        bound = 1 / math.sqrt(p)
+        d = np.asarray(default[name])
+        assert np.abs(d).max() <= bound and np.abs(d).max() > 0.9 * bound, name
+    cfg = _cfg(recurrent=kind, recurrent_dim=p, recurrent_init="normal")
+    cell = R.RecurrentCell(cfg, rngs=nnx.Rngs(0))
+    w = np.concatenate([np.ravel(v) for v in cell.cell_params().values()])
+    np.testing.assert_allclose(w.std(), cfg.init_std, rtol=0.03)
 
 
 def test_rnn_cell_vs_numpy():

@@ -3,6 +3,7 @@ gradients, which Adam would hide a global scale of), no recompiles, replicated m
 by parameter role (the same with and without scan_layers), and non-finite steps never reach the
 parameters."""
 
+import dataclasses
 import re
 
 import jax
@@ -237,6 +238,18 @@ def test_decay_mask_by_parameter_role(scan):
     got = _decayed(_wd_config(scan, moe=True))
     assert {k for k, d in got.items() if not d} == NOT_DECAYED
     assert {k for k, d in got.items() if d} == DECAYED
+
+
+@pytest.mark.parametrize("granularity", ["headwise", "elementwise"])
+def test_constant_gate_logits_are_never_decayed(granularity):
+    """The input-independent gate's learned logits (``gate_bias``, a vector per head or a matrix
+    per head x dim) are offsets like the sink: not decayed, whatever their rank."""
+    cfg = _wd_config(False)
+    attn = dataclasses.replace(cfg.model.attention, gate="g1", gate_input="constant",
+                               gate_granularity=granularity)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=attn))
+    got = _decayed(cfg)
+    assert got["attn/gate_bias"] is False
 
 
 def test_zero_centred_norm_decay_is_an_explicit_switch():

@@ -1,5 +1,6 @@
 """Dense -> MoE upcycling (moejax.upcycle): copy, fine-grained, EMoE."""
 
+import dataclasses
 import functools
 import itertools
 
@@ -9,7 +10,8 @@ import pytest
 
 from moejax import train as T
 from moejax import upcycle as U
-from moejax.config import MeshConfig, MoEConfig, RouterConfig
+from moejax.config import (Config, ConfigError, DataConfig, GrowthConfig, MeshConfig, MoEConfig,
+                           RouterConfig)
 from moejax.testing import logits_of as _logits
 from moejax.testing import setup_for as _setup
 from moejax.testing import tiny_model
@@ -174,3 +176,47 @@ def test_config_errors(dense):
         U.upcycle(state, s, bad, "fine")
     with pytest.raises(ValueError, match="avg_key"):
         U.upcycle(state, s, _setup(tiny_model(moe=MoEConfig(num_experts=4, d_expert=32))), "emoe")
+
+
+@pytest.mark.parametrize("L,choice,layers", [
+    (32, "last_half", [16, 20, 24, 28]), (32, "last_quarter", [24, 26, 28, 30]),
+    (4, "last_half", [2]), (4, "last_quarter", [3]), (2, "last_half", [1]),
+    (12, "last_quarter", [9, 11])])
+def test_emoe_layer_choice_masks(L, choice, layers):
+    """EMoE's layer choice (every 4th layer of the last half / every 2nd of the last quarter) as
+    the MoE-layer mask of the resolved config, against lists written by hand."""
+    cfg = Config(model=tiny_model(num_layers=L, moe=MoEConfig(num_experts=4, d_expert=32)),
+                 data=DataConfig(seq_len=64),
+                 growth=GrowthConfig(op="emoe", source_steps=1, moe_layers=choice))
+    moe = U.apply_moe_layers(cfg).model.moe
+    assert [l for l in range(L) if moe.is_moe_layer(l)] == layers
+    assert U.apply_moe_layers(U.apply_moe_layers(cfg)) == U.apply_moe_layers(cfg)  # idempotent
+    all_layers = dataclasses.replace(cfg, growth=GrowthConfig(op="emoe", source_steps=1))
+    assert U.apply_moe_layers(all_layers) == all_layers
+
+
+def test_emoe_layer_choice_errors():
+    with pytest.raises(ConfigError, match="moe_layers"):
+        GrowthConfig(op="stack", source_steps=1, moe_layers="last_half")
+    scanned = Config(model=tiny_model(num_layers=4, scan_layers=True,
+                                      moe=MoEConfig(num_experts=4, d_expert=32)),
+                     data=DataConfig(seq_len=64),
+                     growth=GrowthConfig(op="emoe", source_steps=1, moe_layers="last_half"))
+    with pytest.raises(ConfigError, match="scan_layers"):
+        U.apply_moe_layers(scanned)
+
+
+def test_emoe_on_chosen_layers_keeps_the_others_dense(dense):
+    """EMoE on the last half only (2 layers: layer 1): layer 0 stays the source's dense FFN, layer
+    1 becomes blocks; with top_k = E the model is the dense model's function."""
+    s, state, ref = dense
+    first, every = U.moe_layer_choice(2, "last_half")
+    moe = MoEConfig(num_experts=4, top_k=4, d_expert=32, first_dense_layers=first,
+                    moe_every=every, router=RouterConfig(gating="avg_key"))
+    d = _setup(tiny_model(moe=moe))
+    up = U.upcycle(state, s, d, "emoe")
+    np.testing.assert_allclose(_logits(d, up), ref, rtol=1e-5, atol=1e-5)
+    src = jax.device_get(state.params.to_pure_dict())["layers"]
+    dst = jax.device_get(up.params.to_pure_dict())["layers"]
+    np.testing.assert_array_equal(dst[0]["mlp"]["gate"], src[0]["mlp"]["gate"])
+    assert "gate" not in dst[1]["mlp"] and dst[1]["mlp"]["w_gate"].shape == (4, 64, 32)

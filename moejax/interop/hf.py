@@ -39,7 +39,7 @@ from flax import nnx
 
 from moejax import ckpt
 from moejax.config import Config, ConfigError, DataConfig, MeshConfig, ModelConfig
-from moejax.interop import qwen3
+from moejax.interop import qwen3, qwen3_next  # qwen3_next: hybrid/MTP, else qwen3
 from moejax.interop.safetensors_dir import CheckpointError, SafetensorsDir, write_safetensors_dir
 from moejax.mesh import make_mesh, rules_for, use_mesh
 from moejax.model import Model
@@ -151,9 +151,9 @@ def inspect_hf(directory: str, *, dtype: str = "float32", param_dtype: str = "au
     if param_dtype == "auto":
         param_dtype = np.dtype(reader.dtype("model.embed_tokens.weight")).name \
             if "model.embed_tokens.weight" in reader.names else "float32"
-    model_cfg = qwen3.config_from_hf(hf, dtype=dtype, param_dtype=param_dtype,
-                                     scan_layers=scan_layers)
-    ignored = check_tensors(reader, qwen3.plan(model_cfg), hf, ignore)
+    model_cfg = qwen3_next.config_from_hf(hf, dtype=dtype, param_dtype=param_dtype,
+                                          scan_layers=scan_layers)
+    ignored = check_tensors(reader, qwen3_next.plan(model_cfg), hf, ignore)
     check_tied_head(reader, hf)
     return model_cfg, reader, ignored
 
@@ -172,7 +172,7 @@ def build_params(reader: SafetensorsDir, model_cfg: ModelConfig, target: dict,
     """The parameters of ``model_cfg`` from ``reader`` as a pure dict of jax.Arrays with the
     shapes, dtypes and shardings of ``target`` (a pure dict of ShapeDtypeStructs with sharding)."""
     params: dict = jax.tree.map(lambda x: None, target)
-    for leaf in qwen3.plan(model_cfg):
+    for leaf in qwen3_next.plan(model_cfg):
         sds = _get(target, leaf.path)
         if tuple(sds.shape[leaf.names.ndim:]) != leaf.shape:
             raise CheckpointError(f"parameter {'.'.join(map(str, leaf.path))} has shape "
@@ -233,7 +233,7 @@ def import_to_workdir(directory: str, workdir: str, *, mesh_cfg: MeshConfig | No
     mesh_cfg = mesh_cfg or MeshConfig()
     model_cfg.check_mesh_divisibility(dict(mesh_for(mesh_cfg).shape))
     abstract = abstract_params(model_cfg, mesh_for(MeshConfig(data=1)), MeshConfig(data=1))
-    for leaf in qwen3.plan(model_cfg):  # the plan and the model agree (before any file is written)
+    for leaf in qwen3_next.plan(model_cfg):  # plan and model agree (before any file is written)
         if tuple(_get(abstract, leaf.path).shape[leaf.names.ndim:]) != leaf.shape:
             raise AssertionError(f"plan/model mismatch at {leaf.path}")
     side = os.path.join(workdir, "hf")
@@ -282,7 +282,7 @@ def load_workdir_params(workdir: str, model_cfg: ModelConfig, target: dict,
             prefixes = json.load(f).get("ignore_prefixes", [])
         side = os.path.join(workdir, "hf")
         reader, hf = SafetensorsDir(side), read_hf_config(side)
-        ignored = check_tensors(reader, qwen3.plan(model_cfg), hf, prefixes)
+        ignored = check_tensors(reader, qwen3_next.plan(model_cfg), hf, prefixes)
         check_tied_head(reader, hf)
         return build_params(reader, model_cfg, target, ignored)
     if abstract_state is None:
@@ -294,9 +294,9 @@ def load_workdir_params(workdir: str, model_cfg: ModelConfig, target: dict,
 def export_hf(model_cfg: ModelConfig, params: dict, out_dir: str, *,
               max_shard_bytes: int = 2 << 30, side_dir: str | None = None) -> list[str]:
     """Write ``params`` (pure dict of jax/numpy arrays) as a HF model dir; returns the files."""
-    qwen3.check_exportable(model_cfg)  # fail before any file is written
+    qwen3_next.check_exportable(model_cfg)  # fail before any file is written
     dtype = np.dtype(model_cfg.param_dtype)
-    leaves = qwen3.plan(model_cfg)
+    leaves = qwen3_next.plan(model_cfg)
 
     def tensors():
         for leaf in leaves:
@@ -310,7 +310,7 @@ def export_hf(model_cfg: ModelConfig, params: dict, out_dir: str, *,
     if jax.process_index() != 0:
         return []
     files = write_safetensors_dir(out_dir, tensors(), max_shard_bytes=max_shard_bytes)
-    hf = qwen3.config_to_hf(model_cfg, torch_dtype=dtype.name)
+    hf = qwen3_next.config_to_hf(model_cfg, torch_dtype=dtype.name)
     if side_dir and os.path.exists(os.path.join(side_dir, "config.json")):
         with open(os.path.join(side_dir, "config.json")) as f:
             src = json.load(f)

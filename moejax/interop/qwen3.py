@@ -4,8 +4,9 @@ names <-> moejax parameter paths.
 Families (``model_type``): ``qwen3`` (dense), ``qwen3_moe`` (routed experts; ``norm_topk_prob``,
 ``mlp_only_layers``, ``decoder_sparse_step``) and ``qwen3_next`` restricted to the blocks moejax has:
 full-attention layers with the doubled, gated ``q_proj`` ([query | gate] per head), zero-centred
-RMSNorms ``x * (1 + w)``, partial RoPE, and the MoE with a sigmoid-gated shared expert. Gated
-DeltaNet (``linear_attention``) layers are not implemented and are refused by name.
+RMSNorms ``x * (1 + w)``, partial RoPE, and the MoE with a sigmoid-gated shared expert. This module
+alone refuses Gated DeltaNet (``linear_attention``) layers and MTP by name; ``moejax.interop.hf``
+goes through ``qwen3_next``, which maps those and hands every other field and tensor to this one.
 
 Tensor layout: HF ``nn.Linear`` weights are ``[out, in]``; moejax keeps ``[in, ...out]`` (q: [D,H,hd],
 o: [H,hd,D], experts stacked [E,D,F]), so every matrix is a transpose plus a reshape, which is exact.
@@ -61,8 +62,8 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", param_dtype: str = "floa
     L = int(hf["num_hidden_layers"])
     for i, t in enumerate(hf.get("layer_types") or ["full_attention"] * L):
         if t != "full_attention":
-            raise _unsupported(f"layer_types[{i}]", t, "only full_attention layers are implemented "
-                               "(Qwen3-Next's Gated DeltaNet 'linear_attention' is not)")
+            raise _unsupported(f"layer_types[{i}]", t, "this module maps full_attention layers only; "
+                               "hybrid checkpoints go through moejax.interop.qwen3_next")
     theta, frac = _rope(hf)
     H = int(hf["num_attention_heads"])
     hd = int(hf.get("head_dim") or hf["hidden_size"] // H)

@@ -9,7 +9,9 @@ same normed input ``x`` as q/k/v, at one position (``cfg.attention.gate``):
   g4  queries [B,T,H,hd] after QK-norm, before RoPE
   g5  the d_model output after the output projection (elementwise only)
 Granularity: elementwise (one gate per head channel), headwise (one per head), head_shared (one
-per channel, shared by all heads). ``gate_layout='qwen3_next'`` stores the g1 gate inside a
+per channel, shared by all heads). Controls (spec 2.1): ``gate_input='constant'`` replaces x W_θ
+by one learned logit per gate entry (input-independent); ``gate_activation='ns_sigmoid'`` is the
+non-sparse 0.5 + 0.5σ, confined to [0.5, 1]. ``gate_layout='qwen3_next'`` stores the g1 gate in a
 doubled q projection ``[D, H, 2*hd]`` whose per-head halves are [query | gate], as HF Qwen3-Next;
 ``'separate'`` keeps its own ``gate`` parameter. The gate is applied outside the kernel.
 """
@@ -83,27 +85,31 @@ def write_layer_rows(buf: jax.Array, layer, slots: jax.Array, new: jax.Array) ->
     return buf.at[layer, b, :, slots].set(new.astype(buf.dtype), mode="drop")
 
 
-_GATE_NAMES = {  # (position, granularity) -> (einsum spec of x @ W, W's logical names)
-    ("q", "elementwise"): ("btd,dhk->bthk", ("embed", "heads", "head_dim")),
-    ("q", "headwise"): ("btd,dh->bth", ("embed", "heads")),
-    ("q", "head_shared"): ("btd,dk->btk", ("embed", "head_dim")),
-    ("kv", "elementwise"): ("btd,dhk->bthk", ("embed", "kv_heads", "head_dim")),
-    ("kv", "headwise"): ("btd,dh->bth", ("embed", "kv_heads")),
-    ("kv", "head_shared"): ("btd,dk->btk", ("embed", "head_dim")),
-    ("out", "elementwise"): ("btd,de->bte", ("embed", None)),
+_GATE_NAMES = {  # (position, granularity) -> W_θ's logical names (x [B,T,D] @ W_θ [D,...])
+    ("q", "elementwise"): ("embed", "heads", "head_dim"),
+    ("q", "headwise"): ("embed", "heads"),
+    ("q", "head_shared"): ("embed", "head_dim"),
+    ("kv", "elementwise"): ("embed", "kv_heads", "head_dim"),
+    ("kv", "headwise"): ("embed", "kv_heads"),
+    ("kv", "head_shared"): ("embed", "head_dim"),
+    ("out", "elementwise"): ("embed", None),
 }
-GATE_ACTIVATIONS = {"sigmoid": jax.nn.sigmoid, "silu": jax.nn.silu}
+GATE_ACTIVATIONS = {"sigmoid": jax.nn.sigmoid, "silu": jax.nn.silu,
+                    "ns_sigmoid": lambda z: 0.5 + 0.5 * jax.nn.sigmoid(z)}
 GATE_LOW = 0.1  # gate sparsity threshold (spec section 2.4)
 
 
 def gate_shape(cfg) -> tuple[int, ...]:
-    """Shape of the separate gate projection W_θ for a ModelConfig."""
+    """Shape of the separate gate projection W_θ for a ModelConfig (without its leading D for an
+    input-independent gate, ``gate_input='constant'``)."""
     a, D = cfg.attention, cfg.d_model
     heads = a.num_kv_heads if a.gate in ("g2", "g3") else a.num_heads
     if a.gate == "g5":
-        return (D, D)
-    return {"elementwise": (D, heads, a.head_dim), "headwise": (D, heads),
-            "head_shared": (D, a.head_dim)}[a.gate_granularity]
+        shape = (D, D)
+    else:
+        shape = {"elementwise": (D, heads, a.head_dim), "headwise": (D, heads),
+                 "head_shared": (D, a.head_dim)}[a.gate_granularity]
+    return shape[1:] if a.gate_input == "constant" else shape
 
 
 def _gate_side(gate: str) -> str:
@@ -139,7 +145,8 @@ def gate_stats(act: jax.Array, valid: jax.Array, first: jax.Array) -> dict[str, 
 class Attention(nnx.Module):
     """q [D,H,hd] (``[D,H,2*hd]`` = [query|gate] per head in the qwen3_next layout), k/v [D,Hkv,hd],
     o [H,hd,D]; RMSNorm over head_dim on q and k before RoPE; optional ``gate`` (shape
-    ``gate_shape(cfg)``) and ``sink`` [H] logits."""
+    ``gate_shape(cfg)``; ``gate_bias`` instead for an input-independent gate) and ``sink`` [H]
+    logits."""
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         a = cfg.attention
@@ -150,6 +157,7 @@ class Attention(nnx.Module):
         out_init = jax.nn.initializers.truncated_normal(cfg.init_std / math.sqrt(2 * cfg.num_layers))
         pd = cfg.param_dtype
         self.gate_cfg = (a.gate, a.gate_granularity, a.gate_activation, a.gate_form, a.gate_layout)
+        self.gate_input = a.gate_input
         q_dim = 2 * hd if a.gate_layout == "qwen3_next" else hd
         self.q = param(init, rngs.params(), (D, H, q_dim), pd, ("embed", "heads", "head_dim"))
         self.k = param(init, rngs.params(), (D, Hkv, hd), pd, ("embed", "kv_heads", "head_dim"))
@@ -160,25 +168,32 @@ class Attention(nnx.Module):
             self.k_norm = make_norm(cfg, hd, ("head_dim",))
         else:
             self.q_norm = self.k_norm = None
+        gate = gate_bias = None
         if a.gate != "none" and a.gate_layout == "separate":
-            names = _GATE_NAMES[(_gate_side(a.gate), a.gate_granularity)][1]
-            self.gate = param(init, rngs.params(), gate_shape(cfg), pd, names)
-        else:
-            self.gate = None
+            names = _GATE_NAMES[(_gate_side(a.gate), a.gate_granularity)]
+            if a.gate_input == "constant":  # the logits alone (a bias, no x W_θ): σ(0) = 0.5
+                gate_bias = param(zeros_init, None, gate_shape(cfg), pd, names[1:])
+            else:
+                gate = param(init, rngs.params(), gate_shape(cfg), pd, names)
+        self.gate, self.gate_bias = gate, gate_bias
         self.sink = param(zeros_init, None, (H,), pd, ("heads",)) if a.sink else None
 
     def _gate(self, x: jax.Array, qg: jax.Array | None) -> jax.Array | None:
         """The activated gate (fp32) from the normed input x [B,T,D], or from the gate half
-        ``qg`` [B,T,H,hd] of a qwen3_next-layout q projection; None without a gate."""
+        ``qg`` [B,T,H,hd] of a qwen3_next-layout q projection, or (input-independent) the learned
+        logits broadcast over [B,T]; None without a gate."""
         pos, gran, act, _, layout = self.gate_cfg
         if pos == "none":
             return None
         if layout == "qwen3_next":
-            logits = qg
+            return GATE_ACTIVATIONS[act](qg.astype(jnp.float32))
+        if self.gate_input == "constant":
+            b = self.gate_bias[...].astype(self.dtype)
+            logits = jnp.broadcast_to(b, (*x.shape[:2], *b.shape))
         else:
-            spec, names = _GATE_NAMES[(_gate_side(pos), gran)]
-            logits = jnp.einsum(spec, x, self.gate[...].astype(self.dtype))
-            logits = constrain(logits, ("batch", "length", *names[1:]))
+            logits = linear(x, self.gate[...].astype(self.dtype))  # [B,T,*W_θ.shape[1:]]
+        names = _GATE_NAMES[(_gate_side(pos), gran)]
+        logits = constrain(logits, ("batch", "length", *names[1:]))
         return GATE_ACTIVATIONS[act](logits.astype(jnp.float32))
 
     def _cached_attention(self, q, k, v, cache: LayerCache, positions, segment_ids, sink, probes):

@@ -14,14 +14,24 @@ sequence), ``seq_prob_sum [B,E]`` (differentiable sum of probs over the sequence
 holds several documents; ``balance.sequence_unit='document'`` (default) makes scope 'sequence' and
 the sequence imbalance per document. Documents per row vary, so the layer reduces them itself
 (``document_stats``: per-layer scalars ``doc_balance`` and ``doc_imbalance``); 'row' pools the row.
+
+Pooled groups (``shuffled``, and ``group`` larger than a micro-step): each token of the *global*
+batch belongs to one of G balance groups (``balance_group_ids``, drawn from the step key), so a
+group spans micro-steps. The training loop first counts each group's selections over all
+micro-steps (a forward without gradient, ``group_token_pool`` of the layer's token-level
+``router/token_selected``), then each micro-step adds its share ``pooled_balance`` of
+``mean_g E sum_i f^g_i p^g_i``: exact, since the loss is linear in p once f is fixed.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
-SCOPES = ("none", "micro", "sequence", "group", "global", "global+micro")
+SCOPES = ("none", "micro", "sequence", "group", "shuffled", "global", "global+micro")
+GROUP_KEY_SALT = 0x6C626C  # fold_in salt of the balance-group draw (micro-steps fold in 0..accum-1)
 
 
 def _safe_div(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -87,6 +97,73 @@ def _balance_one(seq_counts, seq_prob_sum, seq_tokens, count_buffer, *, scope, g
             loss = loss + micro_ratio * micro()
         return loss, c
     raise ValueError(f"scope={scope!r}: choose one of {SCOPES}")
+
+
+class PooledGroups(NamedTuple):
+    """One micro-step's view of the pooled balance groups: ``ids`` [b,T] int32 (this micro-step's
+    tokens), ``counts`` [L,G,E_all] (selections of each group over the whole global batch),
+    ``tokens`` [G] (valid tokens per group over the global batch), ``micro_steps`` (accumulation
+    steps: the loop averages aux losses over them, so each step's share is scaled back up)."""
+
+    ids: jax.Array
+    counts: jax.Array
+    tokens: jax.Array
+    micro_steps: int
+
+
+def num_pooled_groups(scope: str, group_size: int, rows: int, micro_steps: int,
+                      batch_shards: int) -> int:
+    """G balance groups of the global batch (``rows`` sequences) pooled across micro-steps, or 0
+    when the scope is computed inside each micro-step. 'shuffled': one group per micro-batch
+    (micro_steps x batch_shards of them, each the token count of a micro-batch); 'group' whose
+    ``group_size`` exceeds a micro-step's rows: rows / group_size groups of consecutive rows."""
+    if scope == "shuffled":
+        return micro_steps * batch_shards
+    if scope == "group" and group_size > rows // micro_steps:
+        if rows % group_size:
+            raise ValueError(f"balance group of {group_size} sequences must divide the global "
+                             f"batch ({rows} sequences)")
+        return rows // group_size
+    return 0
+
+
+def shuffled_group_ids(key: jax.Array, rows: int, seq_len: int, num_groups: int) -> jax.Array:
+    """A uniformly random partition of the global batch's token positions into ``num_groups``
+    groups of equal size (token level, across sequences) -> [rows, seq_len] int32 group ids."""
+    n = rows * seq_len
+    if n % num_groups:
+        raise ValueError(f"{num_groups} shuffled balance groups must divide the {n} tokens")
+    perm = jax.random.permutation(key, n)  # position perm[j] goes to group j // (n / G)
+    group_of_slot = jnp.arange(n, dtype=jnp.int32) // (n // num_groups)
+    ids = jnp.zeros((n,), jnp.int32).at[perm].set(group_of_slot)
+    return ids.reshape(rows, seq_len)
+
+
+def balance_group_ids(scope: str, key: jax.Array, rows: int, seq_len: int,
+                      num_groups: int) -> jax.Array:
+    """Group id [rows, seq_len] of every global-batch token for a pooled scope: random token
+    groups ('shuffled', fresh per step from ``key``) or consecutive rows ('group')."""
+    if scope == "shuffled":
+        return shuffled_group_ids(key, rows, seq_len, num_groups)
+    row = jnp.arange(rows, dtype=jnp.int32) // (rows // num_groups)
+    return jnp.broadcast_to(row[:, None], (rows, seq_len))
+
+
+def group_token_pool(values: jax.Array, ids: jax.Array, num_groups: int) -> jax.Array:
+    """Sum token values [..., b, T, E] per group of ids [b, T] -> [..., G, E] (a one-hot matmul,
+    so a batch-sharded token axis reduces with one all-reduce)."""
+    member = jax.nn.one_hot(ids, num_groups, dtype=jnp.float32)  # [b,T,G]
+    return jnp.einsum("btg,...bte->...ge", member, values.astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST)
+
+
+def pooled_balance(token_probs: jax.Array, pooled: PooledGroups) -> jax.Array:
+    """This micro-step's share of the pooled-group LBL (mean over layers and non-empty groups of
+    E sum_i f^g_i p^g_i, f^g from the global ``pooled.counts``); token_probs [L,b,T,E] (zero at
+    padding). The shares of all micro-steps sum to the loss."""
+    ps = group_token_pool(token_probs, pooled.ids, pooled.counts.shape[-2])  # [L,G,E]
+    per = lbl(pooled.counts, ps, pooled.tokens)  # [L,G]
+    return jnp.mean(_masked_mean(per, pooled.tokens > 0))
 
 
 def balance_loss(seq_counts: jax.Array, seq_prob_sum: jax.Array, seq_tokens: jax.Array, *,
@@ -178,13 +255,26 @@ def document_stats(selected: jax.Array, probs: jax.Array, segment_ids: jax.Array
                 imbalance(real).reshape(-1), jnp.sum(real, -1).reshape(-1) > 0))}
 
 
+def _switched(global_loss, step, switch_step: int, micro_loss):
+    """balance.switch_step: the micro loss before optimizer step ``switch_step``, global after."""
+    if step is None:
+        raise ValueError("balance.switch_step needs the optimizer step (moe_aux_loss(step=...))")
+    return jnp.where(step < switch_step, micro_loss, global_loss)
+
+
+def needs_token_stats(balance_cfg) -> bool:
+    """Whether the MoE layer reports token-level selections and probabilities (pooled scopes)."""
+    return balance_cfg.scope in ("shuffled", "group")
+
+
 def sequence_imbalance(seq_counts: jax.Array) -> jax.Array:
     """Mean over sequences (with selections) of per-sequence max/mean load: [..., B, E] -> [...]."""
     per = imbalance(seq_counts)  # [...,B]
     return _masked_mean(per, jnp.sum(seq_counts, -1) > 0)
 
 
-STAT_KEYS = ("aux_loss", "balance_loss", "z_loss", "device_loss", "entropy_loss")
+STAT_KEYS = ("aux_loss", "balance_loss", "z_loss", "device_loss", "entropy_loss",
+             "sparsity_loss")
 LAYER_STAT_KEYS = ("seq_imbalance", "topk_score_sum", "entropy", "active_experts", "dropped")
 
 
@@ -195,7 +285,8 @@ def zero_stats(num_layers: int, num_columns: int) -> dict:
             **{k: jnp.zeros((num_layers,), jnp.float32) for k in LAYER_STAT_KEYS}}
 
 
-def moe_aux_loss(aux: dict, moe, *, micro_groups: int, count_buffer: jax.Array | None = None):
+def moe_aux_loss(aux: dict, moe, *, micro_groups: int, count_buffer: jax.Array | None = None,
+                 step: jax.Array | None = None, pooled: PooledGroups | None = None):
     """All MoE aux losses of one (micro-)step from the model's aux -> (loss, buffer, stats).
 
     Reads ``router/seq_counts``, ``router/seq_prob_sum`` [L,B,E_all], ``router/seq_tokens`` [L,B],
@@ -203,8 +294,12 @@ def moe_aux_loss(aux: dict, moe, *, micro_groups: int, count_buffer: jax.Array |
     ``router/doc_balance`` and ``router/doc_imbalance`` [L]; ``moe`` is the MoEConfig.
     loss = coef * balance (scope from the config; 'sequence' per document or per row, see
     ``balance.sequence_unit``) + z_loss_coef * z + device_coef * device balance (real experts,
-    router.num_groups groups) + entropy_coef * entropy (kind='topp' only). stats (stop-gradient) follow ``zero_stats``:
+    router.num_groups groups) + entropy_coef * entropy (kind='topp' only) + dsmoe_sparsity_coef *
+    the mean over layers of ``router/sparsity`` (variant 'dsmoe' only, DSMoE's L_s).
+    stats (stop-gradient) follow ``zero_stats``:
     counts [L,E_all] of this step's batch and each unscaled loss term.
+    Pooled scopes ('shuffled', 'group' across micro-steps) need ``pooled`` and
+    ``router/token_probs`` [L,b,T,E_all]; ``balance.switch_step`` needs the optimizer ``step``.
     """
     b, r = moe.balance, moe.router
     sc, ps, tok = aux["router/seq_counts"], aux["router/seq_prob_sum"], aux["router/seq_tokens"]
@@ -213,10 +308,17 @@ def moe_aux_loss(aux: dict, moe, *, micro_groups: int, count_buffer: jax.Array |
     per_document = b.sequence_unit == "document"
     if b.scope == "sequence" and per_document and b.coef > 0:
         bal = jnp.mean(aux["router/doc_balance"])
+    elif pooled is not None and b.coef > 0:
+        bal = pooled.micro_steps * pooled_balance(aux["router/token_probs"], pooled)
+    elif b.scope == "shuffled" and b.coef > 0:
+        raise ValueError("balance.scope='shuffled' pools across micro-steps: pass pooled=")
     elif b.scope != "none" and b.coef > 0:
         bal, buf = balance_loss(sc, ps, tok, scope=b.scope, group_size=b.group_size,
                                 micro_groups=micro_groups, count_buffer=count_buffer,
                                 micro_ratio=b.micro_ratio)
+        if b.switch_step:
+            bal = _switched(bal, step, b.switch_step, balance_loss(
+                sc, ps, tok, scope="micro", micro_groups=micro_groups)[0])
     zl = z_loss(aux["router/z"]) if b.z_loss_coef > 0 else zero
     dev = zero
     if b.device_coef > 0 and r.num_groups > 1:
@@ -224,12 +326,15 @@ def moe_aux_loss(aux: dict, moe, *, micro_groups: int, count_buffer: jax.Array |
         dev = device_balance_loss(jnp.sum(sc[..., :E], -2), jnp.sum(ps[..., :E], -2),
                                   jnp.sum(tok, -1), r.num_groups)
     ent = entropy_loss(aux["router/entropy"]) if r.kind == "topp" and b.entropy_coef > 0 else zero
-    loss = b.coef * bal + b.z_loss_coef * zl + b.device_coef * dev + b.entropy_coef * ent
+    v = moe.variant
+    sparse = jnp.mean(aux["router/sparsity"]) if v.kind == "dsmoe" else zero  # DSMoE L_s (8.7)
+    loss = (b.coef * bal + b.z_loss_coef * zl + b.device_coef * dev + b.entropy_coef * ent
+            + v.dsmoe_sparsity_coef * sparse)
     seq_imb = (aux["router/doc_imbalance"] if per_document
                else sequence_imbalance(sc[..., :moe.num_experts]))
     per_layer = {"seq_imbalance": seq_imb,
                  **{k: aux[f"router/{k}"] for k in LAYER_STAT_KEYS[1:]}}
     stats = {"counts": jnp.sum(sc, -2).astype(jnp.float32),
-             **dict(zip(STAT_KEYS, (loss, bal, zl, dev, ent))),
+             **dict(zip(STAT_KEYS, (loss, bal, zl, dev, ent, sparse))),
              **{k: v.astype(jnp.float32) for k, v in per_layer.items()}}
     return loss, buf, jax.lax.stop_gradient(stats)

@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax.config_checks import _check_choice, _check_positive, _fail
+from moejax.config import DeltaNetConfig  # noqa: F401  (re-exported: the config lives there)
 from moejax.kernels import gated_delta
 from moejax.layers import ones_init, param
 from moejax.layers.mlp import linear
@@ -39,48 +38,6 @@ from moejax.layers.norms import rms_norm
 from moejax.mesh import constrain
 
 HEAD_NAMES = ("batch", "length", "heads", "head_dim")
-
-
-@dataclasses.dataclass(frozen=True)
-class DeltaNetConfig:
-    """Gated DeltaNet sizes (Qwen3-Next: 16 key heads and 32 value heads of 128, conv kernel 4)."""
-
-    num_k_heads: int = 2
-    num_v_heads: int = 4
-    head_k_dim: int = 16
-    head_v_dim: int = 16
-    conv_kernel: int = 4
-    chunk: int = 64  # tokens per chunk of the chunked form
-    impl: Literal["chunked", "recurrent"] = "chunked"  # the no-cache / prefill form
-
-    def __post_init__(self):
-        for name in ("num_k_heads", "num_v_heads", "head_k_dim", "head_v_dim", "conv_kernel",
-                     "chunk"):
-            _check_positive(f"model.deltanet.{name}", getattr(self, name))
-        if self.conv_kernel < 2:
-            _fail("model.deltanet.conv_kernel", self.conv_kernel,
-                  "must be >= 2 (the causal conv keeps the K-1 previous inputs as decode state)")
-        if self.num_v_heads % self.num_k_heads:
-            _fail("model.deltanet.num_v_heads", self.num_v_heads,
-                  f"must be a multiple of num_k_heads={self.num_k_heads} (each key head serves "
-                  "num_v_heads/num_k_heads value heads)")
-        _check_choice("model.deltanet.impl", self.impl, ("chunked", "recurrent"))
-
-    @property
-    def key_dim(self) -> int:
-        return self.num_k_heads * self.head_k_dim
-
-    @property
-    def value_dim(self) -> int:
-        return self.num_v_heads * self.head_v_dim
-
-    @property
-    def conv_dim(self) -> int:
-        return 2 * self.key_dim + self.value_dim
-
-    @property
-    def heads_per_key(self) -> int:
-        return self.num_v_heads // self.num_k_heads
 
 
 @jax.tree_util.register_dataclass

@@ -17,7 +17,7 @@ from flax import nnx
 
 from moejax.config import ModelConfig, MoEConfig
 from moejax.layers import param
-from moejax.layers.balance import document_stats
+from moejax.layers.balance import document_stats, needs_token_stats
 from moejax.layers.mlp import MLP
 from moejax.layers.moe_dispatch import expert_choice_experts, moe_ffn
 from moejax.layers.router import ExpertChoice, RecurrentCell, Router, router_stats, uncertain_tokens
@@ -33,6 +33,15 @@ def seq_stats(selected: jax.Array, probs: jax.Array, valid: jax.Array, batch: in
         "seq_prob_sum": (probs * v).reshape(batch, T, -1).sum(1),
         "seq_tokens": valid.astype(jnp.float32).reshape(batch, T).sum(1),
     }
+
+
+def token_stats(selected: jax.Array, probs: jax.Array, valid: jax.Array, batch: int) -> dict:
+    """Token-level selections (stop-gradient) and probabilities [B, T, E_all], zero at padding:
+    what balance groups pooled across micro-steps need (moejax.layers.balance.pooled_balance)."""
+    v = valid.astype(jnp.float32)[:, None]
+    return {"router/token_selected": jax.lax.stop_gradient(selected * v).reshape(
+                batch, -1, selected.shape[-1]),
+            "router/token_probs": (probs * v).reshape(batch, -1, probs.shape[-1])}
 
 
 class MoE(nnx.Module):
@@ -98,6 +107,8 @@ class MoE(nnx.Module):
                     seq_stats(routing.selected, routing.probs, valid, B).items()})
         aux.update({f"router/{k}": v for k, v in document_stats(
             routing.selected, routing.probs, segment_ids, num_real=m.num_experts).items()})
+        if needs_token_stats(m.balance):
+            aux.update(token_stats(routing.selected, routing.probs, valid, B))
         return constrain(y.astype(x.dtype), ("batch", "length", "embed")), aux, new_state
 
     def _gw_mixture(self, xf, y, probs, segment_ids, w):

@@ -2,7 +2,8 @@
 and the two variants that absorb residual sinks (spec section 3.3):
 
 * PreAffine RMSNorm: ``γ ⊙ RMSNorm(λ ⊙ x)``, a learnable per-channel λ (init 1) before the norm;
-* GatedNorm: ``y = RMSNorm(x)·γ; y' = y ⊙ σ(W_up SiLU(W_down y))``, rank r (16), no biases.
+* GatedNorm: ``y = RMSNorm(x)·γ; y' = y ⊙ σ(W_up SiLU(W_down y))``, rank r (16), no biases;
+  ``double_gate`` uses ``2σ(·)`` so the gain starts at ≈1 instead of ≈0.5.
 
 ``make_block_norm(cfg, variant)`` builds the variant a ModelConfig selects for a block norm
 (``norm_variant_attn`` / ``_ffn`` / ``_final``); ``γ`` keeps the ``cfg.norm`` form throughout.
@@ -73,12 +74,15 @@ class PreAffineRMSNorm(nnx.Module):
 class GatedNorm(nnx.Module):
     """``y = RMSNorm(x)·γ``, then ``y ⊙ σ(W_up SiLU(W_down y))``: a low-rank (``rank``) per-token,
     per-channel gated rescaling. ``down`` [D,r] and ``up`` [r,D] have no biases; the gate MLP runs
-    in the compute ``dtype``, the sigmoid in fp32."""
+    in the compute ``dtype``, the sigmoid in fp32. ``double_gate``: ``2σ(·)``, gain ≈1 at init
+    (W_up, W_down ~ N(0, init_std) make the logits ≈0)."""
 
     def __init__(self, dim: int, *, rank: int = 16, eps: float = 1e-6, zero_centered: bool = False,
                  init_std: float = 0.02, dtype="float32", param_dtype="float32",
-                 names: Sequence[str | None] = ("embed",), rngs: nnx.Rngs):
+                 names: Sequence[str | None] = ("embed",), double_gate: bool = False,
+                 rngs: nnx.Rngs):
         self.eps, self.zero_centered, self.dtype = eps, zero_centered, jnp.dtype(dtype)
+        self.gate_scale = 2.0 if double_gate else 1.0
         self.scale = param(zeros_init if zero_centered else ones_init, None, (dim,), param_dtype,
                            names)
         init = jax.nn.initializers.truncated_normal(init_std)
@@ -90,7 +94,8 @@ class GatedNorm(nnx.Module):
         dt = self.dtype
         h = jax.nn.silu(jnp.einsum("...d,dr->...r", y.astype(dt), self.down[...].astype(dt)))
         g = jnp.einsum("...r,rd->...d", h, self.up[...].astype(dt))
-        return (y.astype(jnp.float32) * jax.nn.sigmoid(g.astype(jnp.float32))).astype(x.dtype)
+        gain = self.gate_scale * jax.nn.sigmoid(g.astype(jnp.float32))
+        return (y.astype(jnp.float32) * gain).astype(x.dtype)
 
 
 def make_block_norm(cfg, variant: str, *, rngs: nnx.Rngs | None = None) -> nnx.Module:
@@ -105,5 +110,5 @@ def make_block_norm(cfg, variant: str, *, rngs: nnx.Rngs | None = None) -> nnx.M
     if variant == "gated":
         return GatedNorm(cfg.d_model, rank=cfg.gated_norm_rank, eps=cfg.norm_eps, zero_centered=zc,
                          init_std=cfg.init_std, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                         rngs=rngs)
+                         double_gate=cfg.gated_norm_double_gate, rngs=rngs)
     raise ValueError(f"norm variant {variant!r} is unknown; choose 'rms', 'preaffine' or 'gated'")

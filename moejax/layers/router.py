@@ -95,23 +95,28 @@ def _slot_weights(s: jax.Array, experts: jax.Array, empty: jax.Array, *, renorm:
 
 def topk_route(logits: jax.Array, k: int, *, score: str = "softmax", norm_topk_prob: bool = True,
                routed_scaling: float = 1.0, bias: jax.Array | None = None, group_mode: str = "none",
-               num_groups: int = 1, topk_groups: int = 1, num_null: int = 0,
-               mask: jax.Array | None = None) -> Routing:
+               num_groups: int = 1, topk_groups: int = 1, group_score: str = "topsum",
+               moge_renormalize: bool = False, num_null: int = 0,
+               mask: jax.Array | None = None, drop_top: int = 0) -> Routing:
     """Token-choice top-k (§0 softmax, §8.12 DeepSeek-V3 sigmoid, §8.6 limited, §8.11 MoGE, §8.4 AdaMoE).
 
     logits [T,E_all], the last ``num_null`` columns being AdaMoE null experts. Scores s are softmax
     over all E_all columns or elementwise sigmoid. Selection ranks s + bias (bias [E], aux-loss-free,
     §8.12); weights are always the unbiased s of the chosen experts, renormalised if
     ``norm_topk_prob``, then times ``routed_scaling``.
-    * 'limited' (DeepSeek-V2/V3 device/node-limited): group score = sum of the top-m selection scores
-      inside the group with m = max(1, k // topk_groups) capped at the group size (V3: k=8 over 4
-      nodes -> top-2 sum); keep the best ``topk_groups`` groups, then top-k among their experts.
+    * 'limited' (DeepSeek-V2/V3 device/node-limited): ``group_score='topsum'`` (V3) scores a group
+      by the sum of the top-m selection scores inside it with m = max(1, k // topk_groups) capped
+      at the group size (V3: k=8 over 4 nodes -> top-2 sum); 'max' (V2) by its best expert's
+      score; keep the best ``topk_groups`` groups, then top-k among their experts.
     * 'moge' (Pangu MoGE): top-(k/num_groups) inside each group of E/num_groups experts; slots
-      are group-major; weights are the global scores.
+      are group-major; weights are the global scores, renormalised only if ``moge_renormalize``
+      (``norm_topk_prob`` does not apply).
     * Null experts: slots choosing one become empty; the real weights are always renormalised to
       sum 1 (AdaMoE), and a token with no real expert gets all-zero weights.
     * ``mask`` [T,E] additive (MaskMoE, 0 / MASK_VALUE): slots that land on a masked expert (only
       when k exceeds the visible experts) become empty, like null slots.
+    * ``drop_top`` > 0 (robustness probe, §8.2; not with MoGE): the slots of the ``drop_top``
+      best-ranked picks (slots 0 .. drop_top-1: top_k sorts them) become empty, like null slots.
     """
     logits = logits.astype(jnp.float32)
     T, E_all = logits.shape
@@ -139,7 +144,9 @@ def topk_route(logits: jax.Array, k: int, *, score: str = "softmax", norm_topk_p
             if E % G or k > topk_groups * ng:
                 raise ValueError(f"limited routing: E={E}, num_groups={G}, topk_groups="
                                  f"{topk_groups}, k={k} are inconsistent")
-            m = min(max(1, k // topk_groups), ng)
+            m = 1 if group_score == "max" else min(max(1, k // topk_groups), ng)
+            if group_score not in ("topsum", "max"):
+                raise ValueError(f"group_score={group_score!r}: choose 'topsum' or 'max'")
             gscore = jnp.sum(jax.lax.top_k(sel.reshape(T, G, ng), m)[0], axis=-1)  # [T,G]
             _, gidx = jax.lax.top_k(gscore, topk_groups)  # [T,topk_groups]
             keep = jnp.sum(jax.nn.one_hot(gidx, G, dtype=jnp.float32), axis=1) > 0  # [T,G]
@@ -152,8 +159,14 @@ def topk_route(logits: jax.Array, k: int, *, score: str = "softmax", norm_topk_p
         mk = jnp.take_along_axis(mask.astype(jnp.float32), jnp.minimum(experts, E - 1), axis=1)
         masked = (experts < E) & (mk < 0)
     sel_mask = _selected_mask(jnp.where(masked, -1, experts), E_all)  # null picks count too
+    if drop_top:
+        if group_mode == "moge":
+            raise ValueError("drop_top: MoGE slots are group-major, not ranked")
+        masked = masked | (jnp.arange(experts.shape[1]) < drop_top)[None, :]
+        sel_mask = _selected_mask(jnp.where(masked, -1, experts), E_all)
     empty = masked | (experts >= E)
-    w = _slot_weights(s, experts, empty, renorm=norm_topk_prob or num_null > 0,
+    renorm = moge_renormalize if group_mode == "moge" else norm_topk_prob
+    w = _slot_weights(s, experts, empty, renorm=renorm or num_null > 0,
                       routed_scaling=routed_scaling)  # [T,k] unbiased scores
     experts = jnp.where(empty, -1, experts).astype(jnp.int32)
     return Routing(experts, w, probs, logits, sel_mask, log_probs, jnp.zeros((T,), jnp.float32))
@@ -291,12 +304,20 @@ def rnn_cell(params: dict, x: jax.Array, h: jax.Array) -> jax.Array:
                     + jnp.dot(h, params["w_h"], precision=_HI) + params["b"])
 
 
-def init_gru_params(key: jax.Array, p: int, kind: str = "gru") -> dict:
-    """PyTorch-style init U(-1/sqrt(p), 1/sqrt(p)) for the GRU (or, kind='rnn', the tanh RNN)."""
+def init_gru_params(key: jax.Array, p: int, kind: str = "gru", init: str = "default",
+                    std: float = 0.02) -> dict:
+    """Params of the GRU (or, kind='rnn', the tanh RNN): init='default' is PyTorch's
+    U(-1/sqrt(p), 1/sqrt(p)); 'normal' is N(0, std) on every weight and bias (RMoE's reference
+    code applies its Megatron init_method to all cell parameters)."""
     g = 3 if kind == "gru" else 1
     shapes = ({"w_i": (p, g * p), "w_h": (p, g * p), "b_i": (g * p,), "b_h": (g * p,)}
               if kind == "gru" else {"w_i": (p, p), "w_h": (p, p), "b": (p,)})
     keys = jax.random.split(key, len(shapes))
+    if init == "normal":
+        return {n: std * jax.random.normal(kk, s, jnp.float32)
+                for kk, (n, s) in zip(keys, shapes.items())}
+    if init != "default":
+        raise ValueError(f"init={init!r}: choose 'default' or 'normal'")
     a = 1.0 / math.sqrt(p)
     return {n: jax.random.uniform(kk, s, jnp.float32, -a, a) for kk, (n, s) in zip(keys, shapes.items())}
 
@@ -404,7 +425,8 @@ class RecurrentCell(nnx.Module):
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         r = cfg.moe.router
         self.kind = r.recurrent
-        for name, v in init_gru_params(rngs.params(), r.recurrent_dim, r.recurrent).items():
+        for name, v in init_gru_params(rngs.params(), r.recurrent_dim, r.recurrent,
+                                       r.recurrent_init, cfg.init_std).items():
             setattr(self, name, param(lambda k, s, d, v=v: v.astype(d), None, v.shape,
                                       jnp.float32, (None,) * v.ndim))
 
@@ -458,8 +480,9 @@ class Router(nnx.Module):
                  expert_keys: jax.Array | None = None, forced: jax.Array | None = None):
         """x [T,D] -> (Routing | ExpertChoice, new recurrent state [T,p] or None).
 
-        token_ids [T] (MaskMoE), state [T,p] (RMoE; None = h_0 = 0), cell: the shared RecurrentCell,
-        rng: jitter noise (train only), valid [T] (expert choice: padding takes no slot),
+        token_ids [T] (MaskMoE), state [T,p] (RMoE; None = h_0 = 0; read as 0 with
+        recurrent_reset), cell: the shared RecurrentCell, rng: jitter noise (train only),
+        valid [T] (expert choice: padding takes no slot),
         forced [T,k] int32: routing replay (``forced_route``; kind='topk' only; the aux-free bias
         and MaskMoE masks do not apply).
         """
@@ -479,7 +502,8 @@ class Router(nnx.Module):
         else:
             if cell is None:
                 raise ValueError("recurrent router: pass the model's shared RecurrentCell as cell=")
-            h = jnp.zeros((x.shape[0], r.recurrent_dim), jnp.float32) if state is None else state
+            h = (jnp.zeros((x.shape[0], r.recurrent_dim), jnp.float32)
+                 if state is None or r.recurrent_reset else state)  # reset: no cross-layer state
             new_state = cell(jnp.dot(x, f32(self.proj), precision=_HI), h)  # [T,p]
             logits = jnp.dot(new_state, f32(self.gate), precision=_HI)
         N = r.num_null_experts
@@ -507,8 +531,9 @@ class Router(nnx.Module):
                                             bias=bias, mask=mask), r.routed_scaling), new_state
         return topk_route(logits, m.top_k, score=r.score, norm_topk_prob=r.norm_topk_prob,
                           routed_scaling=r.routed_scaling, bias=bias, group_mode=r.group_mode,
-                          num_groups=r.num_groups, topk_groups=r.topk_groups, num_null=N,
-                          mask=mask), new_state
+                          num_groups=r.num_groups, topk_groups=r.topk_groups,
+                          group_score=r.group_score, moge_renormalize=r.moge_renormalize,
+                          num_null=N, mask=mask, drop_top=r.drop_top_experts), new_state
 
     def _forced(self, logits: jax.Array, forced: jax.Array) -> Routing:
         """The replayed routing of ``forced`` [T,k] under this router's scoring."""
@@ -518,7 +543,8 @@ class Router(nnx.Module):
                               "(routing replay needs kind='topk')")
         if r.gating == "avg_key":
             return _unit_weights(forced_route(logits, forced, norm_topk_prob=False), r.routed_scaling)
-        return forced_route(logits, forced, score=r.score, norm_topk_prob=r.norm_topk_prob,
+        norm = r.moge_renormalize if r.group_mode == "moge" else r.norm_topk_prob
+        return forced_route(logits, forced, score=r.score, norm_topk_prob=norm,
                             routed_scaling=r.routed_scaling, num_null=r.num_null_experts)
 
 
