@@ -160,19 +160,13 @@ def arms_for(preset: str) -> dict[str, tuple[str, ...]]:
     while g <= cfg.train.batch_size:
         base[f"bsz{g}"] = (f"{b}.scope=group", f"{b}.group_size={g}")
         g *= 2
-    arms = {}
-    for name, over in base.items():
-        arms[name] = over
-        arms[f"{name}-s2"] = (*over, f"train.seed={SEEDS[1]}")
-    return arms
+    return experiment.with_seed_replicas(base, SEEDS[1])
 
 
 ARMS: dict[str, tuple[str, ...]] = arms_for("cpu")
+base_arm = experiment.base_arm
 
 
-def base_arm(name: str) -> str:
-    """'micro-s2' -> 'micro' (the seed replica's arm)."""
-    return name[:-3] if name.endswith("-s2") else name
 
 
 def check_contrast(cfg: Config) -> None:

@@ -194,14 +194,11 @@ def arms_for(preset: str) -> dict[str, tuple[str, ...]]:
         "hyper": (f"{v}.kind=hyper", f"model.moe.top_k={k - 1}", f"{v}.hyper_embed_dim={width}",
                   f"{v}.hyper_bottleneck={width}", f"{v}.hyper_adapter_dim={adapter}"),
     }
-    arms = {}
-    for name, over in base.items():
-        arms[name] = over
-        arms[f"{name}-s2"] = (*over, f"train.seed={SEEDS[1]}")
-    return arms
+    return experiment.with_seed_replicas(base, SEEDS[1])
 
 
 ARMS: dict[str, tuple[str, ...]] = arms_for("cpu")
+base_arm = experiment.base_arm
 
 
 # -- one arm ----------------------------------------------------------------------------------
@@ -260,9 +257,6 @@ def run_arm(cfg: Config, workdir: str) -> dict:
 
 # -- report -----------------------------------------------------------------------------------
 
-def base_arm(name: str) -> str:
-    """'rmoe-s2' -> 'rmoe'."""
-    return name[:-3] if name.endswith("-s2") else name
 
 
 def _mean_spread(xs, fmt: str = ".3f") -> str:

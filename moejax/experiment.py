@@ -38,6 +38,24 @@ def build_config(presets: Mapping[str, Config], arms: Mapping[str, Sequence[str]
     return apply_overrides(presets[preset], [*arms[arm], *overrides])
 
 
+SEED_REPLICA = "-s2"  # suffix of an arm's replica on the second train.seed
+
+
+def with_seed_replicas(base: Mapping[str, Sequence[str]], seed: int) -> dict[str, tuple]:
+    """Every arm of ``base`` followed by its ``<arm>-s2`` replica on ``train.seed=seed`` (same
+    data; other init and step keys), for reports that give mean ± spread over seeds."""
+    arms: dict[str, tuple] = {}
+    for name, over in base.items():
+        arms[name] = tuple(over)
+        arms[f"{name}{SEED_REPLICA}"] = (*over, f"train.seed={seed}")
+    return arms
+
+
+def base_arm(name: str) -> str:
+    """'micro-s2' -> 'micro' (the arm a seed replica repeats)."""
+    return name[:-len(SEED_REPLICA)] if name.endswith(SEED_REPLICA) else name
+
+
 def config_hash(cfg: Config) -> str:
     """SHA-256 of the whole config (sorted JSON): two runs with equal hashes ran the same config."""
     return hashlib.sha256(cfg.to_json().encode()).hexdigest()
