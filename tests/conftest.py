@@ -5,6 +5,7 @@ process is pinned to CPU), and are skipped, with the reason printed by ``-ra``, 
 GPU backend. ``-m gpu`` selects only them; ``-m "not gpu"`` leaves them out.
 """
 
+import gc
 import importlib.metadata
 import os
 import subprocess
@@ -16,9 +17,9 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 
-from moejax.runtime import tune_host_malloc  # noqa: E402
-
-tune_host_malloc()  # as every entry point: XLA's per-step scratch is reused, not re-faulted
+# No moejax.runtime.tune_host_malloc here (the entry points apply it for long training loops;
+# tests/test_runtime.py checks it in a subprocess): a test process compiles ~1,000 programs, and
+# with one arena, no mmap chunks and no trimming its heap never shrank (7.5 GB RSS by the RL tests).
 
 import jax  # noqa: E402
 
@@ -61,3 +62,28 @@ def pytest_collection_modifyitems(config, items):
 def data_cache(tmp_path_factory) -> str:
     """One corpus/token cache for the whole session (built on first use by moejax.data)."""
     return str(tmp_path_factory.mktemp("moejax-cache"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Drop jax's compiled-program caches after each test module. Every live XLA:CPU executable
+    holds ~7 memory maps; kept alive, they reached 58-64k maps by test ~1,000 (measured), near
+    the kernel's vm.max_map_count of 65,530, where two runs had died with SIGSEGV while XLA
+    serialized an executable (a failed mmap). Later modules recompile, or hit the persistent
+    compilation cache."""
+    yield
+    jax.clear_caches()
+    gc.collect()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Report this process's memory maps against the kernel's limit (the failure mode the
+    fixture above prevents), so growth shows up before it crashes a run."""
+    try:
+        used = sum(1 for _ in open("/proc/self/maps"))
+        limit = int(open("/proc/sys/vm/max_map_count").read())
+    except OSError:  # not Linux
+        return
+    if used > limit // 4:
+        terminalreporter.write_line(f"warning: {used} memory maps of vm.max_map_count={limit} "
+                                    "at the end of the run (see tests/conftest.py)", yellow=True)
