@@ -27,8 +27,10 @@ coupling plot, and reward curves. Direction to check (paper): S⁺ and B⁻ far 
 onto format tokens than the critic-free arms; QPM or RBB pass@1 ≥ shuffled.
 
 Smallest preset that shows each direction: the flip table and the coupling plot show at
-``cpu-smoke`` already (its format bonus of 0.5 gives mixed groups after 150 SFT steps; measured:
-F ≈ 0.33-0.35 with B⁺/S⁺ ≈ 0.43-0.53/0.31-0.36 and B⁻/S⁻ ≈ 0.23-0.49/0.32-0.55); the
+``cpu-smoke`` already: it checks the wiring (CI runs its reward_balanced arm), and its format
+bonus of 0.5 after 50 SFT steps (half the outputs well formed) gives mixed groups on every RL step,
+which the flip table's labels and the balanced batches need (measured, reward_balanced: F ≈
+0.41-0.45 with B⁺/S⁺ ≈ 0.55-0.63/0.37-0.45 and B⁻/S⁻ ≈ 0.39-0.48/0.51-0.61); the
 where-updates-land shift and the pass@1 ordering need ``cpu`` (40 steps of 16 x 8 rollouts, 4
 mini-batches, the spec's G=8/M=4; dense model to fit the 25-min budget). ``gpu``/``tpu-v5p-8``
 use the spec's toy MoE (4 experts, top-2); the paper's scale is 1.5-32B models on math RLVR with
@@ -66,9 +68,12 @@ def _minibatches(cfg: RLRunConfig, m: int) -> RLRunConfig:
     return dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, mini_batches=m))
 
 
-# cpu-smoke: grpo's shapes (CI shares its compiled programs) with a 150-step SFT start and a
-# format bonus, so its groups already mix rewards (4 SFT steps leave every reward at 0: no flips)
-SMOKE = ("rl.sft.steps=150", "rl.sft.warmup_steps=10", "rl.reward.format_coef=0.5")
+# cpu-smoke: grpo's shapes (CI shares its compiled programs) with a 50-step SFT start and a
+# format bonus, so its groups already mix rewards (4 SFT steps leave every reward at 0: no flips;
+# 150 leave step 0's groups all well formed); the SFT stage evaluates and checkpoints once (its
+# cadences are train.*'s, every step at grpo's 3 RL steps)
+SMOKE = ("rl.sft.steps=50", "rl.sft.warmup_steps=5", "rl.reward.format_coef=0.5",
+         "train.eval_every=50", "train.ckpt_every=50")
 
 PRESETS: dict[str, RLRunConfig] = {
     "cpu-smoke": apply_overrides(grpo.PRESETS["cpu-smoke"], SMOKE),

@@ -39,7 +39,9 @@ with the source's ``tokenizer.json`` when it has one, else bytes (vocab must the
 Command:
     python -m experiments.finetune --source /path/to/Qwen3-0.6B --preset gpu --workdir runs/ft
 
-Presets: cpu-smoke (CI: a tiny model the test builds with transformers; all arms ~1 min), cpu (150
+Presets: cpu-smoke (CI: tiny models the test builds with transformers; it
+runs plain and emoe_gw on a dense source and gwmoe on an MoE source; every arm's config is
+built), cpu (150
 steps of 16 x 256 tokens, for small sources of a few M parameters: from the exported ``pretrain``
 cpu model, 23:23 wall on 2 cores for the three arms with ragged_dot as the CPU grouped matmul:
 ~2.5 min plain, ~10 min per EMoE arm at 4.5 s/step; the 'blocked' CPU default since then runs

@@ -65,7 +65,8 @@ Command:
     python -m experiments.gated_attention --preset cpu --workdir runs/gated_attention
 
 Presets and runtime:
-    cpu-smoke  2 layers, d=64, 64-token rows, 4 steps: seconds per arm (CI runs a few arms)
+    cpu-smoke  2 layers, d=64, 64-token rows, 4 steps: seconds per arm (CI runs baseline and
+               g1_headwise; every arm's config is built without training)
     cpu        4 layers, d=128, 128-token rows, 150 steps x 16 rows: ~45 s per arm; 12 arms
                with the report in 9.6 min on 2 quiet CPU cores (measured 2026-11-23); the 17
                arms, each with one more compile and 12 batches for W4A4: ~15 min on 2 quiet

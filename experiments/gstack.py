@@ -43,7 +43,8 @@ comparisons are not readable.
 Command:
     python -m experiments.gstack --preset cpu --workdir runs/gstack
 
-Presets and runtime (2 shared CPU cores): cpu-smoke (CI; ~2 min for the arms the test selects),
+Presets and runtime (2 shared CPU cores): cpu-smoke (CI runs scratch,
+scratch-s2 and gstack; every arm's config is built without training),
 cpu (target 8 layers d=128, 160 scratch-equivalent steps of 16 x 128 tokens, source 40 steps of
 the 2-layer model; measured 8:10 wall for the four arms scratch/gstack/gzero/grandom of one seed
 incl. the corpus build, quiet machine, 2026-11-23; glearn adds about one growth arm, the second

@@ -20,7 +20,8 @@ the prefix-token share over training (plot, with the ratio schedule) and the opt
 
 Smallest preset that shows each direction: ``cpu`` (the spec's (a) needs items the SFT start
 rarely solves: prefix groups have reward variance from step 0 where GRPO groups are all 0;
-``cpu-smoke`` only checks the wiring: its 16-token prompt bucket leaves 5 prefix tokens).
+``cpu-smoke`` only checks the wiring: its 16-token prompt bucket leaves 5 prefix tokens; CI
+runs its sft_only and prefix_rft arms, the two runner paths, rft and sft_rft being grpo's).
 ``gpu``/``tpu-v5p-8`` add 4-digit items (OOD 5 digits) with 80 new tokens; the paper's scale is a
 1.5-7B reasoning model on OpenR1-Math-46k with 8k-token responses, i.e. ``--source`` with an
 imported model and ``--set rl.task_file=...`` on a v5p-64 or larger.

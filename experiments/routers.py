@@ -48,7 +48,7 @@ when the top-1 expert is dropped (8.2); HyperMoE lower loss than top-k at equal 
 Command:
     python -m experiments.routers --preset cpu --workdir runs/routers
 
-Presets and runtime: cpu-smoke (every arm, ~27 s each contended, 5.3 min for the 12 in CI);
+Presets and runtime: cpu-smoke (~27 s per arm contended; CI runs topk and expert_choice, ~1 min);
 cpu (lbl_scope's model with its own batch, pinned: 32 sequences of 128 without accumulation, 100
 steps = 0.4M tokens per run; the default runs are topk, rmoe and rmoe_reset with two seeds:
 ~25 min estimated under contention (measured 12-step runs with 7 other jobs on the 2 cores:

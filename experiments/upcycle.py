@@ -45,7 +45,8 @@ comparisons are not readable on it.
 Command:
     python -m experiments.upcycle --preset cpu-ood --workdir runs/upcycle
 
-Presets and runtime (2 shared CPU cores): cpu-smoke (CI; OOD on, all arms ~1.5 min), cpu and
+Presets and runtime (2 shared CPU cores): cpu-smoke (OOD on; CI runs
+dense and emoe64, every arm's config is built without training), cpu and
 cpu-ood (4 layers d=128, d_ff 512, 200 dense steps + 150 steps per arm: measured 10:38 wall for
 the four arms before emoe64 incl. the corpus build, quiet machine, 2026-11-23; emoe64 adds about
 one arm), gpu and gpu-ood (12 layers d=768, one H100; not run), tpu-v5p-64 (16 layers d=1024

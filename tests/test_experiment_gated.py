@@ -27,6 +27,23 @@ def test_arms_build_valid_configs():
     assert build_config(ga.PRESETS, arms, "gpu", "sink", []).model.attention.impl == "auto"
 
 
+@pytest.mark.parametrize("preset", sorted(set(ga.PRESETS) - {"gpu"}))  # gpu: the test above
+def test_every_arm_builds_and_smoke_arms_initialise(preset):
+    """Every arm of the preset validates; on cpu-smoke (the shape the end-to-end test trains) each
+    arm's model initialises abstractly, with exactly its parameter count."""
+    import jax
+    from flax import nnx
+    from moejax.model import Model
+    arms = ga.arms_for(ga.PRESETS[preset])
+    assert set(arms) == {*ga.ARMS, "baseline_matched"}
+    for arm in arms:
+        model = build_config(ga.PRESETS, arms, preset, arm, []).model
+        if preset == "cpu-smoke":
+            m = nnx.eval_shape(lambda: Model(model, rngs=nnx.Rngs(0)))
+            n = sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
+            assert n == model.num_params(), arm
+
+
 @pytest.mark.parametrize("preset", sorted(ga.PRESETS))
 def test_matched_baseline_has_the_gated_arms_parameters(preset):
     """The G1 elementwise gate adds D*H*hd per layer; baseline_matched carries them as extra query
@@ -54,7 +71,10 @@ def test_matching_follows_the_command_line_model():
 @pytest.mark.slow
 def test_cpu_smoke_runs_probes_and_reports(data_cache, tmp_path):
     wd = str(tmp_path / "ga")
-    arms = "baseline,g1_headwise,gatednorm_x2"
+    # baseline: no gate (no gate probe, 7 quantised linears per layer); g1_headwise: a gate (its
+    # probe and linear). The other arms switch layers that tests/test_gated_attention.py,
+    # test_sinks.py and test_quant.py check; test_every_smoke_arm_initialises builds each of them
+    arms = "baseline,g1_headwise"
     common = ["--preset", "cpu-smoke", "--workdir", wd, "--arms", arms,
               "--set", f"data.cache_dir={data_cache}"]
     out = ga.main(common)

@@ -1,5 +1,5 @@
-"""The data-mixture experiment end to end on its cpu-smoke preset (every arm, one tiny model shape
-so the programs are shared): the report's contents, each arm's weights against a by-hand
+"""The data-mixture experiment end to end on its cpu-smoke preset (one arm per runner path, one
+tiny model shape so the programs are shared): the report's contents, each arm's weights against a by-hand
 reference, config errors naming the field and domain, and resume (issue #13 item 6): an Aioli arm
 interrupted in the middle of LearnParams and a RegMix sweep interrupted in the middle of a proxy
 continue bit-identically (losses, weights, tokens per domain, the sweep's results and choice)."""
@@ -29,7 +29,9 @@ def read_json(path):
     return _read_json(as_path(path))
 
 
-ARMS = ("natural", "uniform", "regmix", "aioli", "dga")
+# The smoke run's arms: one per runner path (static, RegMix, Aioli, DGA). uniform is natural's
+# static runner with 1/k weights: test_static_arms_train_on_their_weights checks its weights.
+ARMS = ("natural", "regmix", "aioli", "dga")
 
 
 def _cfg(arm: str, data_cache: str, *extra: str) -> MixRunConfig:
@@ -39,7 +41,7 @@ def _cfg(arm: str, data_cache: str, *extra: str) -> MixRunConfig:
 
 @pytest.fixture(scope="module")
 def smoke(data_cache, tmp_path_factory):
-    """Every arm of cpu-smoke through the command line, once for the module."""
+    """One arm per runner path (``ARMS``) of cpu-smoke through the command line, once."""
     wd = str(tmp_path_factory.mktemp("mixture"))
     out = mx.main(["--preset", "cpu-smoke", "--workdir", wd, "--arms", ",".join(ARMS),
                    "--set", f"data.cache_dir={data_cache}"])
@@ -93,21 +95,25 @@ def test_finished_arms_are_reused_after_the_config_hash_changes(smoke, data_cach
 
 def test_static_arms_train_on_their_weights(smoke, data_cache):
     """natural = the corpus's training-token shares (by hand from the token stores), uniform =
-    1/k; the target 0 in both; the logged weights never change."""
+    1/k (the weights its run trains on; the run is natural's static runner); the target 0 in
+    both; the logged weights never change."""
+    from moejax.mixing.run import full_weights, uniform
     wd, out = smoke
     cfg = _cfg("natural", data_cache)
     data = prepare_data(cfg.data)
     train = cfg.training_domains
     counts = np.array([data.num_tokens(d, "train") for d in train], np.float64)
     want = dict(zip(train, counts / counts.sum()))
-    for arm, ref in (("natural", want), ("uniform", {d: 1 / len(train) for d in train})):
-        got = out[arm]["mixture"]
+    got_uniform = full_weights(cfg, uniform(_cfg("uniform", data_cache)))
+    for got, ref in ((out["natural"]["mixture"], want),
+                     (got_uniform, {d: 1 / len(train) for d in train})):
         assert got[mx.TARGET] == 0.0
         np.testing.assert_allclose([got[d] for d in train], [ref[d] for d in train], rtol=1e-12)
-        logged = set(_weights(os.path.join(wd, arm), cfg.data.domains).values())
-        assert len(logged) == 1
-        np.testing.assert_allclose(next(iter(logged)), [got[d] for d in cfg.data.domains],
-                                   rtol=1e-12)
+    logged = set(_weights(os.path.join(wd, "natural"), cfg.data.domains).values())
+    assert len(logged) == 1
+    np.testing.assert_allclose(next(iter(logged)),
+                               [out["natural"]["mixture"][d] for d in cfg.data.domains],
+                               rtol=1e-12)
 
 
 def test_online_arms_state_is_consistent(smoke):
@@ -211,24 +217,24 @@ def test_aioli_arm_interrupted_mid_learnparams_resumes_exactly(smoke, data_cache
 
 
 def test_regmix_sweep_interrupted_mid_proxy_resumes_exactly(smoke, data_cache, tmp_path):
-    """SIGTERM in proxy002's first step: the arm returns preempted with proxies 0-1 recorded;
-    the rerun resumes proxy002 from its checkpoint, finishes the sweep, and the results, the
+    """SIGTERM in proxy005's first step: the arm returns preempted with proxies 0-4 recorded;
+    the rerun resumes proxy005 from its checkpoint, finishes the sweep, and the results, the
     fit, the choice and the target run equal the straight run's."""
     wd, out = smoke
     cfg = _cfg("regmix", data_cache)
     run = tmp_path / "exp" / "regmix"
-    first = run_mixing_arm(cfg, str(run), on_step=_kill_at("proxy002", 1), progress=False)
+    first = run_mixing_arm(cfg, str(run), on_step=_kill_at("proxy005", 1), progress=False)
     assert first["preempted"]
     sweep_dir = regmix_dir(cfg, str(run.parent))
     partial = read_json(os.path.join(sweep_dir, SWEEP_FILE))
-    assert sorted(partial["results"]) == ["proxy000", "proxy001"]
-    assert os.path.isdir(os.path.join(sweep_dir, "proxy002", "ckpt"))
+    assert sorted(partial["results"]) == [f"proxy{i:03d}" for i in range(5)]
+    assert os.path.isdir(os.path.join(sweep_dir, "proxy005", "ckpt"))
     got = run_mixing_arm(cfg, str(run), progress=False)
     straight_dir = out["regmix"]["regmix/sweep_dir"]
     assert (read_json(os.path.join(sweep_dir, SWEEP_FILE))
             == read_json(os.path.join(straight_dir, SWEEP_FILE)))
-    assert _losses(os.path.join(sweep_dir, "proxy002")) == _losses(
-        os.path.join(straight_dir, "proxy002"))
+    assert _losses(os.path.join(sweep_dir, "proxy005")) == _losses(
+        os.path.join(straight_dir, "proxy005"))
     for key in ("regmix/chosen", "regmix/spearman", "regmix/held_out", "mixture"):
         assert got[key] == out["regmix"][key], key
     assert _losses(run) == _losses(os.path.join(wd, "regmix"))
@@ -310,7 +316,12 @@ def test_bad_target_on_the_command_line_is_one_message(tmp_path, capsys):
 
 
 def test_presets_validate_and_the_tpu_preset_is_an_aot_target():
+    """Every arm of every preset builds; each preset's model initialises abstractly."""
+    import jax
+    from flax import nnx
+
     from moejax.aot import experiment_tables
+    from moejax.model import Model
     presets, arms = experiment_tables(mx)
     assert {"cpu-smoke", "cpu", "gpu", "tpu-v5p-64"} <= set(presets)
     for preset in presets:
@@ -318,5 +329,8 @@ def test_presets_validate_and_the_tpu_preset_is_an_aot_target():
             cfg = build_config(presets, arms, preset, arm, [])
             assert cfg.mixing.target_domain in cfg.data.domains
             assert cfg.mixing.method == arm
+        model = nnx.eval_shape(lambda: Model(cfg.model, rngs=nnx.Rngs(0)))  # no compile
+        assert cfg.model.num_params() == sum(
+            x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))), preset
     gpu = presets["gpu"].mixing.regmix
     assert gpu.num_larger >= 3  # rank invariance is checked where the preset allows it

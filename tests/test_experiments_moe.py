@@ -1,5 +1,8 @@
-"""The MoE experiments end to end on their cpu-smoke presets: every arm trains, evaluates,
-checkpoints and lands in the report (CI runs these; they are marked slow)."""
+"""The MoE experiments end to end on their cpu-smoke presets, each with the fewest arms that cover
+its report's distinct paths (train, evaluate, checkpoint, routing pass, probe, report, plots; CI
+runs these, marked slow); every arm of every preset builds and initialises abstractly here, and
+the per-arm mechanisms are unit-tested (tests/test_balance.py, tests/test_router.py,
+tests/test_routers_experiment.py)."""
 
 import json
 import math
@@ -10,22 +13,30 @@ import pytest
 
 from experiments import lbl_scope, routers
 from moejax.config import ConfigError
+from moejax.experiment import build_config
 from moejax.metrics import read_metrics
 from moejax.overrides import apply_overrides
 
 # 8 test devices; the smoke micro-batch holds 4 sequences: shard the batch 4 ways, heads 2 ways
 MESH = ["--set", "mesh.data=4", "--set", "mesh.tensor=2"]
+# an LBL arm and the aux-free (sigmoid, bias-only) arm: the two balance paths of the report;
+# the scopes themselves (micro, sequence, shuffled, bsz groups, switch) are tests/test_balance.py's
+LBL_SMOKE_ARMS = ("global", "aux_free")
+# top-k (drop-top-1 probe, layer MI) and expert choice (non-causal marker, capacity counts, no
+# probe or MI, the token-adaptive table); each router's fixed-k routing is
+# test_routers_experiment.py::test_smoke_arm_routes_each_token_its_fixed_k
+ROUTER_SMOKE_ARMS = ("topk", "expert_choice")
 
 
 @pytest.mark.slow
-def test_lbl_scope_smoke_all_arms(data_cache, tmp_path):
+def test_lbl_scope_smoke(data_cache, tmp_path):
     wd = str(tmp_path / "lbl")
     out = lbl_scope.main(["--preset", "cpu-smoke", "--workdir", wd, *MESH,
+                          "--arms", ",".join(LBL_SMOKE_ARMS),
                           "--set", f"data.cache_dir={data_cache}"])
-    arms = lbl_scope.DEFAULT_ARMS["cpu-smoke"]
-    assert set(out) == set(arms)
+    assert set(out) == set(LBL_SMOKE_ARMS)
     report = open(os.path.join(wd, "report.md")).read()
-    for arm in arms:
+    for arm in LBL_SMOKE_ARMS:
         assert f"| {arm} |" in report
         assert os.path.getsize(os.path.join(wd, "plots", f"heatmap_{arm}.png")) > 1000
         recs = read_metrics(os.path.join(wd, arm, "metrics.jsonl"))
@@ -36,11 +47,21 @@ def test_lbl_scope_smoke_all_arms(data_cache, tmp_path):
     def balance(arm):
         recs = read_metrics(os.path.join(wd, arm, "metrics.jsonl"))
         return [r["train/balance_loss"] for r in recs if "train/balance_loss" in r]
-    # the aux-free arms have no LBL; LBL arms (incl. the pooled shuffled and bsz8 groups and the
-    # switch arm on both sides of its switch) report a balance loss near 1
-    assert all(v == 0.0 for v in balance("aux_free"))
-    for arm in ("global", "shuffled", "bsz8", "switch", "micro"):
-        assert all(0.9 < v < 3.0 for v in balance(arm)), arm
+    # the aux-free arm has no LBL; the LBL arm reports a balance loss near 1
+    assert balance("aux_free") and all(v == 0.0 for v in balance("aux_free"))
+    assert balance("global") and all(0.9 < v < 3.0 for v in balance("global"))
+
+
+def test_lbl_scope_every_arm_of_every_preset_builds():
+    """Each arm (seed replicas included) of each preset builds, validates and passes run_arm's
+    micro/global contrast check (the arms change the balance loss and router score, not the
+    model's shapes: the smoke initialises global's and aux_free's)."""
+    for preset in lbl_scope.PRESETS:
+        arms = lbl_scope.arms_for(preset)
+        assert set(lbl_scope.DEFAULT_ARMS[preset]) <= set(arms), preset
+        for arm in arms:
+            cfg = build_config(lbl_scope.PRESETS, arms, preset, arm, [])
+            lbl_scope.check_contrast(cfg)
 
 
 def test_lbl_scope_presets_contrast_micro_and_global():
@@ -65,56 +86,43 @@ def test_lbl_scope_presets_contrast_micro_and_global():
 
 
 @pytest.mark.slow
-def test_routers_smoke_all_arms(data_cache, tmp_path):
+def test_routers_smoke(data_cache, tmp_path):
     wd = str(tmp_path / "routers")
     out = routers.main(["--preset", "cpu-smoke", "--workdir", wd, *MESH,
+                        "--arms", ",".join(ROUTER_SMOKE_ARMS),
                         "--set", f"data.cache_dir={data_cache}"])
-    arms = routers.DEFAULT_ARMS["cpu-smoke"]
-    assert set(out) == set(arms) == set(routers.BASE_ARMS)
+    assert set(out) == set(ROUTER_SMOKE_ARMS)
     report = open(os.path.join(wd, "report.md")).read()
-    for arm in arms:
+    for arm in ROUTER_SMOKE_ARMS:
         assert f"| {routers._label(arm)} |" in report
     assert "expert_choice (non-causal†)" in report and "passes" in report
-    # every token-choice arm with a fixed k routes each non-padding eval token exactly k times:
-    # the selections per layer (eval domain_counts, null columns included) over k give the same
-    # router token count in every such arm and layer (same eval batches); null experts take some
-    # of the null arm's 3 slots, so its real experts per token fall strictly below 3. CoE counts
-    # both iterations' picks (2 + 2 of 16 half-width experts), CartesianMoE both sub-layers'
-    # (2 + 2), HyperMoE top-1.
-    fixed_k = {"topk": 2, "rmoe": 2, "rmoe_reset": 2, "rmoe_normal": 2, "moge": 2,
-               "null_experts": 3, "coe": 4, "cartesian": 4, "hyper": 1}
+    # the trainer's eval counts: top-k routes each non-padding eval token exactly k = 2 times per
+    # layer; expert choice fills each of its 8 experts to C = ceil(capacity * n * k / E) tokens
     counts = {arm: np.asarray([r for r in read_metrics(os.path.join(wd, arm, "metrics.jsonl"))
                                if "moe/domain_counts" in r][-1]["moe/domain_counts"])
-              for arm in [*fixed_k, "expert_choice"]}  # [L, domains, E_all]
+              for arm in ROUTER_SMOKE_ARMS}  # [L, domains, E_all]
     tokens = counts["topk"].sum(axis=(1, 2)) / 2
     smoke = routers.PRESETS["cpu-smoke"]
     rows = smoke.train.batch_size * smoke.data.seq_len  # router tokens of one full eval batch
     batches = 3 * smoke.train.eval_batches  # code, prose, math
-    assert tokens[0] == batches * rows  # the smoke eval batches hold no padding
-    for arm, k in fixed_k.items():
-        np.testing.assert_array_equal(counts[arm].sum(axis=(1, 2)) / k, [tokens[0]] * len(tokens),
-                                      err_msg=arm)
-    real_per_token = counts["null_experts"][..., :8].sum() / (tokens[0] * len(tokens))
-    assert 0 < real_per_token < 3.0
-    # expert choice: each of the 8 experts takes C = ceil(capacity * n * k / E) tokens per batch
+    np.testing.assert_array_equal(tokens, [batches * rows] * len(tokens))  # no eval padding
     np.testing.assert_array_equal(counts["expert_choice"].sum(axis=(1, 2)),
                                   [batches * 8 * math.ceil(1.0 * rows * 2 / 8)] * len(tokens))
-    # the routing pass after training sees the same validation set: its active real experts per
-    # token are k for the fixed-k arms (null experts: the eval's real share), and the report's
-    # column shows them
-    for arm in arms:
+    # the routing pass after training sees the same validation set: top-k's active experts per
+    # token are k, and the report's column shows each arm's
+    for arm in ROUTER_SMOKE_ARMS:
         summary = json.load(open(os.path.join(wd, arm, "summary.json")))
         active = summary["routing"]["active_experts"]
-        if arm in fixed_k and arm != "null_experts":
-            assert active == fixed_k[arm], arm
+        if arm == "topk":
+            assert active == 2
         row = [line for line in report.splitlines()
                if line.startswith(f"| {routers._label(arm)} |")][0]
         assert row.split("|")[7].strip() == f"{active:.3f}", (arm, row)
-        # the drop-top-1 probe ran exactly for the ranked top-k routers
-        assert ("drop_top1_loss" in summary) == (arm not in ("topp", "expert_choice", "moge")), arm
+        # the drop-top-1 probe ran exactly for the ranked top-k router
+        assert ("drop_top1_loss" in summary) == (arm == "topk"), arm
         assert np.isfinite(summary.get("drop_top1_loss", 0.0)), arm
-        # consecutive-layer MI for the arms reporting per-token choices (2 MoE layers: 1 pair)
+        # consecutive-layer MI for the arm reporting per-token choices (2 MoE layers: 1 pair)
         mi = summary["routing"]["layer_mi"]
-        assert (mi is None) == (arm in ("cartesian", "expert_choice", "topp")), arm
+        assert (mi is None) == (arm == "expert_choice"), arm
         assert mi is None or (len(mi) == 1 and 0 <= mi[0] <= np.log(8) + 1e-9), arm
-    assert "| topp | code |" in report
+    assert "| expert_choice (non-causal†) | code |" in report  # the token-adaptive table

@@ -1,8 +1,8 @@
 """The issue #14 RL experiments end to end at their cpu-smoke presets (grpo's shapes, so the
-compiled programs are shared with tests of experiments.grpo): experiments.prefix_rft (SFT only,
-RFT, SFT->RFT, Prefix-RFT) and experiments.cancellation (shuffled / QPM / RBB / positive-only with
-the flip table and the coupling probe); the report contents; and the TPU AOT compile of
-Prefix-RFT's rows when libtpu is installed."""
+compiled programs are shared with tests of experiments.grpo): experiments.prefix_rft (its SFT-only
+and Prefix-RFT arms; every arm's config checked) and experiments.cancellation (its RBB arm with the
+flip table and the coupling probe; every arm's config checked); the report contents; and the TPU
+AOT compile of Prefix-RFT's rows when libtpu is installed."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -18,19 +19,33 @@ from experiments import cancellation, prefix_rft
 HAVE_LIBTPU = importlib.util.find_spec("libtpu") is not None
 
 
+# The smoke runs take the fewest arms with distinct code paths: prefix_rft's sft_only (the
+# evaluation-only runner) and prefix_rft (prefix rollouts); rft and sft_rft are grpo's runner
+# (tests/test_rl_trainer.py) with other step counts (test_prefix_rft_arms_match_their_budgets).
+PREFIX_SMOKE_ARMS = ("sft_only", "prefix_rft")
+
+
 @pytest.fixture(scope="module")
 def prefix_run(tmp_path_factory):
-    """All four prefix_rft arms at cpu-smoke (one shared SFT start) -> (workdir, report text)."""
+    """sft_only and prefix_rft at cpu-smoke (one shared SFT start) -> (workdir, report text)."""
     wd = tmp_path_factory.mktemp("prefix_rft")
-    prefix_rft.main(["--preset", "cpu-smoke", "--workdir", os.fspath(wd)])
+    prefix_rft.main(["--preset", "cpu-smoke", "--workdir", os.fspath(wd),
+                     "--arms", ",".join(PREFIX_SMOKE_ARMS)])
     return wd, (wd / "report.md").read_text()
+
+
+# cancellation's arms share one runner and differ only in rl.minibatch_sampler / rl.positive_only,
+# whose mechanisms tests/test_rl_wire.py and tests/test_rl_methods.py check: one arm (the sampler
+# that needs mixed groups) proves the pipeline; test_cancellation_arms_build checks every arm.
+CANCEL_SMOKE_ARMS = ("reward_balanced",)
 
 
 @pytest.fixture(scope="module")
 def cancel_run(tmp_path_factory):
-    """All four cancellation arms at cpu-smoke -> (workdir, report text)."""
+    """The reward_balanced cancellation arm at cpu-smoke -> (workdir, report text)."""
     wd = tmp_path_factory.mktemp("cancellation")
-    cancellation.main(["--preset", "cpu-smoke", "--workdir", os.fspath(wd)])
+    cancellation.main(["--preset", "cpu-smoke", "--workdir", os.fspath(wd),
+                       "--arms", ",".join(CANCEL_SMOKE_ARMS)])
     return wd, (wd / "report.md").read_text()
 
 
@@ -55,13 +70,15 @@ def test_prefix_rft_arms_match_their_budgets():
         assert (p.loss.agg, p.loss.dr_grpo_form, p.advantage.estimator) == (
             "dr_grpo", "verl", "dr_grpo")
         assert p.prefix.high.n_steps == cfg["prefix_rft"].train.steps
+        assert cfg["sft_rft"].train.steps == max(cfg["rft"].train.steps // 2, 1), name
+        assert not cfg["rft"].rl.prefix.enabled and not cfg["sft_rft"].rl.prefix.enabled, name
 
 
 def test_prefix_rft_smoke_report(prefix_run):
     """Every arm reports pass@1 in/out of distribution; the Prefix-RFT arm trained with prefix
     tokens in its responses (share logged every step, > 0) and sft_only ran no RL step."""
     wd, text = prefix_run
-    for arm in ("sft_only", "rft", "sft_rft", "prefix_rft"):
+    for arm in PREFIX_SMOKE_ARMS:
         assert f"| {arm} |" in text, arm
     assert "pass@1 % OOD" in text and "prefix-token share" in text
     assert "plots/prefix_rft_curves.png" in text
@@ -73,8 +90,7 @@ def test_prefix_rft_smoke_report(prefix_run):
     assert all("rl/entropy" in r for r in recs if "rl/reward" in r)
     sft_only = _metrics(wd / "sft_only" / "metrics.jsonl")
     assert [r["step"] for r in sft_only] == [0] and "rl/pass@1/add-d4" in sft_only[0]
-    assert not any("prefix/token_share" in r for r in _metrics(wd / "rft" / "metrics.jsonl"))
-    assert max(r["step"] for r in _metrics(wd / "sft_rft" / "metrics.jsonl")) == 1
+    assert not any("prefix/token_share" in r for r in sft_only)
 
 
 def test_cancellation_smoke_report(cancel_run):
@@ -83,7 +99,7 @@ def test_cancellation_smoke_report(cancel_run):
     shares sum to 1; the coupling probe recovered h
     (residual tiny) and counted pairs; the report shows all tables and the coupling plot."""
     wd, text = cancel_run
-    for arm in cancellation.ARMS:
+    for arm in CANCEL_SMOKE_ARMS:
         recs = cancellation.read_diagnostics(wd / arm)
         assert [r["step"] for r in recs] == [0, 1, 2], arm
         mixed = [r for r in recs if r["flips"]["all"]["n+"] and r["flips"]["all"]["n-"]]
@@ -104,6 +120,30 @@ def test_cancellation_smoke_report(cancel_run):
         assert f"| {arm} | all |" in text
     assert "## Flip table" in text and "## Where updates land" in text
     assert (wd / "plots" / "coupling.png").exists()
+
+
+def test_cancellation_arms_build():
+    """Every arm of every preset builds a valid config that the diagnostics accept (pi_old
+    recomputed, one epoch), with its own sampler / positive-only setting on grpo's advantages;
+    the cpu-smoke model initialises abstractly."""
+    from flax import nnx
+
+    from moejax import experiment
+    from moejax.model import Model
+    want = {"shuffled": ("shuffled", False), "query_preserved": ("query_preserved", False),
+            "reward_balanced": ("reward_balanced", False), "positive_only": ("shuffled", True)}
+    assert set(cancellation.ARMS) == set(want)
+    for name in cancellation.PRESETS:
+        for arm, (sampler, positive_only) in want.items():
+            rl = experiment.build_config(cancellation.PRESETS, cancellation.ARMS, name, arm, []).rl
+            assert (rl.minibatch_sampler, rl.positive_only) == (sampler, positive_only), (name, arm)
+            assert rl.advantage.estimator == "grpo" and rl.mini_batches > 1, (name, arm)
+            assert (rl.old_logprobs, rl.ppo_epochs) == ("recompute", 1), (name, arm)
+    smoke = cancellation.PRESETS["cpu-smoke"]
+    assert smoke.rl.reward.format_coef > 0  # the smoke run's mixed groups come from the bonus
+    model = nnx.eval_shape(lambda: Model(smoke.model, rngs=nnx.Rngs(0)))
+    assert smoke.model.num_params() == sum(
+        x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
 def test_token_classes_split_format_reasoning_and_answer():

@@ -172,10 +172,10 @@ def test_msg_fade_in_sgd_step_by_hand(dense):
 def test_msg_fade_in_matches_reparameterised_reference(dense, scan):
     """G_random + MSG: at growth the model is the source's function (m(0) = 0) and the optimizer
     holds the fresh weights; each train step equals a reference that differentiates the loss of
-    W through P = m(t) W by autodiff and applies the plain optimizer to W (ramp over 3 steps,
-    5 steps: the ramp ends inside the run)."""
+    W through P = m(t) W by autodiff and applies the plain optimizer to W (ramp over 2 steps,
+    3 steps: the ramp ends inside the run and one step runs past it)."""
     s, state = dense
-    ramp, steps = 3, 5
+    ramp, steps = 2, 3
     m = tiny_model(num_layers=4, scan_layers=scan)
     plain = _setup(m)
     opts = G.Options(new_layers="top", fade_in_steps=ramp)

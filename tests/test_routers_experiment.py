@@ -3,6 +3,7 @@
 end-to-end smoke run is in tests/test_experiments_moe.py."""
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -236,3 +237,84 @@ def test_collect_routing_sums_match_a_plain_forward():
     np.testing.assert_array_equal(got["domain_counts"], counts)
     np.testing.assert_array_equal(got["tokens"], tokens)
     np.testing.assert_allclose(got["entropy"], ent / tokens.sum(), rtol=1e-5)
+
+
+# -- every smoke arm's router, forward only ------------------------------------------------------
+
+# routings per router token of the fixed-k arms: null experts take some of the null arm's 3
+# slots (real experts per token < 3); CoE counts both iterations' picks (2 + 2 of 16 half-width
+# experts), CartesianMoE both sub-layers' (2 + 2), HyperMoE top-1
+FIXED_K = {"topk": 2, "rmoe": 2, "rmoe_reset": 2, "rmoe_normal": 2, "moge": 2,
+           "null_experts": 3, "coe": 4, "cartesian": 4, "hyper": 1}
+NO_TOKEN_CHOICES = ("cartesian", "expert_choice", "topp")  # no per-token picks: no layer MI
+
+
+def smoke_batches(pad: bool, rows=8, seq=64, batches=2):
+    """Random eval-like global batches; with ``pad`` the second right-pads some rows (padding
+    tokens count nowhere)."""
+    rng = np.random.default_rng(5)
+    out = []
+    for i in range(batches):
+        seg = np.ones((rows, seq), np.int32)
+        if pad and i:
+            seg[:, 40:] = np.where(rng.random((rows, 1)) < 0.5, 0, 1)
+        toks = rng.integers(0, 320, (rows, seq)).astype(np.int32)
+        out.append({"inputs": toks, "targets": toks, "segment_ids": seg,
+                    "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (rows, seq)).copy(),
+                    "loss_mask": (seg != 0).astype(np.float32),
+                    "domain": rng.integers(0, 3, rows).astype(np.int32)})
+    return out
+
+
+@pytest.mark.parametrize("arm", [*FIXED_K, "expert_choice"])
+def test_smoke_arm_routes_each_token_its_fixed_k(arm):
+    """The cpu-smoke model with each arm's router at init (one forward compile, no training):
+    ``collect_routing`` counts each non-padding token exactly k times per MoE layer (null columns
+    included); null experts leave fewer than 3 real experts per token; expert choice fills each of
+    its 8 experts to C = ceil(capacity * n * k / E) tokens per batch; the consecutive-layer MI
+    exists exactly for the arms with per-token choices."""
+    from moejax import train as T
+    from moejax.analysis.routing_layers import collect_routing
+    from moejax.experiment import build_config
+    from moejax.testing import setup_for
+
+    cfg = build_config(routers.PRESETS, routers.arms_for("cpu-smoke"), "cpu-smoke", arm, [])
+    s = setup_for(cfg.model)
+    batches = smoke_batches(pad=arm != "expert_choice")  # C assumes full batches
+    sums = collect_routing(s, T.init_state(s), batches, 3)
+    per_layer = np.asarray(sums["domain_counts"]).sum(axis=(1, 2))  # [L]
+    valid = sum(float((b["segment_ids"] != 0).sum()) for b in batches)
+    np.testing.assert_array_equal(sums["tokens"].sum(), valid)
+    summary = routers.routing_summary(sums, cfg.model.moe.num_experts)
+    if arm == "expert_choice":
+        rows = 8 * 64
+        np.testing.assert_array_equal(per_layer, [len(batches) * 8 * math.ceil(rows * 2 / 8)] * 2)
+    else:
+        k = FIXED_K[arm]
+        np.testing.assert_array_equal(per_layer / k, [valid] * 2)
+        if arm == "null_experts":
+            assert 0 < summary["active_experts"] < 3.0
+        else:
+            assert summary["active_experts"] == k
+    assert ("cooc" in sums) == (arm not in NO_TOKEN_CHOICES)
+    mi = summary["layer_mi"]
+    assert mi is None or (len(mi) == 1 and 0 <= mi[0] <= np.log(8) + 1e-9)
+
+
+def test_every_arm_of_every_preset_builds():
+    """Each arm (seed replicas included) of each preset builds and validates (cpu-smoke's
+    models initialise for real above); the drop-top-1 probe applies exactly to the ranked top-k
+    routers and its config validates."""
+    from moejax.experiment import build_config
+
+    for preset in routers.PRESETS:
+        arms = routers.arms_for(preset)
+        assert set(routers.DEFAULT_ARMS[preset]) <= set(arms), preset
+        for arm in arms:
+            cfg = build_config(routers.PRESETS, arms, preset, arm, [])
+            if arm.endswith("-s2"):
+                continue
+            applies = routers.probe_applies(cfg)
+            assert applies == (arm not in ("topp", "expert_choice", "moge")), (preset, arm)
+            if applies:
+                apply_overrides(cfg, ["model.moe.router.drop_top_experts=1"])
