@@ -284,7 +284,8 @@ def eval_prompts(cfg) -> int:
 
 def build_rl_programs(cfg, mesh: Mesh, *, eval_rollout: bool = True) -> dict[str, Program]:
     """The programs of one RL step as ``RLTrainer`` builds them: ``rollout`` (prompts_per_step
-    prompts, x prefix.num_prefix variants under Prefix-RFT, x G), ``logprobs`` (the pi_old /
+    prompts, x prefix.num_prefix variants under Prefix-RFT, x G; Knapsack: rows_per_step
+    prompt rows x 1), ``logprobs`` (the pi_old /
     reference recompute over all ``rl.rows_per_step`` rows), ``update`` (one optimizer step on a
     mini-batch of rows_per_step/mini_batches rows) and, with ``eval_rollout``,
     ``rollout_eval`` (every eval item x ``rl.eval_samples``, the largest eval bucket)."""
@@ -308,7 +309,9 @@ def build_rl_programs(cfg, mesh: Mesh, *, eval_rollout: bool = True) -> dict[str
                                    weights, *args, num_generations=g)
 
         variants = rl.prefix.num_prefix if rl.prefix.enabled else 1  # Prefix-RFT prompt rows
-        progs = {"rollout": rollout("rollout", rl.prompts_per_step * variants, G)}
+        knapsack = rl.budget.allocation == "knapsack"  # G=1 over the repeated prompts
+        progs = {"rollout": rollout("rollout", B, 1) if knapsack
+                 else rollout("rollout", rl.prompts_per_step * variants, G)}
         if eval_rollout:
             progs["rollout_eval"] = rollout("rollout_eval", eval_prompts(cfg),
                                             max(rl.eval_samples, 1))
@@ -321,6 +324,13 @@ def build_rl_programs(cfg, mesh: Mesh, *, eval_rollout: bool = True) -> dict[str
             "update", make_update_step(s, cfg), Work(3, n, Tn, n // rl.micro_batches),
             state, rl_rows(cfg, mesh, n, ref=rl.needs_reference,
                            forced=rl.replay.mode != "none"))
+        if rl.reward_source == "reward_model":  # the reward model's score of the rollout rows
+            from moejax.rl import reward_model as rm_lib
+            rs = rm_lib.rm_setup(cfg, mesh)
+            progs["rm_score"] = compile_program(
+                "rm_score", rm_lib.make_score_fn(rs), Work(1, B, P + N, B),
+                rs.abstract_state.params, rs.abstract_state.rest,
+                *rm_lib.abstract_score_rows(mesh, B, P + N))
     return progs
 
 

@@ -16,6 +16,7 @@ multiply the rows by ``prefix.num_prefix``), ``rl.minibatch_sampler`` / ``rl.pos
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 from moejax.config import Config
@@ -35,6 +36,7 @@ REPLAY_MODES = ("none", "r2", "r3")
 OLD_LOGPROBS = ("recompute", "rollout")
 ALLOCATIONS = ("fixed", "knapsack")
 FILTER_WHERE = ("none", "online", "offline")
+REWARD_SOURCES = ("verifier", "reward_model")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +183,18 @@ class RLConfig:
     # to its minority's count before the advantages; the other rows stay as masked padding
     balanced_subsample: bool = False
     reward_calibration: RewardCalibrationConfig = RewardCalibrationConfig()
+    # B.3: what RL trains on, the verifier's reward or a Bradley-Terry reward model's score of
+    # the rollout (``moejax.rl.reward_model``, trained in reward_model_dir); pass@1 stays verified
+    reward_source: str = "verifier"
+    reward_model_dir: str = ""
     budget: BudgetConfig = BudgetConfig()
+    # which RL prompts (the SFT stage is unaffected): ``prompt_pool`` = N > 0 cycles the first N
+    # items of the stream (prompts come back, so the success buffer fills: Knapsack, B.4);
+    # ``family_weights`` draws each prompt's family with these weights, one per
+    # ``rl.tasks.families`` entry (C.1 MoDoMoDo; normalised), then a uniform tier of it;
+    # () keeps the uniform tier draw
+    prompt_pool: int = 0
+    family_weights: tuple[float, ...] = ()
 
     def __post_init__(self):
         for name in ("prompts_per_step", "mini_batches", "ppo_epochs", "micro_batches",
@@ -216,6 +229,33 @@ class RLConfig:
             _fail("rl.replay.mode", "r2", "records routing in the pi_old recompute, which "
                   "rl.old_logprobs='rollout' skips; use r3 or recompute")
         self._check_methods()
+        self._check_prompt_stream()
+        self._check_reward_source()
+
+    def _check_reward_source(self) -> None:
+        _check_choice("rl.reward_source", self.reward_source, REWARD_SOURCES)
+        learned = self.reward_source == "reward_model"
+        if learned != bool(self.reward_model_dir):
+            _fail("rl.reward_model_dir", self.reward_model_dir, "set it (the reward model's "
+                  "directory) exactly when rl.reward_source='reward_model'")
+        if learned and self.dynamic_sampling:
+            _fail("rl.dynamic_sampling", True, "filters groups on the verifier's reward; turn it "
+                  "off with rl.reward_source='reward_model'")
+
+    def _check_prompt_stream(self) -> None:
+        if self.prompt_pool < 0:
+            _fail("rl.prompt_pool", self.prompt_pool, "must be >= 0 (0 = the endless stream)")
+        w = self.family_weights
+        if not w:
+            return
+        if len(w) != len(self.tasks.families):
+            _fail("rl.family_weights", w, f"give one weight per rl.tasks.families entry "
+                  f"{self.tasks.families}")
+        if not all(math.isfinite(x) and x >= 0 for x in w) or not sum(w) > 0:
+            _fail("rl.family_weights", w, "weights must be finite, >= 0, with a positive sum")
+        if self.task_file or self.budget.curriculum:
+            _fail("rl.family_weights", w, "draws synthetic task families; not combined with "
+                  "rl.task_file or rl.budget.curriculum (which draws families itself)")
 
     def _check_methods(self) -> None:
         """The method switches' combinations the loop supports (fixed shapes per step)."""

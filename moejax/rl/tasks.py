@@ -250,6 +250,24 @@ def stream_item(cfg: TaskConfig, file_train: Sequence[TaskItem] | None, index: i
     return file_train[order[k]]
 
 
+def pool_index(index: int, pool: int) -> int:
+    """Where item ``index`` of a stream cycled over its first ``pool`` items comes from
+    (``pool`` = 0: the endless stream, ``index`` itself)."""
+    return index % pool if pool else index
+
+
+def mixture_item(cfg: TaskConfig, weights: Sequence[float], index: int) -> TaskItem:
+    """Training item ``index`` of a family mixture: family ``f`` with probability
+    ``weights[f] / sum(weights)``, then a uniform tier of it, then an item of its train split;
+    a pure function of (seed, weights, index), so it resumes from a counter as ``train_item``."""
+    if len(weights) != len(cfg.families):
+        raise ValueError(f"weights {tuple(weights)}: give one per family of {cfg.families}")
+    rng = random.Random(f"{cfg.seed}/mixture/{index}")
+    family = rng.choices(cfg.families, weights=weights)[0]
+    tier = rng.choice(train_tiers(dataclasses.replace(cfg, families=(family,))))
+    return _draw_in_split(rng, tier, False, cfg.eval_fraction)
+
+
 def eval_items(cfg: TaskConfig, tier: Tier, n: int) -> list[TaskItem]:
     """Up to ``n`` distinct held-out items of ``tier`` (fewer when its eval split is smaller).
 

@@ -219,6 +219,10 @@ class RLTrainer:
         self.stop = StopSignals()
         self.chat = None if rl.chat_template == "none" else "auto"
         self.methods = self._initial_methods()
+        self.reward_model = None  # rl.reward_source='reward_model': its scorer (B.3)
+        if rl.reward_source == "reward_model":
+            from moejax.rl.reward_model import RewardModelScorer
+            self.reward_model = RewardModelScorer(cfg, self.mesh, rl.reward_model_dir)
 
     def _engine(self) -> RolloutEngine:
         """The rollout engine on the training mesh; with ``rl.rollout_dtype`` its model computes
@@ -261,16 +265,20 @@ class RLTrainer:
         rl = self.cfg.rl
         if rl.budget.curriculum:
             return self._curriculum_items(n, self._method_rng(step, budget_lib.BUDGET_SALT, draw))
+        index = [tasks.pool_index(cursor + i, rl.prompt_pool) for i in range(n)]
+        if rl.family_weights:  # a task-family mixture (C.1)
+            return [tasks.mixture_item(rl.tasks, rl.family_weights, RL_STREAM_OFFSET + i)
+                    for i in index]
         train = None if self.file_items is None else self.file_items[0]
-        return [tasks.stream_item(rl.tasks, train, cursor + i, RL_STREAM_OFFSET)
-                for i in range(n)]
+        return [tasks.stream_item(rl.tasks, train, i, RL_STREAM_OFFSET) for i in index]
 
     def _curriculum_items(self, n: int, rng: np.random.Generator) -> list:
         rl, cur = self.cfg.rl, self.methods["curriculum"]
         cursors, items = dict(cur["cursors"]), []
         for arm in budget_lib.curriculum_sample(cur, n, rl.budget.sec, rng):
             family_cfg = dataclasses.replace(rl.tasks, families=(arm,))
-            items.append(tasks.train_item(family_cfg, RL_STREAM_OFFSET + cursors[arm]))
+            index = tasks.pool_index(cursors[arm], rl.prompt_pool)
+            items.append(tasks.train_item(family_cfg, RL_STREAM_OFFSET + index))
             cursors[arm] += 1
         self.methods["curriculum"] = {**cur, "cursors": cursors}
         return items
@@ -411,18 +419,24 @@ class RLTrainer:
     def _collect(self, state, step: int, cursor: int) -> tuple[Rollouts, int, dict]:
         """This step's groups: one rollout batch, or under dynamic sampling the first
         ``prompts_per_step`` groups with reward variance from up to 1 + max_refills batches
-        (topped up with filtered groups, counted in ``dapo/short_groups``, if too few)."""
+        (topped up with filtered groups, counted in ``dapo/short_groups``, if too few).
+        ``rl/rollouts`` and ``rl/rollout_tokens`` count every rollout sampled (refills included;
+        Prefix-RFT's demonstration tokens are not sampled)."""
         rl = self.cfg.rl
         P, G = rl.prompts_per_step, rl.num_generations
         base = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.rng),
                                                      _SAMPLER_SALT), step)
         refill = rl.dynamic_sampling or rl.budget.filter == "online"
         kept, dropped, info, draws = [], [], {}, 0
+        sampled = {"rl/rollouts": 0, "rl/rollout_tokens": 0}
         while True:
             items, cursor, drawn = self._draw_items(step, cursor, draws)
             r, made = self._step_rollouts(state, items, step, jax.random.fold_in(base, draws))
             draws += 1
-            info = {**drawn, **made}
+            sampled["rl/rollouts"] += len(r.tokens)
+            sampled["rl/rollout_tokens"] += int(r.completion_lengths.sum()) - (
+                0 if r.prefix_mask is None else int(r.prefix_mask.sum()))
+            info = {**drawn, **made, **sampled}
             if not refill:
                 return r, cursor, info
             group = np.arange(P * G) // G
@@ -432,7 +446,7 @@ class RLTrainer:
             if len(kept) >= P or draws > rl.max_refills:
                 break
         info = {"dapo/draws": draws, "dapo/kept_groups": min(len(kept), P),
-                "dapo/short_groups": max(P - len(kept), 0)}
+                "dapo/short_groups": max(P - len(kept), 0), **sampled}
         out = Rollouts.concat((kept + dropped)[:P])
         out.group = np.arange(P * G) // G
         return out, cursor, info
@@ -529,18 +543,21 @@ class RLTrainer:
         return state, cursor, metrics
 
     def _calibrated_rewards(self, r: Rollouts, metrics: dict) -> np.ndarray:
-        """The rollouts' rewards, or under ``rl.reward_calibration`` r - alpha*b(length) with b
+        """The rollouts' rewards (the verifier's, or the reward model's scores under
+        ``rl.reward_source``), or under ``rl.reward_calibration`` r - alpha*b(length) with b
         fitted on the rolling buffer after appending this batch (rewards where b is undefined)."""
         cal = self.cfg.rl.reward_calibration
+        raw = (r.rewards if self.reward_model is None
+               else self.reward_model.score_rollouts(r, metrics))
         if not cal.enabled:
-            return r.rewards
+            return raw
         buf = calib_lib.buffer_append(self.methods["calibration"], r.completion_lengths,
-                                      r.rewards, cal.buffer_size)
+                                      raw, cal.buffer_size)
         self.methods["calibration"] = buf
         fitted = calib_lib.apply(calib_lib.fit(buf["lengths"], buf["rewards"], cal),
-                                 r.completion_lengths, r.rewards)
-        out = np.where(np.isfinite(fitted), fitted, r.rewards).astype(np.float32)
-        metrics["calib/length_corr_raw"] = length_correlation(r.completion_lengths, r.rewards)
+                                 r.completion_lengths, raw)
+        out = np.where(np.isfinite(fitted), fitted, raw).astype(np.float32)
+        metrics["calib/length_corr_raw"] = length_correlation(r.completion_lengths, raw)
         metrics["calib/length_corr"] = length_correlation(r.completion_lengths, out)
         return out
 
