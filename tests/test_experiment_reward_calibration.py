@@ -4,6 +4,7 @@ report's RM and RL tables; the RL stage restores the RM exactly and trains on it
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -77,3 +78,55 @@ def test_arms_and_presets_cover_every_scale():
         cfg = experiment.build_config(presets, arms, "tpu-v5p-8", arm, [])
         assert cfg.rl.reward_source == "reward_model"
     assert rc.rm_preset(presets["gpu"]) == rc.RM_PRESETS["gpu"]
+
+
+def test_interrupted_reward_model_training_resumes_bit_identically(run, tmp_path, monkeypatch):
+    """The RM stage stopped after step 2 (as SIGTERM / Ctrl-C would: save, return preempted) and
+    rerun ends with the same parameters, optimizer state, held-out scores and per-step metrics
+    as an uninterrupted run (the pair stream is a function of the step; the state is restored)."""
+    import jax
+
+    from moejax import trainer as trainer_lib
+    from moejax.ckpt import Checkpointer
+    from moejax.mesh import make_mesh
+    from moejax.rl.reward_model import rm_setup
+
+    wd, _ = run
+    cfg = rc.PRESETS["cpu-smoke"]
+    rm = dataclasses.replace(rc.rm_preset(cfg), steps=4, ckpt_every=4)  # no save at step 2 unless stopped
+    (start,) = wd.glob("_sft-*")
+    straight = R.train_reward_model(cfg, rm, tmp_path / "straight", start)
+
+    class StopAfter2(trainer_lib.StopSignals):
+        def agreed(self, step):
+            return step == 2
+
+    monkeypatch.setattr(trainer_lib, "StopSignals", StopAfter2)
+    first = R.train_reward_model(cfg, rm, tmp_path / "resumed", start)
+    assert first == {"step": 2, "preempted": True}
+    assert not (tmp_path / "resumed" / R.RM_EVAL).exists()
+    monkeypatch.undo()
+    resumed = R.train_reward_model(cfg, rm, tmp_path / "resumed", start)
+    assert resumed == straight and not resumed["preempted"]
+
+    def final_state(d):
+        rs = rm_setup(cfg, make_mesh(cfg.mesh), rm)
+        ckpt = Checkpointer(d / "ckpt", async_save=False)
+        try:
+            state, meta = ckpt.restore_latest(rs.abstract_state, None)
+        finally:
+            ckpt.close()
+        assert meta["step"] == 4
+        return jax.device_get(state)
+
+    a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert (json.loads((tmp_path / "straight" / R.RM_EVAL).read_text())
+            == json.loads((tmp_path / "resumed" / R.RM_EVAL).read_text()))
+    ma = [{k: v for k, v in r.items() if not k.startswith("perf/")}
+          for r in _metrics(tmp_path / "straight" / "metrics.jsonl")]
+    mb = [{k: v for k, v in r.items() if not k.startswith("perf/")}
+          for r in _metrics(tmp_path / "resumed" / "metrics.jsonl")]
+    assert [r["step"] for r in ma] == [r["step"] for r in mb] == [1, 2, 3, 4]
+    assert ma == mb
