@@ -33,9 +33,9 @@ Command:
 
 Presets and runtime: cpu-smoke (tiny, ~10 s per arm; CI runs global and aux_free); cpu (8
 experts top-2, micro-batch 4 sequences vs a global batch of 64 via 16 accumulation micro-steps,
-seq 128, 64 steps = 0.5M tokens per run; the 8 default runs ~24 min on 2 quiet cores,
-estimated: per-step CPU time measured under contention, 1.76 s (shuffled 2.19 s: its extra forward) vs 0.76 s for the
-previous cpu preset, whose 5 arms took a measured 14.9 min, i.e. ~57 s per run besides steps);
+seq 128, 64 steps = 0.5M tokens per run; the 8 default runs with the report: 16.4 min wall,
+1,059 s user CPU on 2 cores, peak RSS 1.5 GB, measured 2026-12-01 from a clean checkout with
+low-priority jobs beside it and a warm compilation cache);
 gpu (one H100, ~150M total params, 64 experts top-4, global batch 128 of
 micro 16), tpu-v5p-64 (1.7B, 64 experts top-8, EP 8), tpu-v5p-128 (Qwen3-30B-A3B-shaped, EP 16
 x FSDP 4); both compile and fit per ``python -m moejax.aot`` (table: benchmarks/RESULTS.md).

@@ -51,9 +51,9 @@ Command:
 Presets and runtime: cpu-smoke (~27 s per arm contended; CI runs topk and expert_choice, ~1 min);
 cpu (lbl_scope's model with its own batch, pinned: 32 sequences of 128 without accumulation, 100
 steps = 0.4M tokens per run; the default runs are topk, rmoe and rmoe_reset with two seeds:
-~25 min estimated under contention (measured 12-step runs with 7 other jobs on the 2 cores:
-1.3 s/step topk, 1.95 s/step RMoE p=64, ~75 s per run for compiles, evaluations, the routing
-pass and the probe), less on quiet cores; other arms with --arms); gpu and tpu-v5p-64
+6.6 min wall with the report, 509 s user CPU on 2 cores, peak RSS 2.6 GB, measured 2026-12-01
+from a clean checkout with low-priority jobs beside it and a warm compilation cache; other arms
+with --arms); gpu and tpu-v5p-64
 (lbl_scope's models and batches, RMoE p=256) compile and fit per ``python -m moejax.aot``.
 Smallest preset that can show each direction: cpu for the routing metrics (consecutive-layer MI,
 entropies, active experts per domain and layer, null-expert use) at ~0.1 passes over each
