@@ -388,16 +388,31 @@ def per_chip_bytes(abstract_tree) -> int:
 
 
 def estimate_memory(cfg: Config, mesh: Mesh, abstract_state) -> dict:
-    """Analytic per-chip bytes of the train step. Held to the compiler's numbers within 10%:
-    the arguments (the state and batch it takes, each leaf's own shard) and the outputs (the
-    new state, donated: it aliases the old one's buffers). Estimated only: the temporaries, as
-    the f32 gradients (the accumulated sum and one micro-step's; sharded like the parameters)
-    plus the activations: the residual stream saved at every layer boundary under remat (all
-    of a layer's values without it), one layer's forward values being recomputed, and the fp32
-    logits with their gradient. What is live at the peak is decided by XLA's buffer assignment
-    (bf16 weight copies, FSDP gathers, EP buffers, reuse across the scanned layers), which no
-    closed form of the config tracks: measured 0.48-2.3x this estimate, and 3x apart between
-    v5e and v5p for the same program and shapes (``tests/test_aot.py``)."""
+    """Analytic per-chip bytes of the train step, by component.
+
+    Exact (``tests/test_aot.py``: within 0.1% and 0.5%): ``arguments`` (each leaf's own shard of
+    the state, plus the batch) and ``outputs`` (the new state; donated, it aliases the old one's
+    buffers, so only the scalar metrics are new).
+
+    ``temporaries`` is the working set at the step's peak, which the dumped buffer assignment
+    places in the backward loop over the scanned layers, at a layer's recompute (remat):
+    ``gradients``, the f32 gradient of every parameter's shard (the stack's is that loop's carry;
+    plus the accumulated sum under grad_accum); ``weight_copies``, the compute-dtype copies of
+    the weights cast once before the loop and kept for the backward, in the forward and the
+    transposed layout (= the f32 bytes for bf16 compute); and ``activations``: the residual
+    stream saved at every layer boundary under remat (all of a layer's values without it), one
+    layer's recomputed values (the MoE layer's EP receive rows at ``ep_buffer_factor``) and the
+    fp32 logits with their gradient.
+
+    It is not a prediction of ``memory_analysis()``'s temp, which counts only what the TPU
+    compiler leaves in HBM: its memory-space assignment keeps up to ~100 MiB of temporaries in
+    on-chip VMEM, chosen by a per-generation cost model; the HBM heap it packs spans 2-4x the
+    bytes live at once; and 3-21 MiB more are allocated below the HLO buffer assignment. For the
+    small programs of ``tests/test_aot.py`` (12-27 MiB live at the peak) that temp is 0.48-2.3x
+    this estimate and up to 3x apart between v5e and v5p (with VMEM placement off,
+    ``xla_{vf,gf}_vmem_memory_space_assignment=false``, they agree within 13%). With the state
+    dominating (the gated config at d_model 2048: 0.76 GiB of state per chip) the total is
+    1.09x / 1.16x the estimate on v5e / v5p and the two generations are 15% apart."""
     m, t = cfg.model, cfg.train
     batch_shards = math.prod(mesh.shape.get(a, 1) for a in ("data", "fsdp", "expert"))
     b = t.micro_batch_size // batch_shards  # rows per chip per micro-step
@@ -412,14 +427,19 @@ def estimate_memory(cfg: Config, mesh: Mesh, abstract_state) -> dict:
                            + 3 * ffn / tensor)
     saved = m.num_layers * (b * T * D * act if m.remat != "none" else layer)
     logits = 2 * b * T * m.vocab_size * 4 / tensor
-    params = per_chip_bytes(abstract_state.params)
+    f32_params = per_chip_bytes(abstract_state.params) * 4 // max(
+        jnp.dtype(m.param_dtype).itemsize, 1)
+    gradients = f32_params * (2 if t.grad_accum > 1 else 1)  # + the accumulated sum
+    # compute-dtype casts of the weights, two layouts; none when the compute dtype is the stored one
+    weight_copies = (2 * f32_params * act // 4
+                     if act < jnp.dtype(m.param_dtype).itemsize else 0)
     args = per_chip_bytes(abstract_state) + per_chip_bytes(
         abstract_batch(mesh, t.batch_size, T))
-    grads = 2 * params * 4 // max(jnp.dtype(m.param_dtype).itemsize, 1)
     activations = saved + layer + logits
-    return {"arguments": args, "outputs": per_chip_bytes(abstract_state), "gradients": grads,
-            "activations": activations, "temporaries": grads + activations,
-            "total": args + grads + activations}
+    temporaries = gradients + weight_copies + activations
+    return {"arguments": args, "outputs": per_chip_bytes(abstract_state),
+            "gradients": gradients, "weight_copies": weight_copies, "activations": activations,
+            "temporaries": temporaries, "total": args + temporaries}
 
 
 def analytic_split(cfg: Config, chips: int, work: Work | None = None) -> dict:

@@ -100,23 +100,23 @@ def test_train_step_compiles_with_the_pallas_kernels(compiled):
 
 @needs_libtpu
 def test_memory_table_matches_the_analytic_estimate(compiled):
-    """Arguments (state + batch) equal the per-chip shards of the abstract state within 1%
-    (measured: within 0.02%) and the outputs (the new state plus scalar metrics) the state's
-    shards within 10% (measured: within 0.06%), almost all of them aliased to the donated
-    arguments. Temporaries are only held to a factor of 3 of the estimate (f32 gradients twice +
-    the residual stream saved per layer + one layer's values + fp32 logits): measured 1.89x /
-    2.32x it for the MoE config on v5e / v5p and 0.48x / 1.48x for the dense FSDP one. The same
-    program with the same per-chip shapes needs 3x more temporaries on v5p than on v5e: XLA's
-    buffer assignment and scheduling (per chip generation) decide what is live at the peak (bf16
-    weight copies, cotangents, EP receive buffers, the optimizer's new state before the
-    finite-guard select, reuse across the scanned layers), so no closed form in the config can
-    hold them to 10%."""
+    """Arguments (state + batch) equal the per-chip shards of the abstract state within 0.1%
+    (measured: 0.02%), the outputs (the new state plus scalar metrics) the state's shards within
+    0.5% (measured: 0.06%), and every output but the metrics aliases a donated argument.
+
+    Temporaries: memory_analysis counts only what the TPU compiler leaves in HBM. At these sizes
+    (12-27 MiB live at the peak) its memory-space assignment keeps a generation-dependent share
+    in on-chip VMEM (gated on v5e: 15 of 19 MiB at the peak; HBM temp 6.7 MiB there against
+    20.8 on v5p; with VMEM placement off 25.5 and 22.7), the HBM heap it packs spans 2-4x
+    the bytes live at once, and 3-14 MiB more are allocated below the HLO buffer assignment.
+    Measured: temp is 0.48-2.32x the working-set estimate (MoE on v5e / v5p 1.89 / 2.32, gated
+    0.48 / 1.48), held to that band, not to 10% (see ``estimate_memory``)."""
     _, cfg, mesh, rep, est = compiled
     mem = rep["programs"]["train"]["memory"]
-    assert mem["argument"] == pytest.approx(est["arguments"], rel=0.01)
-    assert mem["output"] == pytest.approx(est["outputs"], rel=0.10)
-    assert est["temporaries"] / 3 <= mem["temp"] <= 3 * est["temporaries"]
-    assert mem["alias"] >= 0.9 * mem["output"]  # the donated state is updated in place
+    assert mem["argument"] == pytest.approx(est["arguments"], rel=1e-3)
+    assert mem["output"] == pytest.approx(est["outputs"], rel=5e-3)
+    assert mem["output"] - mem["alias"] < 64 * 1024  # only the metrics are new buffers
+    assert 0.4 * est["temporaries"] <= mem["temp"] <= 2.5 * est["temporaries"]
 
 
 @needs_libtpu
