@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 
 from moejax.analysis import quant
-from moejax.config import ConfigError
-from moejax.layers import attention, mlp
+from moejax.config import ConfigError, DeltaNetConfig
+from moejax.layers import attention, deltanet, mlp
 from moejax.layers.mlp import MLP
 from moejax.model import Model
 from moejax.testing import PROBE_TOKENS, tiny_model
@@ -165,6 +165,35 @@ def test_mlp_under_the_hook_matches_numpy():
     g, u = q(x) @ wq(p["gate"]), q(x) @ wq(p["up"])
     h = g / (1 + np.exp(-g)) * u
     np.testing.assert_allclose(got, q(h) @ wq(p["down"]), rtol=2e-4, atol=2e-4)
+
+
+def test_deltanet_projections_under_the_hook_match_numpy():
+    """Gated DeltaNet's in_proj_qkvz and in_proj_ba see per-token INT4 inputs and g32 weights like
+    the MLP's; its out_proj ([Hv,dv,D], Hv*dv = 32 contracted inputs) is hooked too."""
+    cfg = tiny_model()
+    dn = DeltaNetConfig(num_k_heads=2, num_v_heads=4, head_k_dim=8, head_v_dim=8)
+    layer = deltanet.GatedDeltaNet(cfg, dn, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(2, 5, cfg.d_model)).astype(np.float32)
+    spec = quant.QuantSpec(group_size=32)
+    graphdef, state = nnx.split(layer)
+    with quant.fake_quant_linears(spec) as trace:
+        got = jax.jit(lambda st, x: nnx.merge(graphdef, st)._project(x))(state, x)
+        y = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x)[0])(state, x)
+    W = 2 * 8 + 2 * 2 * 8  # per key head [q | k | v_r | z_r]; ba per key head [b_r | a_r]
+    assert trace.shapes == [(64, 2 * W), (64, 2 * 4), (64, 2 * W), (64, 2 * 4), (32, 64)]
+    assert deltanet.linear is mlp.linear and deltanet.linear.__name__ == "linear"  # restored
+    xq = np_tokens(x, 1, 4, True)
+    qkvz, ba = (xq @ np_weight_groups(np.asarray(w[...], np.float64).reshape(64, -1), 1, 4, True, 32)
+                for w in (layer.in_proj_qkvz, layer.in_proj_ba))
+    qkvz, ba = qkvz.reshape(2, 5, 2, W), ba.reshape(2, 5, 2, 4)
+    want = (qkvz[..., :8], qkvz[..., 8:16], qkvz[..., 16:32].reshape(2, 5, 4, 8),
+            qkvz[..., 32:].reshape(2, 5, 4, 8), ba[..., :2].reshape(2, 5, 4),
+            ba[..., 2:].reshape(2, 5, 4))
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), w, rtol=2e-4, atol=2e-4)
+    plain = np.asarray(jax.jit(lambda st, x: nnx.merge(graphdef, st)(x)[0])(state, x))
+    assert np.abs(np.asarray(y) - plain).max() > 1e-4  # hooked forward != one traced after
 
 
 @pytest.fixture(scope="module")

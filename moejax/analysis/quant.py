@@ -10,13 +10,15 @@ of a trained model when every dense projection of its decoder blocks sees INT4 i
   ``s = (hi - lo) / (2^b - 1)``, ``z = round(-lo / s)``, ``q = clip(round(x/s) + z, 0, 2^b - 1)``,
   ``x̂ = (q - z) s``. An all-zero row or group (s = 0) stays zero.
 
-Which projections: ``fake_quant_linears`` swaps the ``linear`` of ``moejax.layers.attention`` and
-``moejax.layers.mlp`` (q, k, v, o and the attention gate's W_θ; the MLP's gate, up, down) for the
-quantised one while the block is open, so only functions *traced* inside it are affected (a new
-jit each time); the model code is unchanged. The token embedding, the LM head, norms (GatedNorm's
-low-rank gate included), the softmax and the attention score/value products stay in full
-precision, as in the W4A4 literature. MoE expert FFNs (``gmm``) have no hook: ``evaluate_w4a4``
-refuses MoE models rather than report a partly quantised one.
+Which projections: ``fake_quant_linears`` swaps the ``linear`` of ``moejax.layers.attention``,
+``moejax.layers.mlp`` and ``moejax.layers.deltanet`` (q, k, v, o and the attention gate's W_θ; the
+MLP's gate, up, down; Gated DeltaNet's in_proj_qkvz, in_proj_ba and out_proj) for the quantised
+one while the block is open, so only functions *traced* inside it are affected (a new jit each
+time); the model code is unchanged. The token embedding, the LM head, norms (GatedNorm's low-rank
+gate included), the softmax and the attention score/value products, DeltaNet's depthwise conv,
+decay and delta-rule state stay in full precision, as in the W4A4 literature. MoE expert FFNs
+(``gmm``) have no hook: ``evaluate_w4a4`` refuses MoE models rather than report a partly quantised
+one.
 """
 
 from __future__ import annotations
@@ -113,13 +115,13 @@ class QuantTrace:
 
 @contextlib.contextmanager
 def fake_quant_linears(spec: QuantSpec) -> Iterator[QuantTrace]:
-    """While open, the decoder blocks' dense projections (attention and MLP ``linear`` calls)
+    """While open, the decoder blocks' dense projections (attention, DeltaNet, MLP ``linear`` calls)
     quantise their input per token and their weight per group; only functions traced inside the
     block see it. Yields the record of what was quantised (to check that the hook took)."""
-    from moejax.layers import attention, mlp
+    from moejax.layers import attention, deltanet, mlp
 
     original = mlp.linear
-    assert attention.linear is original, "attention and mlp must share one linear"
+    assert attention.linear is deltanet.linear is original, "the mixers and mlp share one linear"
     trace = QuantTrace()
 
     def quantised(x, w, *, n_in: int = 1, preferred_element_type=None):
@@ -127,11 +129,11 @@ def fake_quant_linears(spec: QuantSpec) -> Iterator[QuantTrace]:
         return original(quantize_tokens(x, n_in, spec), quantize_weight_groups(w, n_in, spec),
                         n_in=n_in, preferred_element_type=preferred_element_type)
 
-    attention.linear = mlp.linear = quantised
+    attention.linear = mlp.linear = deltanet.linear = quantised
     try:
         yield trace
     finally:
-        attention.linear = mlp.linear = original
+        attention.linear = mlp.linear = deltanet.linear = original
 
 
 # -- the evaluation -------------------------------------------------------------------------------
