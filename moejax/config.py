@@ -543,7 +543,8 @@ class TrainConfig:
 
 
 GROWTH_OPS = ("none", "identity", "stack", "zero_depth", "random_depth", "learn_depth", "split",
-              "zero_width", "random_width", "copy", "fine", "emoe", "emoe_learn")
+              "zero_width", "random_width", "copy", "fine", "emoe", "emoe_learn", "dsmoe", "bam")
+UPCYCLE_OPS = ("copy", "fine", "emoe", "emoe_learn", "dsmoe")  # ops growth.moe_layers applies to
 
 
 @dataclasses.dataclass(frozen=True)
@@ -553,7 +554,8 @@ class GrowthConfig:
     target (this config's model) for ``train.steps`` steps. 'none' = an ordinary run."""
 
     op: Literal["none", "identity", "stack", "zero_depth", "random_depth", "learn_depth", "split",
-                "zero_width", "random_width", "copy", "fine", "emoe", "emoe_learn"] = "none"
+                "zero_width", "random_width", "copy", "fine", "emoe", "emoe_learn", "dsmoe",
+                "bam"] = "none"
     factor: int = 4  # depth: source has num_layers/factor layers; width: d_ff/factor neurons
     stack_mode: Literal["block", "interleave"] = "block"  # G_stack: l -> l mod L/g | l // g
     new_layers: Literal["interleave", "top"] = "interleave"  # where G_zero/G_random add layers
@@ -579,17 +581,22 @@ class GrowthConfig:
     learn_steps: int = 10  # G_learn: steps that fit the depth map
     learn_lr: float = 1e-2
     kmeans_iters: int = 30  # EMoE balanced k-means
+    # BAM (op='bam', moejax.bam_run): steps each dense branch continues on its own domain before
+    # mixing (their tokens count in the arm's budget); 0 = the branches are the source itself.
+    # Only op='bam' reads it (a preset may set it for its BAM arm)
+    branch_steps: int = 0
 
     def __post_init__(self):
         _check_choice("growth.op", self.op, GROWTH_OPS)
         _check_positive("growth.factor", self.factor)
         _check_choice("growth.new_layer_init", self.new_layer_init, ("copy", "fresh"))
         _check_choice("growth.moe_layers", self.moe_layers, ("all", "last_half", "last_quarter"))
-        if self.moe_layers != "all" and self.op not in ("copy", "fine", "emoe", "emoe_learn"):
+        if self.moe_layers != "all" and self.op not in UPCYCLE_OPS:
             _fail("growth.moe_layers", self.moe_layers,
-                  f"chooses upcycled MoE layers (op copy/fine/emoe/emoe_learn, got {self.op!r}); "
+                  f"chooses upcycled MoE layers (op {'/'.join(UPCYCLE_OPS)}, got {self.op!r}); "
                   "use 'all'")
-        for name in ("source_steps", "learn_steps", "kmeans_iters", "fade_in_steps"):
+        for name in ("source_steps", "learn_steps", "kmeans_iters", "fade_in_steps",
+                     "branch_steps"):
             if getattr(self, name) < 0:
                 _fail(f"growth.{name}", getattr(self, name), "must be >= 0")
         if self.op != "none" and self.source_steps <= 0:

@@ -2,7 +2,7 @@
 
 ``run(cfg, workdir)`` with ``cfg.growth.op != 'none'`` (``moejax.config.GrowthConfig``):
 
-  1. source phase: ``Trainer(source_config(cfg), source_workdir)`` trains the source model for
+  1. source phase: ``Trainer(growth.source_config(cfg), source_workdir)`` trains the source model for
      ``growth.source_steps`` steps (default dir ``workdir/source``; experiments share one source
      run between arms). Its final checkpoint (saved at its last step) is the growth input.
   2. grown phase: ``Trainer(cfg, workdir/grown, init_state_fn=...)``. When ``workdir/grown/ckpt``
@@ -15,6 +15,11 @@
      event record ``{"step": S, "event": "grow", "op": ..., "val/loss": <grown model at step 0>,
      ...}``, then the grown records with ``step``, ``tokens`` and ``flops`` offset by the source's
      (``flops`` = tokens x the phase model's training FLOPs per token, source FLOPs counted).
+
+BAM (``growth.op='bam'``) adds a branch phase between 1 and 2 (``moejax.bam_run``): one dense run
+per trained domain from the source's final checkpoint, mixed into the MoE by the grown phase's
+init hook; their tokens and FLOPs are the event's ``branch_tokens`` / ``branch_flops`` and count
+in the grown records' ``tokens`` / ``flops``.
 
 Restart safety: every decision is taken from what exists on disk. A crash before the source's
 final save resumes the source; a crash between that save and the grown phase's first checkpoint
@@ -40,7 +45,20 @@ from moejax.metrics import read_metrics
 from moejax.paths import as_path, write_text_atomic
 from moejax.trainer import Trainer
 
-UPCYCLE = ("copy", "fine", "emoe", "emoe_learn")
+UPCYCLE = upcycle.METHODS
+
+def final_state(workdir, cfg: Config, abstract_state: T.TrainState,
+                data_iterator=None) -> T.TrainState:
+    """The train state of the finished run ``cfg`` in ``workdir`` (its checkpoint at step
+    ``train.steps``), rewinding ``data_iterator`` when given."""
+    ckpt = Checkpointer(as_path(workdir) / "ckpt", keep=cfg.train.keep_ckpts)
+    step = ckpt.latest_step()
+    if step != cfg.train.steps:
+        raise RuntimeError(f"{workdir}/ckpt: expected the run's final checkpoint at step "
+                           f"{cfg.train.steps}, found {step}")
+    state, _ = ckpt.restore(step, abstract_state, data_iterator)
+    ckpt.close()
+    return state
 
 
 def source_workdir_for(cfg: Config, root: str) -> str:
@@ -103,32 +121,43 @@ def run(cfg: Config, workdir: str, *, source_workdir: str | None = None, progres
     src_summary = src_trainer.run()
     if src_summary["preempted"]:
         return {**src_summary, "phase": "source"}
+    src_setup = src_trainer.setup
+    bam_run = None
+    if cfg.growth.op == "bam":
+        from moejax import bam_run  # it builds on this module
+        stopped = bam_run.run_branches(cfg, src_cfg, src_setup, src_wd, progress=progress)
+        if stopped is not None:
+            return {**stopped, "phase": "branch"}
     same_stream = (src_cfg.data == cfg.data and src_cfg.train.batch_size == cfg.train.batch_size)
 
     def init_state_fn(setup: T.Setup, it):
-        ckpt = Checkpointer(src_wd / "ckpt", keep=src_cfg.train.keep_ckpts)
-        step = ckpt.latest_step()
-        if step != src_cfg.train.steps:
-            raise RuntimeError(f"{src_wd}/ckpt: expected the source's final checkpoint at step "
-                               f"{src_cfg.train.steps}, found {step}")
         if not same_stream:  # restore into a throwaway iterator: the grown phase starts its own
             it = src_trainer._iterator()
-        state, _ = ckpt.restore(step, src_trainer.setup.abstract_state, it)
-        ckpt.close()
-        return apply_op(cfg, state, src_trainer.setup, setup, it)
+        state = final_state(src_wd, src_cfg, src_setup.abstract_state, it)
+        if bam_run is not None:
+            params = bam_run.branch_params(cfg, src_cfg, src_setup, src_wd, state)
+            return bam_run.mixed_state(params, state, src_setup, setup)
+        return apply_op(cfg, state, src_setup, setup, it)
 
     trainer = GrownTrainer(cfg, workdir / "grown", progress=progress, on_step=on_step,
                            init_state_fn=init_state_fn)
     summary = trainer.run()
-    totals = merge_metrics(workdir, src_wd, workdir / "grown", src_cfg, cfg)
+    branch_tokens = 0
+    if bam_run is not None:
+        branch_tokens = (len(bam_run.branches(cfg, src_cfg, src_wd)) * cfg.growth.branch_steps
+                         * cfg.train.batch_size * cfg.data.seq_len)
+    totals = merge_metrics(workdir, src_wd, workdir / "grown", src_cfg, cfg,
+                           branch_tokens=branch_tokens)
     if jax.process_index() == 0:
         write_text_atomic(workdir / "config.json", cfg.to_json())
     return {**summary, **totals, "phase": "grown"}
 
 
-def merge_metrics(workdir, src_wd, grown_wd, src_cfg: Config, cfg: Config) -> dict:
+def merge_metrics(workdir, src_wd, grown_wd, src_cfg: Config, cfg: Config, *,
+                  branch_tokens: int = 0) -> dict:
     """Write ``workdir/metrics.jsonl``: source records, the grow event, offset grown records
-    (the workdirs: local paths or URIs)."""
+    (the workdirs: local paths or URIs). ``branch_tokens``: BAM's branch phase (source model),
+    counted in the event and every grown record."""
     src = read_metrics(as_path(src_wd) / "metrics.jsonl")
     grown = read_metrics(as_path(grown_wd) / "metrics.jsonl")
     f_src = src_cfg.model.flops_per_token(src_cfg.data.seq_len)
@@ -136,16 +165,17 @@ def merge_metrics(workdir, src_wd, grown_wd, src_cfg: Config, cfg: Config) -> di
     S = src_cfg.train.steps
     src_tokens = S * src_cfg.train.batch_size * src_cfg.data.seq_len
     out = [{**r, "flops": r.get("tokens", 0) * f_src, "phase": "source"} for r in src if r["step"] <= S]
-    event = {"step": S, "event": "grow", "op": cfg.growth.op, "tokens": src_tokens,
-             "flops": src_tokens * f_src, "source_params": src_cfg.model.num_params(),
-             "target_params": cfg.model.num_params()}
+    event = {"step": S, "event": "grow", "op": cfg.growth.op,
+             "tokens": src_tokens + branch_tokens, "flops": (src_tokens + branch_tokens) * f_src,
+             "branch_tokens": branch_tokens, "branch_flops": branch_tokens * f_src,
+             "source_params": src_cfg.model.num_params(), "target_params": cfg.model.num_params()}
     for r in grown:
         if r["step"] == 0:  # the grown model evaluated before any step: part of the event
             event.update({k: v for k, v in r.items() if k not in ("step", "tokens")})
             continue
         tok = r.get("tokens", 0)
-        out.append({**r, "step": S + r["step"], "tokens": src_tokens + tok,
-                    "flops": src_tokens * f_src + tok * f_dst, "phase": "grown"})
+        out.append({**r, "step": S + r["step"], "tokens": event["tokens"] + tok,
+                    "flops": event["flops"] + tok * f_dst, "phase": "grown"})
     out.insert(len([r for r in out if r["phase"] == "source"]), event)
     last = out[-1]
     if jax.process_index() == 0:

@@ -636,7 +636,7 @@ def source_model(dm: ModelConfig, op: str, factor: int) -> ModelConfig:
 def source_config(cfg: Config) -> Config:
     """The whole source run of ``cfg.growth``: the source model, ``growth.source_steps`` steps."""
     g = cfg.growth
-    if g.op in ("copy", "fine", "emoe", "emoe_learn"):
+    if g.op in ("copy", "fine", "emoe", "emoe_learn", "dsmoe", "bam"):  # dense -> MoE upcycling
         from moejax.upcycle import dense_source
         model = dense_source(cfg.model, g.op)
     else:

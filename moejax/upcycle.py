@@ -22,6 +22,15 @@ the same model without experts (``dense_source``), whose FFN width ``d_ff`` fixe
               whose weight is initialised from the average keys [D,E] (dot-product gate, not
               cosine). Use ``norm_topk_prob=True`` with ``routed_scaling=top_k`` to match the
               weight-1 sum of avg-key EMoE at init (approximately).
+  * ``dsmoe`` DSMoE (section 8.7; ``model.moe.variant.kind='dsmoe'``): the FFN split along d_ff
+              into ``num_experts`` contiguous blocks (``moe_variants.dsmoe_from_dense``, no
+              permutation, ``d_expert = F/E``); the per-block sigmoid gate [D,E] takes the fresh
+              init ('random') or zeros ('zero': g = 1/2 on every block, so every block is off at
+              the default tau = 1/2). Every block on (tau = 0, ``dsmoe_scale='one'``) is the dense
+              FFN exactly; at tau = 1/2 with a fresh gate about half the blocks run per token.
+
+BAM's dense source (``dense_source(dm, 'bam')``) is ``moejax.bam.dense_branch_config``; BAM mixes
+N trained branches instead of converting one state (``moejax.bam_run``).
 
 Which layers: every MoE layer of the target (``model.moe.first_dense_layers`` / ``moe_every``);
 the others keep the dense FFN. EMoE's choice (every 4th layer of the last half, every 2nd of the
@@ -43,10 +52,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax import train as T
+from moejax.bam import dense_branch_config
 from moejax.config import Config, ConfigError, ModelConfig, MoEConfig
 from moejax.growth import join_layers, split_layers, transform_state
+from moejax.layers.moe_variants import dsmoe_from_dense
 
-METHODS = ("copy", "fine", "emoe", "emoe_learn")
+METHODS = ("copy", "fine", "emoe", "emoe_learn", "dsmoe")
 # EMoE's layer choice (section 6.2; LLaMA-7B: every 4th layer from 16 of 32, or every 2nd late):
 # (first MoE layer as a fraction of the depth, stride)
 MOE_LAYER_CHOICES = {"last_half": (0.5, 4), "last_quarter": (0.75, 2)}
@@ -76,7 +87,10 @@ def apply_moe_layers(cfg: Config) -> Config:
 
 
 def dense_source(dm: ModelConfig, method: str = "copy") -> ModelConfig:
-    """The dense model that ``method`` upcycles into the MoE model ``dm`` (same d_ff)."""
+    """The dense model that ``method`` upcycles into the MoE model ``dm`` (same d_ff; BAM's
+    branches: FFN width d_expert)."""
+    if method == "bam":
+        return dense_branch_config(dm)
     check(dense := dataclasses.replace(dm, moe=MoEConfig()), dm, method)
     return dense
 
@@ -96,8 +110,10 @@ def check(sm: ModelConfig, dm: ModelConfig, method: str) -> int:
     segs = F // m.d_expert
     if method == "copy" and segs != 1:
         raise ValueError(f"copy upcycling needs d_expert == d_ff ({F}), got {m.d_expert}")
-    if method.startswith("emoe") and segs != m.num_experts:
-        raise ValueError(f"EMoE needs num_experts * d_expert == d_ff ({F})")
+    if (method.startswith("emoe") or method == "dsmoe") and segs != m.num_experts:
+        raise ValueError(f"{method} needs num_experts * d_expert == d_ff ({F})")
+    if (method == "dsmoe") != (m.variant.kind == "dsmoe"):
+        raise ValueError("method 'dsmoe' <-> model.moe.variant.kind='dsmoe'")
     if m.num_experts % segs:
         raise ValueError(f"num_experts={m.num_experts} must be a multiple of d_ff/d_expert={segs}")
     if (method == "emoe") != (m.router.gating == "avg_key"):
@@ -205,6 +221,9 @@ def upcycle(state: T.TrainState, src: T.Setup, dst: T.Setup, method: str, *,
     mc = dm.moe
     if router_init not in ("zero", "random"):
         raise ValueError(f"router_init={router_init!r}: choose 'zero' or 'random'")
+    if method == "dsmoe" and noise:
+        raise ValueError("dsmoe blocks are disjoint slices of the FFN (no copies to break): "
+                         "set noise=0")
     moe_layers = [l for l in range(dm.num_layers) if mc.is_moe_layer(l)]
     perms, avg = {}, {}
     if method.startswith("emoe"):
@@ -222,6 +241,10 @@ def upcycle(state: T.TrainState, src: T.Setup, dst: T.Setup, method: str, *,
         for l, (s, f) in enumerate(zip(src_layers, fresh_layers)):
             if l not in moe_layers:
                 out.append(s)
+                continue
+            if method == "dsmoe":
+                out.append({**s, "mlp": dsmoe_layer(s["mlp"], f["mlp"], mc.num_experts,
+                                                    router_init)})
                 continue
             mlp = dict(f["mlp"])
             mlp.update(experts_from_dense(s["mlp"], mc.num_experts, segs, perm=perms.get(l),
@@ -242,3 +265,11 @@ def upcycle(state: T.TrainState, src: T.Setup, dst: T.Setup, method: str, *,
         return fresh
 
     return transform_state(state, src, dst, params_fn, rest_fn, key=key)
+
+
+def dsmoe_layer(dense: dict, fresh: dict, num_experts: int, router_init: str) -> dict:
+    """One DSMoE FFN from a dense one: {'experts': the d_ff blocks (``dsmoe_from_dense``),
+    'gate' [D,E]: the fresh init, or zeros with ``router_init='zero'``}."""
+    gate = fresh["gate"] if router_init == "random" else jnp.zeros_like(fresh["gate"])
+    return {**fresh, "gate": gate,
+            "experts": dsmoe_from_dense(dense["gate"], dense["up"], dense["down"], num_experts)}

@@ -1,6 +1,7 @@
 """The growth experiments end to end on their cpu-smoke presets, on the fewest arms that cover the
 pipeline (slow: CI runs them); every arm of every preset builds and initialises abstractly."""
 
+import dataclasses
 import json
 import os
 
@@ -9,7 +10,11 @@ import pytest
 from flax import nnx
 
 from experiments import gstack, upcycle
+from moejax import bam_run, grow_run
+from moejax import train as T
+from moejax.config import ConfigError, MoEConfig
 from moejax.experiment import build_config
+from moejax.mesh import make_mesh
 from moejax.growth import source_config
 from moejax.metrics import read_metrics
 from moejax.model import Model
@@ -23,6 +28,9 @@ GSTACK_SMOKE_ARMS = ("scratch", "scratch-s2", "gstack")
 # conversion on EMoE's layer choice (dense/MoE mix, avg-key routing, heatmap). copy / fine / emoe
 # differ only in the upcycling op: tests/test_upcycle.py
 UPCYCLE_SMOKE_ARMS = ("dense", "emoe64")
+# DSMoE (a dense FFN as threshold-gated blocks, its measured active share) and BAM (branch phase,
+# mixing, branch tokens in the budget): their own smoke
+UPCYCLE_NEW_ARMS = ("dsmoe", "bam")
 
 
 def _abstract_params(model_cfg) -> int:
@@ -107,17 +115,28 @@ def test_gstack_mean_spread_and_seed_rows():
 def test_upcycle_every_arm_builds(preset):
     """Every arm's trained config (``arm_config``) and its dense source validate; the
     models initialise abstractly (cpu-smoke only: the cpu presets differ in size); active FFN
-    compute orders copy > dense > emoe64 > emoe."""
+    compute orders copy > dense > emoe64 > emoe; every arm shares one dense source; BAM has one
+    expert per trained domain."""
     cfgs = {}
     for arm in upcycle.ARMS:
-        if preset.startswith("tpu") and arm == "emoe64":  # scanned layers: no dense/MoE mix
+        if preset.startswith("tpu") and arm in ("emoe64", "bam"):
+            with pytest.raises(ConfigError, match="scan_layers" if arm == "emoe64" else
+                               "mesh.expert=8"):  # no dense/MoE mix; 3 experts over EP 8
+                upcycle.arm_config(build_config(upcycle.PRESETS, upcycle.ARMS, preset, arm, []))
             continue
         cfgs[arm] = upcycle.arm_config(build_config(upcycle.PRESETS, upcycle.ARMS, preset, arm, []))
         assert not source_config(cfgs[arm]).model.moe.enabled
         if preset == "cpu-smoke":  # the cpu presets' arms differ only in model size
             assert _abstract_params(cfgs[arm].model) == cfgs[arm].model.num_params()
+    sources = {grow_run.source_workdir_for(c, "root") for c in cfgs.values()}
+    assert len(sources) == 1  # one dense source run shared by every arm
     flops = {a: c.model.flops_per_token(c.data.seq_len) for a, c in cfgs.items()}
     assert flops["copy"] > flops["dense"] > flops["emoe"]
+    assert flops["dsmoe"] > flops["dense"]  # every block (and the gate) counted as configured
+    if "bam" in cfgs:  # N = the domains of weight > 0: 2 with math held out, else 3
+        moe, n = cfgs["bam"].model.moe, 3 - preset.endswith(("ood", "smoke"))
+        assert (moe.num_experts, moe.top_k, moe.d_expert) == (n, 2, cfgs["bam"].model.d_ff)
+        assert cfgs["bam"].model.attention_experts == n and flops["bam"] > flops["copy"]
     if "emoe64" in flops:
         assert flops["dense"] > flops["emoe64"] > flops["emoe"]
         moe = cfgs["emoe64"].model.moe
@@ -162,3 +181,61 @@ def test_upcycle_smoke(data_cache, tmp_path):
     event = [r for r in recs if r.get("event") == "grow"][0]
     before = [r for r in recs if r["step"] == event["step"] and "val/loss" in r][0]
     assert event["val/loss"] == pytest.approx(before["val/loss"], rel=1e-5)
+
+
+def test_upcycle_dsmoe_active_flops_at_the_measured_share():
+    """DSMoE's active FLOPs at a measured share of 1/2 = a dense model of d_ff/2 plus the gate
+    [D,E] per layer (by hand); share 1 = the configured (every block) count."""
+    cfg = upcycle.arm_config(build_config(upcycle.PRESETS, upcycle.ARMS, "cpu-smoke", "dsmoe", []))
+    m, seq = cfg.model, cfg.data.seq_len
+    recs = [{"phase": "grown", "moe/active_experts/layer0": 3.0, "moe/active_experts/layer1": 5.0},
+            {"phase": "grown", "moe/active_experts/layer0": 4.0, "moe/active_experts/layer1": 4.0},
+            {"phase": "source", "moe/active_experts/layer0": 8.0}]  # not the grown phase
+    assert upcycle.active_share(recs, 8) == 0.5
+    half = dataclasses.replace(m, d_ff=m.d_ff // 2, moe=MoEConfig()).flops_per_token(seq)
+    gate = 6.0 * m.num_layers * m.d_model * 8
+    assert upcycle.active_flops_per_token(cfg, recs) == pytest.approx(half + gate, rel=1e-12)
+    full = [{"phase": "grown", "moe/active_experts/layer0": 8.0}]
+    assert upcycle.active_flops_per_token(cfg, full) == pytest.approx(m.flops_per_token(seq))
+
+
+@pytest.mark.slow
+def test_upcycle_dsmoe_and_bam_smoke(data_cache, tmp_path):
+    """dsmoe and bam on cpu-smoke: one shared source, one branch per fine-tuned domain (math held
+    out) whose tokens enter BAM's budget and FLOPs curve, DSMoE's measured active share."""
+    wd = str(tmp_path / "upcycle")
+    argv = ["--preset", "cpu-smoke", "--workdir", wd, "--arms", ",".join(UPCYCLE_NEW_ARMS),
+            "--set", f"data.cache_dir={data_cache}"]
+    assert set(upcycle.main(argv)) == set(UPCYCLE_NEW_ARMS)
+    report = open(os.path.join(wd, "report.md")).read()
+    assert len([d for d in os.listdir(wd) if d.startswith("_source-")]) == 1
+    branches = sorted(d for d in os.listdir(wd) if d.startswith("_branch-"))
+    assert [d.rsplit("-", 1)[0] for d in branches] == ["_branch-code", "_branch-prose"]
+    for d, onehot in zip(branches, ([1.0, 0.0, 0.0], [0.0, 1.0, 0.0])):
+        bcfg = json.load(open(os.path.join(wd, d, "config.json")))
+        assert bcfg["data"]["mixture"] == onehot and bcfg["train"]["steps"] == 1
+    bam = json.load(open(os.path.join(wd, "bam", "config.json")))
+    moe = bam["model"]["moe"]
+    assert (moe["num_experts"], moe["variant"]["kind"]) == (2, "bam")
+    recs = read_metrics(os.path.join(wd, "bam", "metrics.jsonl"))
+    event = [r for r in recs if r.get("event") == "grow"][0]
+    step_tokens = 8 * 64  # cpu-smoke batch x seq_len
+    assert event["branch_tokens"] == 2 * 1 * step_tokens  # N = 2 branches x branch_steps = 1
+    assert recs[-1]["tokens"] == (2 + 2 + 3) * step_tokens  # source + branches + grown
+    row = [line for line in report.splitlines() if line.startswith("| bam |")][0]
+    assert f"| {2 * step_tokens:,} + {3 * step_tokens:,} |" in row
+    x, _ = upcycle.grown_curve(recs, ["code", "prose"], 1.0)
+    assert x[0] == event["branch_flops"] > 0  # BAM's FLOPs curve starts after its branches
+    share = upcycle.active_share(read_metrics(os.path.join(wd, "dsmoe", "metrics.jsonl")), 8)
+    assert 0.0 < share < 1.0 and f"measured mean active-block share {share:.3f}" in report
+    assert os.path.getsize(os.path.join(wd, "plots", "heatmap_bam.png")) > 1000
+    assert "- bam: code 512, prose 512 tokens (1 steps x 8 sequences per branch)" in report
+    # the finished branches are reused by a run of the same config: nothing retrains
+    before = {d: open(os.path.join(wd, d, "metrics.jsonl")).read() for d in branches}
+    cfg = upcycle.arm_config(build_config(upcycle.PRESETS, upcycle.ARMS, "cpu-smoke", "bam",
+                                          [f"data.cache_dir={data_cache}"]))
+    src_cfg = source_config(cfg)
+    src_wd = grow_run.source_workdir_for(cfg, wd)
+    src_setup = T.setup(src_cfg, make_mesh(src_cfg.mesh))
+    assert bam_run.run_branches(cfg, src_cfg, src_setup, src_wd, progress=False) is None
+    assert {d: open(os.path.join(wd, d, "metrics.jsonl")).read() for d in branches} == before

@@ -1,17 +1,21 @@
-"""Dense -> MoE upcycling (moejax.upcycle): copy, fine-grained, EMoE."""
+"""Dense -> MoE upcycling (moejax.upcycle): copy, fine-grained, EMoE, DSMoE; BAM's branch phase
+and mixing inside a grow run (moejax.bam_run)."""
 
 import dataclasses
 import functools
 import itertools
+import os
 
 import jax
 import numpy as np
 import pytest
 
+from moejax import bam_run, grow_run
+from moejax.growth import source_config
 from moejax import train as T
 from moejax import upcycle as U
 from moejax.config import (Config, ConfigError, DataConfig, GrowthConfig, MeshConfig, MoEConfig,
-                           RouterConfig)
+                           RouterConfig, TrainConfig, VariantConfig)
 from moejax.testing import logits_of as _logits
 from moejax.testing import setup_for as _setup
 from moejax.testing import tiny_model
@@ -126,6 +130,9 @@ def test_balanced_kmeans_equal_sizes():
                        router=RouterConfig(norm_topk_prob=True)), {"router_init": "zero"}),
     ("emoe", MoEConfig(num_experts=4, top_k=4, d_expert=32,
                        router=RouterConfig(gating="avg_key")), {}),
+    # DSMoE with every gate open (tau = 0, output weight 1): the sum of all blocks = the FFN
+    ("dsmoe", MoEConfig(num_experts=4, top_k=4, d_expert=32, variant=VariantConfig(
+        kind="dsmoe", dsmoe_threshold=0.0, dsmoe_scale="one")), {}),
 ])
 def test_upcycling_preserves_dense_function(dense, method, moe, kw):
     s, state, ref = dense
@@ -220,3 +227,101 @@ def test_emoe_on_chosen_layers_keeps_the_others_dense(dense):
     dst = jax.device_get(up.params.to_pure_dict())["layers"]
     np.testing.assert_array_equal(dst[0]["mlp"]["gate"], src[0]["mlp"]["gate"])
     assert "gate" not in dst[1]["mlp"] and dst[1]["mlp"]["w_gate"].shape == (4, 64, 32)
+
+
+def test_dsmoe_blocks_are_the_dense_ffn_in_order(dense):
+    """DSMoE's block i = hidden units i*F/E .. (i+1)*F/E - 1 of the dense FFN (sliced by hand);
+    the gate is the fresh init ('random': tau = 1/2 then switches blocks off, so the function
+    changes) or zeros ('zero')."""
+    s, state, ref = dense
+    moe = MoEConfig(num_experts=4, top_k=4, d_expert=32, variant=VariantConfig(kind="dsmoe"))
+    d = _setup(tiny_model(moe=moe))
+    up = U.upcycle(state, s, d, "dsmoe")
+    src = jax.device_get(state.params.to_pure_dict())["layers"][1]["mlp"]
+    dst = jax.device_get(up.params.to_pure_dict())["layers"][1]["mlp"]
+    for i in range(4):
+        cols = slice(32 * i, 32 * (i + 1))
+        np.testing.assert_array_equal(dst["experts"]["w_gate"][i], src["gate"][:, cols])
+        np.testing.assert_array_equal(dst["experts"]["w_up"][i], src["up"][:, cols])
+        np.testing.assert_array_equal(dst["experts"]["w_down"][i], src["down"][cols])
+    assert np.abs(dst["gate"]).max() > 0
+    assert np.abs(_logits(d, up) - ref).max() > 1e-4  # about half the blocks off per token
+    zero = jax.device_get(U.upcycle(state, s, d, "dsmoe", router_init="zero").params.to_pure_dict())
+    assert not np.any(zero["layers"][0]["mlp"]["gate"])
+    with pytest.raises(ValueError, match="noise"):
+        U.upcycle(state, s, d, "dsmoe", noise=0.01)
+    with pytest.raises(ValueError, match="dsmoe"):  # the method needs the DSMoE layer
+        U.upcycle(state, s, _setup(tiny_model(moe=dataclasses.replace(
+            moe, variant=VariantConfig()))), "dsmoe")
+
+
+def test_bam_mix_of_identical_branches_is_the_dense_source(dense):
+    """The grow run's BAM init (``bam_run.mixed_state``) from N copies of the source state
+    (branch_steps = 0) is the source's function on the BAM model's sharded state, with random
+    routers and a fresh optimizer."""
+    s, state, ref = dense
+    moe = MoEConfig(num_experts=2, top_k=2, d_expert=128, variant=VariantConfig(kind="bam"))
+    d = _setup(tiny_model(moe=moe))
+    host = jax.device_get(state.params.to_pure_dict())
+    up = bam_run.mixed_state([host, host], state, s, d)
+    np.testing.assert_allclose(_logits(d, up), ref, rtol=1e-5, atol=1e-5)
+    mixed = jax.device_get(up.params.to_pure_dict())["layers"][0]
+    assert np.abs(mixed["attn"]["router"]).max() > 0
+    assert np.abs(mixed["mlp"]["router"]["w"]).max() > 0
+    assert int(up.step) == 0 and all(not np.any(np.asarray(x)) for x in jax.tree.leaves(
+        up.opt_state) if np.ndim(x) > 0)  # fresh Adam moments
+    other = jax.tree.map(lambda a: a * 1.5, host)  # a different second branch changes the mix
+    assert np.abs(_logits(d, bam_run.mixed_state([host, other], state, s, d)) - ref).max() > 1e-3
+
+
+def _bam_config(**growth) -> Config:
+    moe = MoEConfig(num_experts=2, top_k=2, d_expert=128, variant=VariantConfig(kind="bam"))
+    return Config(model=tiny_model(moe=moe),
+                  data=DataConfig(seq_len=64, mixture=(1.0, 1.0, 0.0)),
+                  train=TrainConfig(steps=4, batch_size=8, warmup_steps=2),
+                  growth=GrowthConfig(**{"op": "bam", "source_steps": 2, "branch_steps": 3,
+                                         "source_mixture": (1.0, 1.0, 1.0), **growth}))
+
+
+def _branch_dirs(cfg: Config, root) -> list[str]:
+    src_cfg = source_config(cfg)
+    return [wd for _, wd in bam_run.branches(cfg, src_cfg, grow_run.source_workdir_for(cfg, root))]
+
+
+def test_bam_branches_one_per_trained_domain_beside_the_source(tmp_path):
+    cfg = _bam_config()
+    src_cfg = source_config(cfg)
+    assert src_cfg.model == tiny_model() and src_cfg.train.steps == 2  # the dense source (d_ff)
+    assert src_cfg.data.mixture == (1.0, 1.0, 1.0)
+    src_wd = grow_run.source_workdir_for(cfg, str(tmp_path))
+    runs = bam_run.branches(cfg, src_cfg, src_wd)
+    assert [b.data.mixture for b, _ in runs] == [(1.0, 0.0, 0.0), (0.0, 1.0, 0.0)]  # math held out
+    for b, wd in runs:
+        assert (b.model, b.train.steps, b.train.warmup_steps, b.growth.op) == (
+            src_cfg.model, 3, 2, "none")
+        assert os.path.dirname(wd) == os.path.dirname(src_wd)
+    assert [os.path.basename(wd).rsplit("-", 1)[0] for _, wd in runs] == [
+        "_branch-code", "_branch-prose"]
+    assert bam_run.branches(_bam_config(branch_steps=0), src_cfg, src_wd) == []
+    with pytest.raises(ConfigError, match="num_experts"):  # one expert per trained domain
+        bam_run.check(dataclasses.replace(cfg, data=DataConfig(seq_len=64)))
+    with pytest.raises(ConfigError, match="branch_steps"):
+        GrowthConfig(op="bam", source_steps=1, branch_steps=-1)
+
+
+@pytest.mark.parametrize("change", [
+    {"growth": {"branch_steps": 4}}, {"growth": {"source_steps": 3}},
+    {"growth": {"source_mixture": (1.0, 1.0, 0.5)}}, {"train": {"lr": 1e-3}},
+    {"data": {"seq_len": 32}}])
+def test_bam_branch_dirs_change_with_the_branch_or_source_config(tmp_path, change):
+    """A finished branch is reused only when its whole run (and its source's) matches: any change
+    to either names a new directory; a change to the grown phase alone keeps the branches."""
+    cfg = _bam_config()
+    sections = {k: dataclasses.replace(getattr(cfg, k), **v) for k, v in change.items()}
+    changed = dataclasses.replace(cfg, **sections)
+    base = _branch_dirs(cfg, tmp_path)
+    assert base == _branch_dirs(cfg, tmp_path)
+    assert not set(base) & set(_branch_dirs(changed, tmp_path))
+    grown_only = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, moe=dataclasses.replace(cfg.model.moe, top_k=1)))
+    assert _branch_dirs(grown_only, tmp_path) == base
