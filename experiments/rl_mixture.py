@@ -70,7 +70,9 @@ PRESETS: dict[str, RLRunConfig] = {
     "cpu-smoke": grpo.PRESETS["cpu-smoke"],
     "cpu": _evals(prefix_rft._bucket(grpo.PRESETS["cpu"], 24, 64, MIX_TASKS), 32),
     "gpu": prefix_rft._bucket(grpo.PRESETS["gpu"], 32, 96, BIG_TASKS),
-    "tpu-v5p-8": prefix_rft._bucket(grpo.PRESETS["tpu-v5p-8"], 32, 96, BIG_TASKS),
+    # 512 held-out items per tier (grpo's 1024): the eval rollout over every tier needs 100 GiB of
+    # temporaries per v5p chip at 1024 (python -m moejax.aot), over the 95 GiB of HBM
+    "tpu-v5p-8": _evals(prefix_rft._bucket(grpo.PRESETS["tpu-v5p-8"], 32, 96, BIG_TASKS), 512),
 }
 MODO: dict[str, ModoConfig] = {
     "cpu-smoke": ModoConfig(num_pilots=3, held_out=2, pilot_steps=1),
