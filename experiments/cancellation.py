@@ -27,14 +27,16 @@ coupling plot, and reward curves. Direction to check (paper): S⁺ and B⁻ far 
 onto format tokens than the critic-free arms; QPM or RBB pass@1 ≥ shuffled.
 
 Smallest preset that shows each direction: the flip table and the coupling plot show at
-``cpu-smoke`` already: it checks the wiring (CI runs its reward_balanced arm), and its format
-bonus of 0.5 after 50 SFT steps (half the outputs well formed) gives mixed groups on every RL step,
-which the flip table's labels and the balanced batches need (measured, reward_balanced: F ≈
-0.41-0.45 with B⁺/S⁺ ≈ 0.55-0.63/0.37-0.45 and B⁻/S⁻ ≈ 0.39-0.48/0.51-0.61); the
-where-updates-land shift and the pass@1 ordering need ``cpu`` (40 steps of 16 x 8 rollouts, 4
-mini-batches, the spec's G=8/M=4; dense model to fit the 25-min budget). ``gpu``/``tpu-v5p-8``
-use the spec's toy MoE (4 experts, top-2); the paper's scale is 1.5-32B models on math RLVR with
-long responses (``--source`` with an imported model and ``--set rl.task_file=...``).
+``cpu-smoke`` already: it checks the wiring (CI runs its reward_balanced arm), and its format bonus
+of 0.5 after 50 SFT steps (half the outputs well formed) gives mixed groups on every RL step, which
+the flip table's labels and the balanced batches need (measured, reward_balanced: F ≈ 0.41-0.45
+with B⁺/S⁺ ≈ 0.55-0.63/0.37-0.45 and B⁻/S⁻ ≈ 0.39-0.48/0.51-0.61); the where-updates-land shift and
+the pass@1 ordering need ``cpu`` (40 steps of 16 x 8 rollouts, 4 mini-batches, the spec's G=8/M=4;
+dense model: 17.0 min wall for the four arms and the report, measured 2026-12-01 (clean checkout, 2
+cores); S+ ~19 % and B- ~22 % there, while query-preserved and reward-balanced batching did not
+beat shuffled, one seed). ``gpu``/``tpu-v5p-8`` use the spec's toy MoE (4 experts, top-2); the
+paper's scale is 1.5-32B models on math RLVR with long responses (``--source`` with an imported
+model and ``--set rl.task_file=...``).
 
 Command:
     python -m experiments.cancellation --preset cpu --workdir runs/cancellation

@@ -18,15 +18,17 @@ responses, raw and after each calibration (fitted on that pool); per RL arm the 
 length at the start and the end of RL (the drift), the score-length correlation of the rewards it
 trained on, pass@1 in- and out-of-distribution (the verifier's, start -> end) and tokens seen.
 
-Smallest preset meant to show the direction (raw RM rewards lengthen completions, calibrated
-ones do not; calibration cuts the score-length correlation): ``cpu`` (grpo's SFT, 150 RM steps,
-3 arms x 40 RL steps of 16 x 8 rollouts). Its wall time, estimated from short runs of its stages
-on 2 cores shared with other jobs (load 5-8): SFT ~1.5 s/step (~8 min), RM ~1-2 min, per arm
-~4.5 s per RL step and ~35 s per evaluation (3) -> ~5 min, ~25 min in all; about half on 2 quiet
-cores. Its direction has not been measured yet. ``cpu-smoke`` checks the wiring only. ``gpu`` / ``tpu-v5p-8`` scale the RM (1000 /
-2000 steps) and RL (600 steps of 64 / 128 prompts x 8). The paper's scale (RewardBench / AlpacaEval
-RMs of 2-8B parameters, 300k scored responses, DPO or PPO policies) needs ``--source`` with an
-imported model, a task file of open-ended prompts with a real preference set, and a v5p-64.
+Smallest preset meant to show the direction (raw RM rewards lengthen completions, calibrated ones
+do not; calibration cuts the score-length correlation): ``cpu`` (grpo's SFT, 150 RM steps, 3 arms x
+40 RL steps of 16 x 8 rollouts): 9.9 min wall with the report, measured 2026-12-01 (clean checkout,
+2 cores). There calibration cut the score-length correlation (+0.89 -> ~0) but the RM had learned
+length rather than correctness (a 6 % pass@1 policy cannot verify sums), so RL on its scores
+lowered pass@1 in every arm and the raw arm barely drifted in length: the drift claim needs an RM
+that learned some correctness (gpu preset). ``cpu-smoke`` checks the wiring only. ``gpu`` /
+``tpu-v5p-8`` scale the RM (1000 / 2000 steps) and RL (600 steps of 64 / 128 prompts x 8). The
+paper's scale (RewardBench / AlpacaEval RMs of 2-8B parameters, 300k scored responses, DPO or PPO
+policies) needs ``--source`` with an imported model, a task file of open-ended prompts with a real
+preference set, and a v5p-64.
 
 Command:
     python -m experiments.reward_calibration --preset cpu --workdir runs/reward_calibration

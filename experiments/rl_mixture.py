@@ -20,13 +20,16 @@ rollouts; the pilots' compute is reported apart). Report: the surrogates' held-o
 pilots, pass@1 per tier at the start -> end for each arm, and per family the prompts, distinct
 prompts, passes, rollouts and completion tokens each arm trained on.
 
-Presets: cpu-smoke (grpo's shapes and SFT, families add/sub, 3 + 2 one-step pilots: wiring
-only); cpu (families add, sub, multi, sort at 2 digits / 3-4 numbers, 12 + 4 pilots of 10 steps,
-arms of 40 steps: the smallest run whose quadratic surrogate has more pilots than its 10
-coefficients); gpu / tpu-v5p-8 (2-3 digits, 16 + 4 / 24 + 8 pilots of 100 steps).
-``python -m moejax.aot --experiment rl_mixture --preset tpu-v5p-8`` compiles a run's programs
-(the mixture changes no shape). Paper scale: 5 vision-language RLVR datasets and a 7B model; here
-a task file per family would be ``rl.task_file`` runs, which ``rl.family_weights`` does not mix.
+Presets: cpu-smoke (grpo's shapes and SFT, families add/sub, 3 + 2 one-step pilots: wiring only);
+cpu (families add, sub, multi, sort at 2 digits / 3-4 numbers, 12 + 4 pilots of 10 steps, arms of
+40 steps: the smallest run whose quadratic surrogate has more pilots than its 10 coefficients: 18.1
+min wall with the report, measured 2026-12-01 (clean checkout, 2 cores); its SFT start is at 1.9 %
+pass@1, so the pilots' scores differ by evaluation noise and the surrogates fit noise: a wiring
+run, not a test of the claim); gpu / tpu-v5p-8 (2-3 digits, 16 + 4 / 24 + 8 pilots of 100 steps;
+tpu-v5p-8 evaluates 512 items per tier to fit HBM). ``python -m moejax.aot --experiment rl_mixture
+--preset tpu-v5p-8`` compiles a run's programs (the mixture changes no shape). Paper scale: 5
+vision-language RLVR datasets and a 7B model; here a task file per family would be ``rl.task_file``
+runs, which ``rl.family_weights`` does not mix.
 
 Command:
     python -m experiments.rl_mixture --preset cpu --workdir runs/rl_mixture
