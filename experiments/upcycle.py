@@ -44,6 +44,11 @@ grown steps); the report's token column shows branch + grown tokens, and BAM's F
 at its branch-phase FLOPs. The paper's parallel attention+FFN block (8.9) would need a parallel
 seed: the shared source is the ordinary sequential block, so the bam arm keeps it
 (``--set model.parallel_block=true`` trains a parallel source of its own).
+Known limits of the bam arm (review 2026-12-01, to fix): each branch's domain stream starts at
+row 0, so a branch re-reads rows the source already trained on (the paper's branches continue
+on new data); with N = 2 (the OOD presets) its top-min(2, N) FFN routing is top-2 of 2, i.e.
+every expert on every token; mixing reads the branches' parameters with ``jax.device_get``, so
+it runs on a single host only.
 
 Out-of-distribution evaluation (EMoE's headline): with ``growth.source_mixture`` set, the dense
 source trains on that mixture (every domain) and the arms fine-tune on ``data.mixture``, where
