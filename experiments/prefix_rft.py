@@ -36,7 +36,6 @@ Command:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
@@ -222,10 +221,7 @@ def budget(configs, workdirs) -> str:
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    peek = argparse.ArgumentParser(add_help=False)
-    peek.add_argument("--preset", default="cpu")
-    known, _ = peek.parse_known_args(argv)
-    arms = arms_for(PRESETS[known.preset]) if known.preset in PRESETS else ARMS
+    arms = experiment.preset_arms(argv, PRESETS, arms_for, ARMS)
     return experiment.main(description=__doc__, presets=PRESETS, arms=arms, run_arm=run_arm,
                            report=report, argv=argv, budget=budget)
 

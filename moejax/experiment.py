@@ -128,6 +128,18 @@ def user_errors(debug: bool) -> Iterator[None]:
         raise SystemExit(2) from None
 
 
+def preset_arms(argv: Sequence[str], presets: Mapping[str, Config],
+                arms_for: Callable[[Config], Mapping[str, Sequence[str]]],
+                default: Mapping[str, Sequence[str]]) -> Mapping[str, Sequence[str]]:
+    """The arm table of the ``--preset`` named in ``argv`` (``arms_for(presets[name])``), for
+    experiments whose arms depend on the preset; ``default`` for an unknown name (``main``
+    then refuses it with the choices)."""
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--preset", default="cpu")
+    name = peek.parse_known_args(list(argv))[0].preset
+    return arms_for(presets[name]) if name in presets else default
+
+
 def main(*, description: str, presets: Mapping[str, Config], arms: Mapping[str, Sequence[str]],
          run_arm: Callable[[Config, str], dict],
          report: Callable[[dict[str, str], str], str],

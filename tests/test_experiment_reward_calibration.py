@@ -130,3 +130,15 @@ def test_interrupted_reward_model_training_resumes_bit_identically(run, tmp_path
           for r in _metrics(tmp_path / "resumed" / "metrics.jsonl")]
     assert [r["step"] for r in ma] == [r["step"] for r in mb] == [1, 2, 3, 4]
     assert ma == mb
+
+
+def test_the_command_line_preset_picks_its_arm_table():
+    """``experiment.preset_arms``: the arms of the --preset on the command line (the local
+    average's neighbour floor follows that preset's batch), the module table for an unknown one."""
+    from moejax import experiment
+    smoke = experiment.preset_arms(["--workdir", "w", "--preset", "cpu-smoke"], rc.PRESETS,
+                                   rc.arms_for, rc.ARMS)
+    assert smoke == rc.arms_for(rc.PRESETS["cpu-smoke"]) != rc.ARMS
+    assert "rl.reward_calibration.min_neighbours=4" in smoke["local_average"]
+    assert experiment.preset_arms(["--workdir", "w"], rc.PRESETS, rc.arms_for, rc.ARMS) == rc.ARMS
+    assert experiment.preset_arms(["--preset", "nope"], rc.PRESETS, rc.arms_for, rc.ARMS) is rc.ARMS
