@@ -165,13 +165,6 @@ PRESETS: dict[str, Config] = {
         data=DataConfig(seq_len=128, corpus_bytes_per_domain=1_000_000),
         train=TrainConfig(steps=150, batch_size=16, lr=BASE_LR, warmup_steps=15, log_every=1,
                           eval_every=75, eval_batches=2, ckpt_every=150)),
-    "hybrid-smoke": Config(  # cpu-smoke at 4 layers: the 3:1 pattern's shortest model
-        model=ModelConfig(vocab_size=320, d_model=64, num_layers=4, d_ff=128, max_seq_len=64,
-                          dtype="float32",
-                          attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=16)),
-        data=DataConfig(seq_len=64, corpus_bytes_per_domain=300_000),
-        train=TrainConfig(steps=4, batch_size=8, lr=BASE_LR, warmup_steps=1, log_every=1,
-                          eval_every=2, eval_batches=1, ckpt_every=2, async_ckpt=False)),
     "gpu": Config(
         model=ModelConfig(vocab_size=8192, d_model=768, num_layers=12, d_ff=2048,
                           max_seq_len=2048, dtype="bfloat16", remat="dots",
@@ -192,6 +185,8 @@ PRESETS: dict[str, Config] = {
                           log_every=20, eval_every=1000, eval_batches=8, ckpt_every=1000)),
 }
 PRESETS["hybrid"] = PRESETS["cpu"]  # the cpu shapes (4 layers: one full of four); its own arms
+PRESETS["hybrid-smoke"] = dataclasses.replace(  # cpu-smoke at 4 layers: the 3:1 pattern's shortest
+    PRESETS["cpu-smoke"], model=dataclasses.replace(PRESETS["cpu-smoke"].model, num_layers=4))
 
 _G1 = ("model.attention.gate=g1",)
 _GATEDNORM = ("model.norm_variant_attn=gated", "model.norm_variant_ffn=gated",
