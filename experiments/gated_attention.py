@@ -264,6 +264,10 @@ def default_arms(preset: str, arms: dict[str, tuple[str, ...]]) -> tuple[str, ..
     """The arms run without ``--arms``: HYBRID_ARMS on the hybrid presets, every other arm
     (all but ``hybrid_g1``) elsewhere."""
     if preset in HYBRID_PRESETS:
+        if HYBRID_ARM not in arms:
+            raise ConfigError(f"preset {preset!r} compares the 3:1 Gated DeltaNet hybrid "
+                              f"({HYBRID_ARM}), which needs model.num_layers to be a multiple of "
+                              f"{len(HYBRID_PATTERN)}; set one or name other arms with --arms")
         return HYBRID_ARMS
     return tuple(arm for arm in arms if arm != HYBRID_ARM)
 
@@ -530,7 +534,8 @@ def main(argv=None):
     arms = arms_for(_command_line_model(argv))
     preset, chosen, _ = _command_line(argv)
     if chosen is None:
-        argv += ["--arms", ",".join(default_arms(preset, arms))]
+        with experiment.user_errors("--debug" in argv or experiment.debug_from_env()):
+            argv += ["--arms", ",".join(default_arms(preset, arms))]
     return experiment.main(description=__doc__, presets=PRESETS, arms=arms, run_arm=run_arm,
                            report=report, argv=argv)
 

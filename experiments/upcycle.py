@@ -44,11 +44,11 @@ grown steps); the report's token column shows branch + grown tokens, and BAM's F
 at its branch-phase FLOPs. The paper's parallel attention+FFN block (8.9) would need a parallel
 seed: the shared source is the ordinary sequential block, so the bam arm keeps it
 (``--set model.parallel_block=true`` trains a parallel source of its own).
-Known limits of the bam arm (review 2026-12-01, to fix): each branch's domain stream starts at
-row 0, so a branch re-reads rows the source already trained on (the paper's branches continue
-on new data); with N = 2 (the OOD presets) its top-min(2, N) FFN routing is top-2 of 2, i.e.
-every expert on every token; mixing reads the branches' parameters with ``jax.device_get``, so
-it runs on a single host only.
+Data: each branch continues the source's stream on its domain (new rows, as the paper's
+branches), and the BAM model's stream continues after the branches' rows, so no row is trained
+on twice (``moejax.bam_run``). With N = 2 (the OOD presets) top-min(2, N) FFN routing is top-2 of
+2: every expert on every token, a soft FFN mixture like the attention experts
+(``--set model.moe.top_k=1`` makes it sparse).
 
 Out-of-distribution evaluation (EMoE's headline): with ``growth.source_mixture`` set, the dense
 source trains on that mixture (every domain) and the arms fine-tune on ``data.mixture``, where
@@ -188,7 +188,10 @@ ARMS: dict[str, tuple[str, ...]] = {
 def arm_config(cfg: Config) -> Config:
     """The config an arm trains (also what ``moejax.aot`` compiles): the arms give d_expert as a
     divisor of d_ff (ARMS are preset independent), EMoE's layer choice by name, and BAM one
-    expert per trained domain (N), routed top-min(2, N)."""
+    expert per trained domain (N), routed top-min(2, N). ``growth.branch_steps`` (the preset's,
+    for BAM) is 0 in the other arms' configs: they do not read it."""
+    if cfg.growth.op != "bam" and cfg.growth.branch_steps:
+        cfg = dataclasses.replace(cfg, growth=dataclasses.replace(cfg.growth, branch_steps=0))
     m = cfg.model
     if m.moe.enabled:
         moe = dataclasses.replace(m.moe, d_expert=m.d_ff // m.moe.d_expert)
@@ -230,10 +233,11 @@ def pooled_loss(rec: dict, domains: list[str]) -> float:
 
 def active_share(recs: list[dict], num_experts: int) -> float:
     """Mean share of a DSMoE layer's blocks on per token over the grown phase's logged train
-    steps and the layers (``moe/active_experts/layer<i>``: blocks on per token); NaN if none."""
+    steps and the layers (``moe/active_experts/layer<i>``: blocks on per token); 1.0 (every
+    block, what the implementation runs) when no train step was logged."""
     vals = [v for r in recs if r.get("phase") == "grown" for k, v in r.items()
             if k.startswith("moe/active_experts/layer")]
-    return float(np.mean(vals)) / num_experts if vals else float("nan")
+    return float(np.mean(vals)) / num_experts if vals else 1.0
 
 
 def active_flops_per_token(cfg: Config, recs: list[dict]) -> float:
@@ -300,9 +304,13 @@ def report(workdirs: dict[str, str], out_dir: str) -> str:
         branch = int(event.get("branch_tokens", 0))
         tokens = f"{branch:,} + {int(last['tokens'] - event['tokens']):,}"
         if cfg.model.moe.variant.kind == "dsmoe":
+            measured = any(k.startswith("moe/active_experts/layer")
+                           for r in recs if r.get("phase") == "grown" for k in r)
             notes.append(f"{arm}: measured mean active-block share "
                          f"{active_share(recs, cfg.model.moe.num_experts):.3f} of "
-                         f"{cfg.model.moe.num_experts} blocks (its GFLOPs/token use it).")
+                         f"{cfg.model.moe.num_experts} blocks (its GFLOPs/token use it)." if measured
+                         else f"{arm}: no grown-phase train step logged: its GFLOPs/token count "
+                         f"every block (the implementation runs them all).")
         spec = "n/a"
         ev = [r for r in recs if "moe/domain_counts" in r and r.get("phase") == "grown"]
         if ev:

@@ -7,14 +7,16 @@
      ``data.mixture``, in ``data.domains`` order; ``model.moe.num_experts`` must equal their
      number) continues the source's final checkpoint for ``growth.branch_steps`` steps on that
      domain alone, with a fresh AdamW and its own LR schedule (the identity growth, as the
-     upcycled arms start). Each branch is an ordinary run in its own directory beside the source,
+     upcycled arms start). Its rows are new data: it continues the source's stream, i.e. its
+     domain from the first row the source did not read. Each branch is an ordinary run in its own directory beside the source,
      named by its whole config and its source's (``branch_workdir_for``): a finished branch is
      reused only by a run whose branch config and source match, a changed one trains in a new
      directory, an interrupted one resumes from its checkpoint;
   3. ``mixed_state``: ``bam.branch_and_mix`` of the branches' final parameters into the BAM
      model's sharded train state (fresh optimizer, step 0; routers drawn from ``train.seed``).
      With ``branch_steps = 0`` every branch is the source itself, and the mix is the source's
-     function (identical experts under weights that sum to 1).
+     function (identical experts under weights that sum to 1). The grown phase's stream goes
+     on after the branches' rows (``skip_branch_rows``): no row is trained on twice.
 
 The branch phase's tokens (N x branch_steps x batch x seq_len) are counted in the arm's merged
 metrics (``grow_run.merge_metrics``: the grow event's ``branch_tokens`` / ``branch_flops``).
@@ -23,14 +25,12 @@ metrics (``grow_run.merge_metrics``: the grow event's ``branch_tokens`` / ``bran
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 
 import jax
 from flax import nnx
 
-from moejax import bam, growth
+from moejax import bam, grow_run, growth
 from moejax import train as T
 from moejax.config import Config, ConfigError, GrowthConfig
 from moejax.grow_run import final_state
@@ -67,9 +67,7 @@ def branch_config(cfg: Config, src_cfg: Config, domain: str) -> Config:
 def branch_workdir_for(branch_cfg: Config, src_cfg: Config, src_wd) -> str:
     """The branch's run directory beside the source's (``src_wd``'s parent), named by its domain
     and a digest of the branch's and the source's model, data and train sections."""
-    parts = {name: {k: c.to_dict()[k] for k in ("model", "data", "train")}
-             for name, c in (("branch", branch_cfg), ("source", src_cfg))}
-    digest = hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:8]
+    digest = grow_run.run_digest(branch=branch_cfg, source=src_cfg)
     domain = trained_domains(branch_cfg)[0]
     return os.fspath(as_path(src_wd).parent / f"_branch-{domain}-{digest}")
 
@@ -92,7 +90,10 @@ def run_branches(cfg: Config, src_cfg: Config, src_setup: T.Setup, src_wd, *,
     check(cfg)
 
     def from_source(setup: T.Setup, it) -> T.TrainState:
-        state = final_state(src_wd, src_cfg, src_setup.abstract_state)
+        """The source's final state; the branch's stream continues the source's (its domain from
+        the first row the source did not read) when the rows match (``continues_stream``)."""
+        same_stream = grow_run.continues_stream(src_cfg, setup.cfg)
+        state = final_state(src_wd, src_cfg, src_setup.abstract_state, it if same_stream else None)
         return growth.grow(state, src_setup, setup, "identity")
 
     for bcfg, wd in branches(cfg, src_cfg, src_wd):
@@ -100,6 +101,20 @@ def run_branches(cfg: Config, src_cfg: Config, src_setup: T.Setup, src_wd, *,
         if summary["preempted"]:
             return {**summary, "branch": wd}
     return None
+
+
+def skip_branch_rows(cfg: Config, src_cfg: Config, src_wd, it) -> None:
+    """Move the grown phase's stream ``it`` (restored to the source's end) past the rows the
+    branches trained on: the branch on domain d read the next ``branch_steps x batch_size`` rows
+    of d after the source (``run_branches``), so the mixture continues each domain after them."""
+    runs = branches(cfg, src_cfg, src_wd)
+    if not runs:
+        return
+    state = it.get_state()
+    positions = state["mixture"]["positions"]
+    for bcfg, _ in runs:
+        positions[trained_domains(bcfg)[0]] += bcfg.train.steps * bcfg.train.batch_size
+    it.set_state(state)
 
 
 def branch_params(cfg: Config, src_cfg: Config, src_setup: T.Setup, src_wd,
@@ -113,7 +128,8 @@ def branch_params(cfg: Config, src_cfg: Config, src_setup: T.Setup, src_wd,
 
 
 def _host(state: T.TrainState) -> dict:
-    return jax.device_get(state.params.to_pure_dict())
+    """The parameters as a pure dict of whole numpy arrays on every process."""
+    return jax.tree.map(T.to_host, state.params.to_pure_dict())
 
 
 def mixed_state(branch_params: list[dict], src_state: T.TrainState, src: T.Setup,

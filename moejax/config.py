@@ -544,7 +544,8 @@ class TrainConfig:
 
 GROWTH_OPS = ("none", "identity", "stack", "zero_depth", "random_depth", "learn_depth", "split",
               "zero_width", "random_width", "copy", "fine", "emoe", "emoe_learn", "dsmoe", "bam")
-UPCYCLE_OPS = ("copy", "fine", "emoe", "emoe_learn", "dsmoe")  # ops growth.moe_layers applies to
+UPCYCLE_OPS = ("copy", "fine", "emoe", "emoe_learn", "dsmoe")  # moejax.upcycle's; moe_layers applies
+DENSE_TO_MOE_OPS = UPCYCLE_OPS + ("bam",)  # ops whose source is the target's dense model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -633,6 +634,13 @@ class Config:
             _fail("train.decay_zero_centered_norms", True,
                   f"needs model.norm='rms_zero_centered' (got {self.model.norm!r}): a plain RMSNorm "
                   "weight (scale w, init 1) would decay towards 0; set it False")
+        v = self.model.moe.variant
+        if self.growth.op == "dsmoe" and self.growth.router_init == "zero" \
+                and v.dsmoe_threshold >= 0.5:
+            _fail("growth.router_init", "zero",
+                  f"a zero DSMoE gate gives sigmoid(0) = 0.5, not above "
+                  f"model.moe.variant.dsmoe_threshold={v.dsmoe_threshold}: every block would start "
+                  "off (no FFN at all); use 'random' or a threshold below 0.5")
         m = self.mesh
         batch_axes = [s for s in (m.data, m.fsdp, m.expert) if s != -1]
         shards = math.prod(batch_axes)

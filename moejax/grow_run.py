@@ -7,9 +7,9 @@
      run between arms). Its final checkpoint (saved at its last step) is the growth input.
   2. grown phase: ``Trainer(cfg, workdir/grown, init_state_fn=...)``. When ``workdir/grown/ckpt``
      holds no checkpoint, the hook restores the source's final checkpoint (model, optimizer and
-     the data-iterator position, so the grown phase continues the data stream when data config
-     and batch size match), applies the operator (``moejax.growth`` / ``moejax.upcycle``) into the
-     target's sharded state, and training starts at step 0 with the target's own LR schedule.
+     the data-iterator position: the grown phase continues the data stream when the rows and
+     batch size match, ``continues_stream``, its own mixture weights applying by domain name),
+     applies the operator (``moejax.growth`` / ``moejax.upcycle``) into the target's sharded state, and training starts at step 0 with the target's own LR schedule.
      Otherwise the Trainer resumes the grown phase from its own checkpoint.
   3. ``workdir/metrics.jsonl`` is rebuilt from the two phase files: source records, then one
      event record ``{"step": S, "event": "grow", "op": ..., "val/loss": <grown model at step 0>,
@@ -18,8 +18,9 @@
 
 BAM (``growth.op='bam'``) adds a branch phase between 1 and 2 (``moejax.bam_run``): one dense run
 per trained domain from the source's final checkpoint, mixed into the MoE by the grown phase's
-init hook; their tokens and FLOPs are the event's ``branch_tokens`` / ``branch_flops`` and count
-in the grown records' ``tokens`` / ``flops``.
+init hook (each branch continues the source's stream on its domain, and the grown phase's
+stream skips the branches' rows); their tokens and FLOPs are the event's ``branch_tokens`` /
+``branch_flops`` and count in the grown records' ``tokens`` / ``flops``.
 
 Restart safety: every decision is taken from what exists on disk. A crash before the source's
 final save resumes the source; a crash between that save and the grown phase's first checkpoint
@@ -31,6 +32,7 @@ stream after the source phase and are not counted as training tokens.)
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -43,7 +45,7 @@ from moejax.ckpt import Checkpointer
 from moejax.config import Config
 from moejax.metrics import read_metrics
 from moejax.paths import as_path, write_text_atomic
-from moejax.trainer import Trainer
+from moejax.trainer import EXECUTION_ONLY_FIELDS, Trainer, flat_fields
 
 UPCYCLE = upcycle.METHODS
 
@@ -61,13 +63,29 @@ def final_state(workdir, cfg: Config, abstract_state: T.TrainState,
     return state
 
 
+def run_digest(**runs: Config) -> str:
+    """8 hex digits naming a shared phase run by what it computes: the model, data and train
+    sections of each named config, without the fields a resumed run may change (execution only:
+    remat, dtype, kernels, cadences; ``train.steps`` stays, a finished run ends at it)."""
+    ignore = EXECUTION_ONLY_FIELDS - {"train.steps"}
+    sections = lambda c: {s: c.to_dict()[s] for s in ("model", "data", "train")}  # noqa: E731
+    parts = {name: {k: v for k, v in flat_fields(sections(c)).items() if k not in ignore}
+             for name, c in runs.items()}
+    return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:8]
+
+
 def source_workdir_for(cfg: Config, root: str) -> str:
     """A source run directory under ``root`` named by the source config (arms with the same source
     model and steps share it)."""
-    src = growth.source_config(cfg)
-    digest = hashlib.sha1(json.dumps({k: src.to_dict()[k] for k in ("model", "data", "train")},
-                                     sort_keys=True).encode()).hexdigest()[:8]
-    return os.fspath(as_path(root) / f"_source-{digest}")
+    return os.fspath(as_path(root) / f"_source-{run_digest(source=growth.source_config(cfg))}")
+
+
+def continues_stream(before: Config, after: Config) -> bool:
+    """Whether the run ``after`` can continue the data stream of the run ``before``: the same
+    rows (corpus, tokenizer, sequence length, seed; the mixture weights may differ, they apply
+    by domain name on restore) and the same global batch."""
+    return (dataclasses.replace(before.data, mixture=after.data.mixture) == after.data
+            and before.train.batch_size == after.train.batch_size)
 
 
 def apply_op(cfg: Config, state: T.TrainState, src: T.Setup, dst: T.Setup, data_iterator):
@@ -114,6 +132,10 @@ def run(cfg: Config, workdir: str, *, source_workdir: str | None = None, progres
     if cfg.growth.op == "none":
         return Trainer(cfg, workdir, progress=progress, on_step=on_step).run()
     cfg = upcycle.apply_moe_layers(cfg)
+    bam_run = None
+    if cfg.growth.op == "bam":
+        from moejax import bam_run  # it builds on this module
+        bam_run.check(cfg)  # before the source trains
     src_cfg = growth.source_config(cfg)
     workdir = as_path(workdir)
     src_wd = as_path(source_workdir or workdir / "source")
@@ -122,19 +144,19 @@ def run(cfg: Config, workdir: str, *, source_workdir: str | None = None, progres
     if src_summary["preempted"]:
         return {**src_summary, "phase": "source"}
     src_setup = src_trainer.setup
-    bam_run = None
-    if cfg.growth.op == "bam":
-        from moejax import bam_run  # it builds on this module
+    if bam_run is not None:
         stopped = bam_run.run_branches(cfg, src_cfg, src_setup, src_wd, progress=progress)
         if stopped is not None:
             return {**stopped, "phase": "branch"}
-    same_stream = (src_cfg.data == cfg.data and src_cfg.train.batch_size == cfg.train.batch_size)
+    same_stream = continues_stream(src_cfg, cfg)
 
     def init_state_fn(setup: T.Setup, it):
         if not same_stream:  # restore into a throwaway iterator: the grown phase starts its own
             it = src_trainer._iterator()
         state = final_state(src_wd, src_cfg, src_setup.abstract_state, it)
         if bam_run is not None:
+            if same_stream:
+                bam_run.skip_branch_rows(cfg, src_cfg, src_wd, it)
             params = bam_run.branch_params(cfg, src_cfg, src_setup, src_wd, state)
             return bam_run.mixed_state(params, state, src_setup, setup)
         return apply_op(cfg, state, src_setup, setup, it)

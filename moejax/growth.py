@@ -59,7 +59,7 @@ import optax
 from flax import nnx
 
 from moejax import train as T
-from moejax.config import Config, ConfigError, ModelConfig
+from moejax.config import DENSE_TO_MOE_OPS, Config, ConfigError, ModelConfig
 from moejax.mesh import rules_for, use_mesh
 from moejax.model import Model
 
@@ -636,7 +636,7 @@ def source_model(dm: ModelConfig, op: str, factor: int) -> ModelConfig:
 def source_config(cfg: Config) -> Config:
     """The whole source run of ``cfg.growth``: the source model, ``growth.source_steps`` steps."""
     g = cfg.growth
-    if g.op in ("copy", "fine", "emoe", "emoe_learn", "dsmoe", "bam"):  # dense -> MoE upcycling
+    if g.op in DENSE_TO_MOE_OPS:
         from moejax.upcycle import dense_source
         model = dense_source(cfg.model, g.op)
     else:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from moejax.config import Config, ModelConfig, TrainConfig
@@ -432,6 +433,14 @@ def global_batch(mesh: Mesh, local: dict) -> dict:
         v = np.asarray(v)
         out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
     return out
+
+
+def to_host(x) -> np.ndarray:
+    """A (possibly sharded, multi-process) array as a whole numpy array on every process: the
+    inverse of ``global_batch``."""
+    if jax.process_count() > 1:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
 
 
 # Peak dense bf16 FLOP/s per GPU, for MFU (vendor spec sheets); TPU chips: moejax.tpu_specs.

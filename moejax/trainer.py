@@ -59,11 +59,12 @@ EXECUTION_ONLY_FIELDS = frozenset({
 RESUMABLE_MIXTURE_FIELDS = frozenset({"data.mixture", "data.domains"})
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flat_fields(d: dict, prefix: str = "") -> dict:
+    """A nested config dict as ``{dotted field: value}`` (the names resume rules use)."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flat_fields(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -75,8 +76,8 @@ def resume_conflicts(saved: dict, cfg: Config, *,
     of a run resumed from ``saved`` (a config dict), other than the fields in ``may_change``. A
     field the saved run predates counts with its default value."""
     # the run config's own defaults (an RL run's rl.* too), JSON round-tripped like ``saved``
-    defaults = _flatten(json.loads(json.dumps(type(cfg)().to_dict())))
-    old, now = _flatten(saved), _flatten(json.loads(json.dumps(cfg.to_dict())))  # tuples -> lists
+    defaults = flat_fields(json.loads(json.dumps(type(cfg)().to_dict())))
+    old, now = flat_fields(saved), flat_fields(json.loads(json.dumps(cfg.to_dict())))  # tuples -> lists
     out = {}
     for k, v in now.items():
         before = old.get(k, defaults.get(k))

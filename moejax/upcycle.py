@@ -53,11 +53,11 @@ import numpy as np
 
 from moejax import train as T
 from moejax.bam import dense_branch_config
-from moejax.config import Config, ConfigError, ModelConfig, MoEConfig
+from moejax.config import UPCYCLE_OPS, Config, ConfigError, ModelConfig, MoEConfig
 from moejax.growth import join_layers, split_layers, transform_state
 from moejax.layers.moe_variants import dsmoe_from_dense
 
-METHODS = ("copy", "fine", "emoe", "emoe_learn", "dsmoe")
+METHODS = UPCYCLE_OPS
 # EMoE's layer choice (section 6.2; LLaMA-7B: every 4th layer from 16 of 32, or every 2nd late):
 # (first MoE layer as a fraction of the depth, stride)
 MOE_LAYER_CHOICES = {"last_half": (0.5, 4), "last_quarter": (0.75, 2)}

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from experiments import gated_attention as ga
+from moejax.config import ConfigError
 from moejax.experiment import build_config
 from moejax.metrics import read_metrics
 
@@ -115,6 +116,11 @@ def test_default_arms_per_preset(monkeypatch):
         assert set(chosen) <= set(arms)
     ga.main(["--preset", "hybrid", "--workdir", "w", "--arms", "baseline"])
     assert seen.pop()[0].count("--arms") == 1
+    odd = ["--preset", "hybrid", "--workdir", "w", "--set", "model.num_layers=6"]
+    with pytest.raises(SystemExit, match="2"):  # the one-line error, no traceback
+        ga.main(odd)
+    with pytest.raises(ConfigError, match="multiple of 4"):
+        ga.main([*odd, "--debug"])
 
 
 def test_hybrid_probes_spread_to_layers_and_report_na():

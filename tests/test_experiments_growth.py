@@ -126,6 +126,7 @@ def test_upcycle_every_arm_builds(preset):
             continue
         cfgs[arm] = upcycle.arm_config(build_config(upcycle.PRESETS, upcycle.ARMS, preset, arm, []))
         assert not source_config(cfgs[arm]).model.moe.enabled
+        assert (cfgs[arm].growth.branch_steps > 0) == (arm == "bam")  # only BAM reads it
         if preset == "cpu-smoke":  # the cpu presets' arms differ only in model size
             assert _abstract_params(cfgs[arm].model) == cfgs[arm].model.num_params()
     sources = {grow_run.source_workdir_for(c, "root") for c in cfgs.values()}
@@ -197,6 +198,16 @@ def test_upcycle_dsmoe_active_flops_at_the_measured_share():
     assert upcycle.active_flops_per_token(cfg, recs) == pytest.approx(half + gate, rel=1e-12)
     full = [{"phase": "grown", "moe/active_experts/layer0": 8.0}]
     assert upcycle.active_flops_per_token(cfg, full) == pytest.approx(m.flops_per_token(seq))
+    unlogged = [{"phase": "grown", "val/loss": 3.0}]  # no train step logged: every block counted
+    assert upcycle.active_flops_per_token(cfg, unlogged) == pytest.approx(m.flops_per_token(seq))
+
+
+def _stream_positions(run_dir: str) -> dict[str, int]:
+    """Per-domain row positions of the data stream saved with a run's last checkpoint."""
+    ckpt = os.path.join(run_dir, "ckpt")
+    last = max(int(d) for d in os.listdir(ckpt) if d.isdigit())
+    with open(os.path.join(ckpt, str(last), "data", "process_0-of-1.json")) as f:
+        return json.load(f)["mixture"]["positions"]
 
 
 @pytest.mark.slow
@@ -230,6 +241,16 @@ def test_upcycle_dsmoe_and_bam_smoke(data_cache, tmp_path):
     assert 0.0 < share < 1.0 and f"measured mean active-block share {share:.3f}" in report
     assert os.path.getsize(os.path.join(wd, "plots", "heatmap_bam.png")) > 1000
     assert "- bam: code 512, prose 512 tokens (1 steps x 8 sequences per branch)" in report
+    # no row is trained twice: each branch continues the source's stream on its domain (8 rows),
+    # the grown phases continue after the source (and BAM's after the branches)
+    src = _stream_positions(os.path.join(wd, [d for d in os.listdir(wd) if d.startswith("_source-")][0]))
+    for d, domain in zip(branches, ("code", "prose")):
+        assert _stream_positions(os.path.join(wd, d)) == {**src, domain: src[domain] + 8}
+    for arm, skipped in (("bam", 8), ("dsmoe", 0)):
+        grown = _stream_positions(os.path.join(wd, arm, "grown"))
+        assert grown["math"] == src["math"]  # held out
+        assert all(grown[k] >= src[k] + skipped for k in ("code", "prose"))
+        assert sum(grown[k] - src[k] - skipped for k in ("code", "prose")) == 3 * 8
     # the finished branches are reused by a run of the same config: nothing retrains
     before = {d: open(os.path.join(wd, d, "metrics.jsonl")).read() for d in branches}
     cfg = upcycle.arm_config(build_config(upcycle.PRESETS, upcycle.ARMS, "cpu-smoke", "bam",

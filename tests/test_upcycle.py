@@ -325,3 +325,36 @@ def test_bam_branch_dirs_change_with_the_branch_or_source_config(tmp_path, chang
     grown_only = dataclasses.replace(cfg, model=dataclasses.replace(
         cfg.model, moe=dataclasses.replace(cfg.model.moe, top_k=1)))
     assert _branch_dirs(grown_only, tmp_path) == base
+
+
+def test_bam_refused_before_the_source_trains(tmp_path):
+    """A BAM arm whose experts do not match its trained domains fails before any phase runs."""
+    cfg = dataclasses.replace(_bam_config(), data=DataConfig(seq_len=64))  # 3 domains, 2 experts
+    with pytest.raises(ConfigError, match="num_experts"):
+        grow_run.run(cfg, str(tmp_path / "arm"), progress=False)
+    assert not os.path.exists(tmp_path / "arm")
+
+
+def test_phase_run_digest_ignores_execution_only_fields():
+    """Shared source/branch directories are named by what the run computes: remat, dtype, kernels
+    and cadences keep the name; the step budget, the data and the math change it."""
+    cfg = _bam_config()
+    same = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat="full"),
+                               train=dataclasses.replace(cfg.train, log_every=7, eval_every=3))
+    assert grow_run.run_digest(a=cfg) == grow_run.run_digest(a=same)
+    for other in (dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=5)),
+                  dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=1e-3)),
+                  dataclasses.replace(cfg, data=DataConfig(seq_len=32, mixture=(1.0, 1.0, 0.0)))):
+        assert grow_run.run_digest(a=cfg) != grow_run.run_digest(a=other)
+    assert grow_run.run_digest(a=cfg) != grow_run.run_digest(b=cfg)  # the role is named
+
+
+def test_dsmoe_zero_router_refused():
+    """sigmoid(0) = 1/2 is not above the default threshold: a zero DSMoE gate turns every block
+    off; refused, allowed below that threshold."""
+    moe = MoEConfig(num_experts=4, top_k=4, d_expert=128, variant=VariantConfig(kind="dsmoe"))
+    growth = GrowthConfig(op="dsmoe", source_steps=2, router_init="zero")
+    with pytest.raises(ConfigError, match="router_init"):
+        Config(model=tiny_model(moe=moe), data=DataConfig(seq_len=64), growth=growth)
+    low = dataclasses.replace(moe, variant=VariantConfig(kind="dsmoe", dsmoe_threshold=0.4))
+    Config(model=tiny_model(moe=low), data=DataConfig(seq_len=64), growth=growth)

@@ -35,10 +35,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from moejax import train as T
+from moejax.train import to_host  # noqa: F401 -- used here and by experiments
 from moejax.ckpt import Checkpointer
 from moejax.config import ConfigError
 from moejax.mesh import make_mesh
@@ -95,13 +95,6 @@ def eval_sets(cfg: RLRunConfig, file_items) -> dict[str, list]:
         held_out = list(file_items[1][:n])
         return {held_out[0].tier: held_out}
     return tasks.eval_sets(cfg.rl.tasks, n)
-
-
-def to_host(x) -> np.ndarray:
-    """A (possibly sharded, multi-process) array as a whole numpy array on every process."""
-    if jax.process_count() > 1:
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
 
 
 def to_global(mesh, x: np.ndarray) -> jax.Array:
