@@ -306,10 +306,10 @@ def report(workdirs: dict[str, str], out_dir: str) -> str:
         if cfg.model.moe.variant.kind == "dsmoe":
             measured = any(k.startswith("moe/active_experts/layer")
                            for r in recs if r.get("phase") == "grown" for k in r)
-            notes.append(f"{arm}: measured mean active-block share "
-                         f"{active_share(recs, cfg.model.moe.num_experts):.3f} of "
-                         f"{cfg.model.moe.num_experts} blocks (its GFLOPs/token use it)." if measured
-                         else f"{arm}: no grown-phase train step logged: its GFLOPs/token count "
+            n = cfg.model.moe.num_experts
+            notes.append(f"{arm}: measured mean active-block share {active_share(recs, n):.3f} "
+                         f"of {n} blocks (its GFLOPs/token use it)." if measured else
+                         f"{arm}: no grown-phase train step logged: its GFLOPs/token count "
                          f"every block (the implementation runs them all).")
         spec = "n/a"
         ev = [r for r in recs if "moe/domain_counts" in r and r.get("phase") == "grown"]

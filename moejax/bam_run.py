@@ -8,10 +8,11 @@
      number) continues the source's final checkpoint for ``growth.branch_steps`` steps on that
      domain alone, with a fresh AdamW and its own LR schedule (the identity growth, as the
      upcycled arms start). Its rows are new data: it continues the source's stream, i.e. its
-     domain from the first row the source did not read. Each branch is an ordinary run in its own directory beside the source,
-     named by its whole config and its source's (``branch_workdir_for``): a finished branch is
-     reused only by a run whose branch config and source match, a changed one trains in a new
-     directory, an interrupted one resumes from its checkpoint;
+     domain from the first row the source did not read. Each branch is an ordinary run in its
+     own directory beside the source, named by its whole config and its source's
+     (``branch_workdir_for``): a finished branch is reused only by a run whose branch config and
+     source match, a changed one trains in a new directory, an interrupted one resumes from its
+     checkpoint;
   3. ``mixed_state``: ``bam.branch_and_mix`` of the branches' final parameters into the BAM
      model's sharded train state (fresh optimizer, step 0; routers drawn from ``train.seed``).
      With ``branch_steps = 0`` every branch is the source itself, and the mix is the source's

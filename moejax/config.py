@@ -544,7 +544,7 @@ class TrainConfig:
 
 GROWTH_OPS = ("none", "identity", "stack", "zero_depth", "random_depth", "learn_depth", "split",
               "zero_width", "random_width", "copy", "fine", "emoe", "emoe_learn", "dsmoe", "bam")
-UPCYCLE_OPS = ("copy", "fine", "emoe", "emoe_learn", "dsmoe")  # moejax.upcycle's; moe_layers applies
+UPCYCLE_OPS = ("copy", "fine", "emoe", "emoe_learn", "dsmoe")  # moejax.upcycle's (moe_layers)
 DENSE_TO_MOE_OPS = UPCYCLE_OPS + ("bam",)  # ops whose source is the target's dense model
 
 

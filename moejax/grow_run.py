@@ -9,7 +9,8 @@
      holds no checkpoint, the hook restores the source's final checkpoint (model, optimizer and
      the data-iterator position: the grown phase continues the data stream when the rows and
      batch size match, ``continues_stream``, its own mixture weights applying by domain name),
-     applies the operator (``moejax.growth`` / ``moejax.upcycle``) into the target's sharded state, and training starts at step 0 with the target's own LR schedule.
+     applies the operator (``moejax.growth`` / ``moejax.upcycle``) into the target's sharded
+     state, and training starts at step 0 with the target's own LR schedule.
      Otherwise the Trainer resumes the grown phase from its own checkpoint.
   3. ``workdir/metrics.jsonl`` is rebuilt from the two phase files: source records, then one
      event record ``{"step": S, "event": "grow", "op": ..., "val/loss": <grown model at step 0>,

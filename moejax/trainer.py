@@ -77,7 +77,8 @@ def resume_conflicts(saved: dict, cfg: Config, *,
     field the saved run predates counts with its default value."""
     # the run config's own defaults (an RL run's rl.* too), JSON round-tripped like ``saved``
     defaults = flat_fields(json.loads(json.dumps(type(cfg)().to_dict())))
-    old, now = flat_fields(saved), flat_fields(json.loads(json.dumps(cfg.to_dict())))  # tuples -> lists
+    now = flat_fields(json.loads(json.dumps(cfg.to_dict())))  # tuples -> lists, as saved
+    old = flat_fields(saved)
     out = {}
     for k, v in now.items():
         before = old.get(k, defaults.get(k))

@@ -243,7 +243,8 @@ def test_upcycle_dsmoe_and_bam_smoke(data_cache, tmp_path):
     assert "- bam: code 512, prose 512 tokens (1 steps x 8 sequences per branch)" in report
     # no row is trained twice: each branch continues the source's stream on its domain (8 rows),
     # the grown phases continue after the source (and BAM's after the branches)
-    src = _stream_positions(os.path.join(wd, [d for d in os.listdir(wd) if d.startswith("_source-")][0]))
+    src_dir = [d for d in os.listdir(wd) if d.startswith("_source-")][0]
+    src = _stream_positions(os.path.join(wd, src_dir))
     for d, domain in zip(branches, ("code", "prose")):
         assert _stream_positions(os.path.join(wd, d)) == {**src, domain: src[domain] + 8}
     for arm, skipped in (("bam", 8), ("dsmoe", 0)):
