@@ -95,7 +95,8 @@ def test_blocked_gradients_numerically_and_block_sizes(operands, block):
 
 def np_block_layout(gs, rows, block):
     """Loop: group g's n rows fill ceil(n/block) consecutive blocks from the next free one.
-    Returns (src [NB*block], dest [rows], block_group [NB]) with out-of-range 'no row' markers."""
+    Returns (src [NB*block], dest [rows], block_group [NB], blocks used) with out-of-range 'no
+    row' markers."""
     G = len(gs)
     NB = rows // block + G
     src, dest, group = np.full(NB * block, rows), np.full(rows, NB * block), np.full(NB, G - 1)
@@ -107,7 +108,7 @@ def np_block_layout(gs, rows, block):
             src[b * block + i], dest[start + i] = start + i, b * block + i
         b, start = b + nb, start + n
     assert b <= NB
-    return src, dest, group
+    return src, dest, group, b
 
 
 @pytest.mark.parametrize("block", [8, 16, 64])
@@ -117,11 +118,12 @@ def test_block_layout_matches_numpy_loop(block):
     layout = jax.jit(gmm_bodies().block_layout, static_argnums=(1, 2))
     for name, gs in GROUPS.items():
         lay = layout(jnp.asarray(gs, jnp.int32), M, block)
-        src, dest, group = np_block_layout(gs, M, block)
+        src, dest, group, used = np_block_layout(gs, M, block)
         assert (lay.block, lay.num_blocks) == (block, M // block + G), name
         np.testing.assert_array_equal(np.asarray(lay.src), src, err_msg=name)
         np.testing.assert_array_equal(np.asarray(lay.dest), dest, err_msg=name)
         np.testing.assert_array_equal(np.asarray(lay.block_group), group, err_msg=name)
+        assert int(lay.used) == used, name  # the loop form computes exactly these blocks
 
 
 def test_auto_is_blocked_on_cpu():
@@ -149,6 +151,14 @@ GMM_EXPLICIT = ("reference", "xla", "blocked", "tokamax", "pallas")
 def gmm_bodies():
     """The module moejax.kernels.gmm (the package attribute of that name is the function)."""
     return importlib.import_module("moejax.kernels.gmm")
+
+
+@pytest.mark.parametrize("backend,want", [("cpu", "loop"), ("gpu", "batched"), ("tpu", "batched")])
+def test_blocked_expert_ffn_form_per_backend(monkeypatch, backend, want):
+    """The MoE layer's block-layout experts: the live-block loop on CPU, one batched einsum over
+    all blocks where a loop of small dots would starve the device."""
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    assert kernels.resolve_blocked_ffn() == want == kernels.resolve_blocked_ffn(backend)
 
 
 def test_auto_on_gpu_without_tokamax_runs_blocked(operands, monkeypatch):

@@ -202,13 +202,111 @@ def test_blocked_dropless_matches_dense_and_ragged_dot(params, dropless, blocked
 
 def test_blocked_gmm_takes_the_fused_path(params, monkeypatch):
     """With gmm_impl resolving to 'blocked' (CPU 'auto'), routed_experts never builds the sorted
-    rows of dropless_local."""
+    rows of dropless_local, nor (on CPU: the live-block loop) the batched per-block weights."""
     x, wg, wu, wd, _ = params
     ex, w = ROUTINGS["random"]
     monkeypatch.setattr(md, "dropless_local", None)
+    monkeypatch.setattr(md, "_expert_ffn_blocks_batched", None)
     y, _ = jax.jit(lambda *a: md.routed_experts(*a, gmm_impl="auto"))(x, ex, w, wg, wu, wd)
     np.testing.assert_allclose(np.asarray(y), np.asarray(dense_reference(x, ex, w, wg, wu, wd)),
                                **TOL)
+
+
+def np_swiglu_blocks(xp, block_expert, used, wg, wu, wd, dy):
+    """float64 loop over blocks n < used (the rest give zeros): y and the hand-derived gradients
+    (dxp, dwg, dwu, dwd) for cotangent dy."""
+    xp, wg, wu, wd, dy = (np.asarray(a, np.float64) for a in (xp, wg, wu, wd, dy))
+    y, dx = np.zeros(xp.shape), np.zeros(xp.shape)
+    dwg, dwu, dwd = np.zeros(wg.shape), np.zeros(wu.shape), np.zeros(wd.shape)
+    for n in range(used):
+        e, x, d = block_expert[n], xp[n], dy[n]
+        g, u = x @ wg[e], x @ wu[e]
+        sg = 1 / (1 + np.exp(-g))
+        h = g * sg * u
+        y[n] = h @ wd[e]
+        dh = d @ wd[e].T
+        dg, du = dh * u * sg * (1 + g * (1 - sg)), dh * g * sg
+        dx[n] = dg @ wg[e].T + du @ wu[e].T
+        dwg[e] += x.T @ dg
+        dwu[e] += x.T @ du
+        dwd[e] += h.T @ d
+    return y, [dx, dwg, dwu, dwd]
+
+
+# expert sizes of the layer's A = T*S rows: the worst case (all but one of the NB blocks used),
+# one expert, none, and uneven with empty experts; the default block at A=128 rows is 8
+LOOP_GROUPS = {"tight_blocks": [17, 9, 9, 9, 9, 9, 9, 57], "one_expert": [0, 0, 0, 64, 0, 0, 0, 0],
+               "all_empty": [0] * E, "uneven": [5, 0, 31, 8, 0, 1, 40, 3]}
+
+
+@pytest.fixture(scope="module")
+def block_forms():
+    """value_and_grads of the loop and batched block-layout experts: (xp, be, used, ws, dy) ->
+    (y, [dxp, dwg, dwu, dwd])."""
+    from moejax.kernels import expert_loop
+
+    def vjp(ffn):
+        def run(xp, be, used, wg, wu, wd, dy):
+            y, pull = jax.vjp(lambda *a: ffn(a[0], be, used, *a[1:]), xp, wg, wu, wd)
+            return y, list(pull(dy))
+        return jax.jit(run)
+    loop = vjp(lambda xp, be, used, *w: expert_loop.swiglu_blocks(xp, be, used, *w,
+                                                                 dtype=jnp.float32))
+    batched = vjp(lambda xp, be, used, *w: md._expert_ffn_blocks_batched(xp, be, *w,
+                                                                         dtype=jnp.float32))
+    return loop, batched
+
+
+@pytest.mark.parametrize("groups", list(LOOP_GROUPS))
+def test_loop_experts_equal_float64_loop_and_batched_form(params, block_forms, groups):
+    """The live-block loop (CPU form) equals a float64 loop and the batched einsum form (GPU
+    form) in outputs and all gradients; blocks past ``used`` are neither computed nor given
+    gradients even when they hold data."""
+    _, wg, wu, wd, _ = params
+    lay = md.block_layout(jnp.asarray(LOOP_GROUPS[groups], jnp.int32), T * S)
+    NB, b, used = lay.num_blocks, lay.block, int(lay.used)
+    be = np.asarray(lay.block_group)
+    rng = np.random.default_rng(7)
+    xp, dy = (rng.normal(size=(NB, b, D)).astype(np.float32) for _ in range(2))
+    loop, batched = block_forms
+    y, grads = loop(xp, be, lay.used, wg, wu, wd, dy)
+    y64, g64 = np_swiglu_blocks(xp, be, used, wg, wu, wd, dy)
+    assert_close([y, *grads], [y64, *g64], f"loop-vs-float64/{groups}")
+    xp[used:] = 0  # as in a real layout: the batched form computes (zero) tail blocks
+    y, grads = loop(xp, be, lay.used, wg, wu, wd, dy)
+    y_b, g_b = batched(xp, be, lay.used, wg, wu, wd, dy)
+    assert_close([y, *grads], [y_b, *g_b], f"loop-vs-batched/{groups}")
+    assert used == -(-np.asarray(LOOP_GROUPS[groups]) // b).sum()
+    assert (np.abs(y).max() > 0.1) == (used > 0)
+
+
+def test_loop_experts_under_scan_remat_and_vmap(params):
+    """As the model runs it: the layer over stacked layers in a ``lax.scan`` with full remat
+    (the forward recomputed), and under ``jax.vmap``, equals plain per-layer calls in the loss
+    and all gradients."""
+    x, wg, wu, wd, ct = params
+    ex, w = ROUTINGS["random"]
+    ws = tuple(jnp.stack([a, a[::-1] * 0.5]) for a in (wg, wu, wd))  # [2,E,...]: two layers
+
+    def layer(x, lw):
+        return md.routed_experts(x, ex, w, *lw, gmm_impl="blocked")[0]
+
+    def scanned(x, ws):  # each layer on the same input; outputs stacked [2,T,D]
+        step = jax.checkpoint(lambda h, lw: (h, layer(h, lw)),
+                              policy=jax.checkpoint_policies.nothing_saveable)
+        return jnp.sum(jax.lax.scan(step, x, ws)[1] * ct)
+
+    def vmapped(x, ws):
+        return jnp.sum(jax.vmap(layer, in_axes=(None, 0))(x, ws) * ct)
+
+    def per_layer(x, ws):
+        return sum(jnp.sum(layer(x, [a[i] for a in ws]) * ct) for i in range(2))
+
+    grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1)))  # noqa: E731
+    want = grad(per_layer)(x, ws)
+    assert all(np.abs(g).max() > 1e-3 for g in jax.tree.leaves(want[1]))
+    for name, f in (("scan+remat", scanned), ("vmap", vmapped)):
+        assert_close(jax.tree.leaves(grad(f)(x, ws)), jax.tree.leaves(want), name)
 
 
 @pytest.fixture(scope="module")

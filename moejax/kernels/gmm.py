@@ -4,7 +4,7 @@ GPU without tokamax), tokamax, Pallas (GPU/TPU).
 Each takes lhs [M,K] (rows sorted by group), rhs [G,K,N], group_sizes [G] int32 and returns [M,N];
 rows past sum(group_sizes) are zeros. Selection by name happens only in ``moejax.kernels.gmm``.
 ``block_layout`` (the padded layout behind ``blocked``) is shared with the MoE layer, which keeps
-its whole expert FFN in that layout (``layers/moe_dispatch.py``).
+its whole expert FFN in that layout (``layers/moe_dispatch.py``; on CPU as ``expert_loop``).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ class BlockLayout(NamedTuple):
     block_group: jax.Array  # [NB] group of each block (G-1 for the unused tail blocks)
     src: jax.Array  # [NB*block] source row of each padded row; M = padding (no row)
     dest: jax.Array  # [M] padded row of each source row; NB*block = a row past sum(group_sizes)
+    used: jax.Array  # [] int32 blocks in use, sum_g ceil(gs_g / block) <= NB (they come first)
 
 
 DECODE_ROWS, DECODE_BLOCK = (256, 1024), 32  # MoE decode-sized row counts: >= 32-row blocks
@@ -70,7 +71,8 @@ def block_layout(group_sizes: jax.Array, rows: int, block: int | None = None) ->
     m = jnp.arange(rows, dtype=jnp.int32)  # source row -> group -> padded row
     gm = jnp.minimum(jnp.searchsorted(end_in, m, side="right"), G - 1)
     dest = jnp.where(m < end_in[-1], start_out[gm] + m - start_in[gm], NB * block).astype(jnp.int32)
-    return BlockLayout(block, NB, g[::block], src, dest)
+    used = (end_out[-1] // block).astype(jnp.int32)
+    return BlockLayout(block, NB, g[::block], src, dest, used)
 
 
 def take_rows(a: jax.Array, idx: jax.Array) -> jax.Array:

@@ -19,11 +19,13 @@ FLOPs; ~4-5 s fwd+bwd at T=8192,S=4,E=8,D=512,F=64) so there the difference is w
 
 Block layout (gmm_impl resolving to 'blocked', the CPU default): the dropless layer gathers tokens
 straight into the block-padded layout of ``kernels.gmm.block_layout`` (each expert's rows padded to
-a multiple of a row block), runs gate, up and down as batched einsums there, and gathers the rows
-back once: 2 row gathers with gather-only VJPs instead of about 8 (three ``gmm`` calls each padding
-and unpadding, plus the sort and unsort). Bit-identical outputs and gradients; on one CPU core the
-benchmark's MoE layer (T=4096, S=2, E=8, D=F=256) fwd+bwd 237 -> 212 ms CPU, the
-``benchmarks/step.py`` MoE step 1.93 -> 1.81 s (interleaved A/B, median of 7).
+a multiple of a row block), runs gate, up and down there, and gathers the rows back once: 2 row
+gathers with gather-only VJPs instead of about 8 (three ``gmm`` calls each padding and unpadding,
+plus the sort and unsort). On one CPU core the benchmark's MoE layer (T=4096, S=2, E=8, D=F=256)
+fwd+bwd 237 -> 212 ms CPU, the ``benchmarks/step.py`` MoE step 1.93 -> 1.81 s (interleaved A/B,
+median of 7). The experts there run in the form ``kernels.resolve_blocked_ffn`` picks: on CPU a
+loop over the live blocks only (``kernels.expert_loop``: no weight gather, no worst-case padded
+blocks; layer -20%, step 1.65 -> 1.39 CPU s), elsewhere batched einsums over all blocks.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax import kernels
+from moejax.kernels import expert_loop
 from moejax.kernels.gmm import BlockLayout, block_layout, take_rows
 
 
@@ -177,10 +180,21 @@ def _pad_row(a: jax.Array) -> jax.Array:
     return jnp.concatenate([a, jnp.zeros((1,) + a.shape[1:], a.dtype)], axis=0)
 
 
-def expert_ffn_blocks(xp: jax.Array, block_expert: jax.Array, w_gate, w_up, w_down, *,
+def expert_ffn_blocks(xp: jax.Array, lay: BlockLayout, w_gate, w_up, w_down, *,
                       dtype) -> jax.Array:
     """SwiGLU experts on the block-padded layout (``kernels.gmm.block_layout``): block n of rows
-    goes through expert block_expert[n]. xp [NB,b,D], block_expert [NB] -> [NB,b,D] f32."""
+    goes through expert lay.block_group[n], in the form ``kernels.resolve_blocked_ffn`` picks
+    (CPU: a loop over the live blocks only). xp [NB,b,D] -> [NB,b,D] f32."""
+    if kernels.resolve_blocked_ffn() == "loop":
+        return expert_loop.swiglu_blocks(xp, lay.block_group, lay.used, w_gate, w_up, w_down,
+                                         dtype=dtype)
+    return _expert_ffn_blocks_batched(xp, lay.block_group, w_gate, w_up, w_down, dtype=dtype)
+
+
+def _expert_ffn_blocks_batched(xp: jax.Array, block_expert: jax.Array, w_gate, w_up, w_down, *,
+                               dtype) -> jax.Array:
+    """All NB blocks in batched einsums against per-block weights w[block_expert] [NB,K,N].
+    xp [NB,b,D], block_expert [NB] -> [NB,b,D] f32."""
     f32 = jnp.float32
     per_block = lambda w: w.astype(dtype)[block_expert]  # noqa: E731  [E,K,N] -> [NB,K,N]
     g = jnp.einsum("nbk,nkf->nbf", xp, per_block(w_gate), preferred_element_type=f32)
@@ -200,7 +214,7 @@ def expert_ffn_grouped(xs: jax.Array, group_sizes: jax.Array, w_gate, w_up, w_do
         M, D = xs.shape
         lay = block_layout(group_sizes, M)
         xp = gather_rows(xs, lay.src, lay.dest).reshape(lay.num_blocks, lay.block, D)
-        y = expert_ffn_blocks(xp, lay.block_group, w_gate, w_up, w_down, dtype=dtype)
+        y = expert_ffn_blocks(xp, lay, w_gate, w_up, w_down, dtype=dtype)
         return gather_rows(y.reshape(lay.num_blocks * lay.block, -1), lay.dest, lay.src)
     g = kernels.gmm(xs, w_gate.astype(dtype), group_sizes, impl=gmm_impl, preferred_element_type=f32)
     u = kernels.gmm(xs, w_up.astype(dtype), group_sizes, impl=gmm_impl, preferred_element_type=f32)
@@ -278,7 +292,7 @@ def dropless_blocked_local(x, experts, weights, w_gate, w_up, w_down, *, dtype):
     bd = blocked_dispatch(p, E, S)
     lay = bd.layout
     xp = gather_tokens(x.astype(dtype), bd.tok, bd.row).reshape(lay.num_blocks, lay.block, D)
-    y = expert_ffn_blocks(xp, lay.block_group, w_gate, w_up, w_down, dtype=dtype)  # [NB,b,D]
+    y = expert_ffn_blocks(xp, lay, w_gate, w_up, w_down, dtype=dtype)  # [NB,b,D]
     out = gather_rows(y.reshape(lay.num_blocks * lay.block, D), bd.row, bd.assignment)  # [A,D]
     return combine(out, weights), p.group_sizes[:E]
 
