@@ -84,9 +84,14 @@ def source_workdir_for(cfg: Config, root: str) -> str:
 def continues_stream(before: Config, after: Config) -> bool:
     """Whether the run ``after`` can continue the data stream of the run ``before``: the same
     rows (corpus, tokenizer, sequence length, seed; the mixture weights may differ, they apply
-    by domain name on restore) and the same global batch."""
-    return (dataclasses.replace(before.data, mixture=after.data.mixture) == after.data
-            and before.train.batch_size == after.train.batch_size)
+    by domain name on restore, and so may the execution-only data fields) and the same global
+    batch."""
+    ignore = {f.split(".", 1)[1] for f in EXECUTION_ONLY_FIELDS if f.startswith("data.")}
+
+    def rows(c: Config) -> dict:
+        return {k: v for k, v in dataclasses.asdict(c.data).items() if k not in ignore | {"mixture"}}
+
+    return rows(before) == rows(after) and before.train.batch_size == after.train.batch_size
 
 
 def apply_op(cfg: Config, state: T.TrainState, src: T.Setup, dst: T.Setup, data_iterator):

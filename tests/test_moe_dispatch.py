@@ -280,6 +280,28 @@ def test_loop_experts_equal_float64_loop_and_batched_form(params, block_forms, g
     assert (np.abs(y).max() > 0.1) == (used > 0)
 
 
+def test_loop_experts_in_bf16_match_the_float64_loop(params):
+    """bf16 compute (f32 weights cast inside, f32 accumulation): outputs and all gradients within
+    bf16 rounding of the float64 loop on the same bf16-rounded operands."""
+    from moejax.kernels import expert_loop
+    _, wg, wu, wd, _ = params
+    lay = md.block_layout(jnp.asarray(LOOP_GROUPS["uneven"], jnp.int32), T * S)
+    rng = np.random.default_rng(3)
+    xp = jnp.asarray(rng.normal(size=(lay.num_blocks, lay.block, D)), jnp.bfloat16)
+    dy = rng.normal(size=(lay.num_blocks, lay.block, D)).astype(np.float32)
+    f = lambda xp, *w: expert_loop.swiglu_blocks(xp, lay.block_group, lay.used, *w,  # noqa: E731
+                                                 dtype=jnp.bfloat16)
+    y, pull = jax.vjp(f, xp, wg, wu, wd)
+    grads = pull(jnp.asarray(dy))
+    assert y.dtype == jnp.float32 and [g.dtype for g in grads] == [jnp.bfloat16] + [wg.dtype] * 3
+    bf = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16), np.float64)  # noqa: E731
+    y64, g64 = np_swiglu_blocks(bf(xp), np.asarray(lay.block_group), int(lay.used),
+                                bf(wg), bf(wu), bf(wd), dy)
+    for i, (u, v) in enumerate(zip([y, *grads], [y64, *g64])):
+        u = np.asarray(u, np.float64)
+        assert np.abs(u - v).max() <= 2e-2 * np.abs(v).max() + 1e-6, i
+
+
 def test_loop_experts_under_scan_remat_and_vmap(params):
     """As the model runs it: the layer over stacked layers in a ``lax.scan`` with full remat
     (the forward recomputed), and under ``jax.vmap``, equals plain per-layer calls in the loss

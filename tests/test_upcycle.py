@@ -349,6 +349,18 @@ def test_phase_run_digest_ignores_execution_only_fields():
     assert grow_run.run_digest(a=cfg) != grow_run.run_digest(b=cfg)  # the role is named
 
 
+def test_a_phase_continues_the_stream_of_the_same_rows():
+    """The next phase continues the previous one's data stream when only the mixture weights or
+    execution-only data fields differ; other rows or another global batch start their own."""
+    cfg = _bam_config()
+    data = lambda **kw: dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **kw))  # noqa: E731
+    for same in (data(mixture=(0.0, 1.0, 0.0)), data(cache_dir="/elsewhere", prefetch_threads=3)):
+        assert grow_run.continues_stream(cfg, same)
+    for other in (data(seq_len=32), data(seed=1),
+                  dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=16))):
+        assert not grow_run.continues_stream(cfg, other)
+
+
 def test_dsmoe_zero_router_refused():
     """sigmoid(0) = 1/2 is not above the default threshold: a zero DSMoE gate turns every block
     off; refused, allowed below that threshold."""

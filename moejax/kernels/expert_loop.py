@@ -106,11 +106,11 @@ def _swiglu_loop_bwd(res, dy):
     def body(n, carry):
         dx, dw_gu, dw_down = carry
         e = block_expert[n]
-        x, a, d = _block(xp, n), _block(gu, n), _block(dy, n).astype(dt)  # [b,D] [b,2F] [b,D]
+        x, a, d = _block(xp, n), _block(gu, n), _block(dy, n)  # [b,D] [b,2F] [b,D] f32 cotangent
         h = (jax.nn.silu(a[:, :F]) * a[:, F:]).astype(dt)
         dw_down = _accumulate(dw_down, e, jnp.dot(h.T, d, preferred_element_type=F32))
         dh = jnp.dot(d, _block(w_down, e).T, preferred_element_type=F32)  # [b,F]
-        da = _swiglu_grads(a, dh, F).astype(dt)  # [b,2F]
+        da = _swiglu_grads(a, dh, F)  # [b,2F] f32 (mixed dots below, as autodiff's transposes)
         dw_gu = _accumulate(dw_gu, e, jnp.dot(x.T, da, preferred_element_type=F32))
         dx = _put(dx, n, jnp.dot(da, _block(w_gu, e).T, preferred_element_type=F32))
         return dx, dw_gu, dw_down
@@ -135,4 +135,3 @@ def swiglu_blocks(xp: jax.Array, block_expert: jax.Array, used: jax.Array, w_gat
     w_gu = jnp.concatenate([w_gate, w_up], axis=-1).astype(dtype)  # [E,D,2F]: one dot for both
     return _swiglu_loop(xp.astype(dtype), block_expert.astype(jnp.int32),
                         jnp.asarray(used, jnp.int32), w_gu, w_down.astype(dtype))
-

@@ -38,7 +38,6 @@ import numpy as np
 from tqdm import tqdm
 
 from moejax import train as T
-from moejax.train import to_host  # noqa: F401 -- used here and by experiments
 from moejax.ckpt import Checkpointer
 from moejax.config import ConfigError
 from moejax.mesh import make_mesh
@@ -53,6 +52,7 @@ from moejax.rl import prefix as prefix_lib
 from moejax.rl.config import RLRunConfig
 from moejax.rl.policy import make_logprob_fn, make_update_step
 from moejax.rl.rollout import RolloutEngine
+from moejax.train import to_host
 from moejax.trainer import StopSignals, write_or_check_config
 
 RL_STREAM_OFFSET = 1 << 40  # RL prompts come from another part of the item stream than SFT's
