@@ -231,12 +231,18 @@ def pooled_loss(rec: dict, domains: list[str]) -> float:
     return float(np.average(losses, weights=weights))
 
 
+def active_counts(recs: list[dict]) -> list[float]:
+    """DSMoE's blocks on per token (``moe/active_experts/layer<i>``) of every logged grown-phase
+    train step and layer."""
+    return [v for r in recs if r.get("phase") == "grown" for k, v in r.items()
+            if k.startswith("moe/active_experts/layer")]
+
+
 def active_share(recs: list[dict], num_experts: int) -> float:
     """Mean share of a DSMoE layer's blocks on per token over the grown phase's logged train
-    steps and the layers (``moe/active_experts/layer<i>``: blocks on per token); 1.0 (every
-    block, what the implementation runs) when no train step was logged."""
-    vals = [v for r in recs if r.get("phase") == "grown" for k, v in r.items()
-            if k.startswith("moe/active_experts/layer")]
+    steps and the layers (``active_counts``); 1.0 (every block, what the implementation runs)
+    when no train step was logged."""
+    vals = active_counts(recs)
     return float(np.mean(vals)) / num_experts if vals else 1.0
 
 
@@ -304,11 +310,9 @@ def report(workdirs: dict[str, str], out_dir: str) -> str:
         branch = int(event.get("branch_tokens", 0))
         tokens = f"{branch:,} + {int(last['tokens'] - event['tokens']):,}"
         if cfg.model.moe.variant.kind == "dsmoe":
-            measured = any(k.startswith("moe/active_experts/layer")
-                           for r in recs if r.get("phase") == "grown" for k in r)
             n = cfg.model.moe.num_experts
             notes.append(f"{arm}: measured mean active-block share {active_share(recs, n):.3f} "
-                         f"of {n} blocks (its GFLOPs/token use it)." if measured else
+                         f"of {n} blocks (its GFLOPs/token use it)." if active_counts(recs) else
                          f"{arm}: no grown-phase train step logged: its GFLOPs/token count "
                          f"every block (the implementation runs them all).")
         spec = "n/a"
