@@ -98,6 +98,24 @@ def test_overrides_parse_types_and_revalidate():
         apply_overrides(cfg, ["train.nan_policy=bogus"])
 
 
+def test_overrides_of_one_section_are_checked_together_and_the_last_value_wins():
+    """Two fields that are only valid together (1 expert, top-1) pass in one --set list (one
+    rebuild of the section, not one per field); a key given twice keeps its last value; a value
+    may start with '-'; a section itself is not a value."""
+    cfg = tiny_config(model={"moe": MoEConfig(num_experts=8, top_k=2)})
+    with pytest.raises(ConfigError, match="top_k"):
+        apply_overrides(cfg, ["model.moe.top_k=4", "model.moe.num_experts=2"])
+    out = apply_overrides(cfg, ["model.moe.num_experts=1", "model.moe.top_k=1",
+                                "train.lr=1e-3", "train.lr=2e-3", "data.seed=-3"])
+    assert (out.model.moe.num_experts, out.model.moe.top_k, out.train.lr) == (1, 1, 2e-3)
+    assert out.data.seed == -3 and out.model.d_model == cfg.model.d_model
+    assert out.model.moe.router == cfg.model.moe.router and out.mesh == cfg.mesh
+    with pytest.raises(ConfigError, match="is a config section"):
+        apply_overrides(cfg, ["model.moe=1"])
+    with pytest.raises(ConfigError, match="invalid override train.steps='1.5'"):
+        apply_overrides(cfg, ["train.steps=1.5"])
+
+
 @pytest.mark.parametrize("spelling, value", [
     ("True", True), ("true", True), ("TRUE", True), ("1", True), ("yes", True), ("Yes", True),
     ("False", False), ("false", False), ("0", False), ("no", False), ("NO", False)])

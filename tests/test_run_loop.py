@@ -53,10 +53,12 @@ def _ctrl_c_at(step):
 def interrupted(data_cache, tmp_path_factory):
     """A run interrupted by Ctrl-C (SIGINT) after step 3 of STEPS; no regular checkpoint before."""
     wd = str(tmp_path_factory.mktemp("interrupted") / "run")
+    handler_before = signal.getsignal(signal.SIGINT)  # pytest's own, or SIG_IGN in an xdist worker
     try:
         summary = Trainer(_cfg(data_cache), wd, on_step=_ctrl_c_at(3), progress=False).run()
     except KeyboardInterrupt:
         pytest.fail("Ctrl-C escaped the run loop without a checkpoint")
+    assert signal.getsignal(signal.SIGINT) is handler_before  # the run loop restored it
     return wd, summary
 
 
@@ -64,7 +66,6 @@ def test_ctrl_c_saves_and_resumes_exactly(interrupted, straight, data_cache, tmp
     wd0, summary = interrupted
     assert summary["preempted"] and summary["step"] == 3
     assert sorted(int(d) for d in os.listdir(os.path.join(wd0, "ckpt")) if d.isdigit()) == [3]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     wd = str(tmp_path / "run")
     shutil.copytree(wd0, wd)
     resumed = Trainer(_cfg(data_cache), wd, progress=False).run()

@@ -352,7 +352,14 @@ def launcher(tmp: Path, plan: list[dict], *extra: str, code_fails: int = 0) -> s
                              "--bucket", "gs://bkt", "--poll", "0", "--grace", "0", *extra, "--",
                              *COMMAND], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=ROOT, env={k: v for k, v in {**os.environ, **env}.items()
-                                           if k != "GCLOUD"})
+                                           if k != "GCLOUD"},
+                            preexec_fn=_default_sigint)
+
+
+def _default_sigint():
+    """Give the launcher Ctrl-C's default action even where pytest's process ignores SIGINT
+    (pytest-xdist workers, nohup): bash cannot trap a signal that was ignored when it started."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def recorded(tmp: Path) -> list[list[str]]:
