@@ -106,9 +106,11 @@ def test_overrides_of_one_section_are_checked_together_and_the_last_value_wins()
     with pytest.raises(ConfigError, match="top_k"):
         apply_overrides(cfg, ["model.moe.top_k=4", "model.moe.num_experts=2"])
     out = apply_overrides(cfg, ["model.moe.num_experts=1", "model.moe.top_k=1",
-                                "train.lr=1e-3", "train.lr=2e-3", "data.seed=-3"])
+                                "train.lr=1e-3", "train.lr=2e-3", "data.seed=-3",
+                                "data.cache_dir=-cache"])
     assert (out.model.moe.num_experts, out.model.moe.top_k, out.train.lr) == (1, 1, 2e-3)
-    assert out.data.seed == -3 and out.model.d_model == cfg.model.d_model
+    assert out.data.seed == -3 and out.data.cache_dir == "-cache"
+    assert out.model.d_model == cfg.model.d_model
     assert out.model.moe.router == cfg.model.moe.router and out.mesh == cfg.mesh
     with pytest.raises(ConfigError, match="is a config section"):
         apply_overrides(cfg, ["model.moe=1"])

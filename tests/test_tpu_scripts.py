@@ -348,18 +348,21 @@ def launcher(tmp: Path, plan: list[dict], *extra: str, code_fails: int = 0) -> s
            "FAKE_STATE": str(tmp / "state.json"), "FAKE_CALLS": str(tmp / "calls.jsonl"),
            "FAKE_PLAN": json.dumps(plan), "MOEJAX_TPU_POLL_WORKERS_S": "0.2",
            "FAKE_CODE_FAILS": str(code_fails)}
-    return subprocess.Popen(["bash", str(TPU / "run.sh"), *SLICE, "--spot", "--repo", REPO,
-                             "--bucket", "gs://bkt", "--poll", "0", "--grace", "0", *extra, "--",
-                             *COMMAND], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    return subprocess.Popen([*DEFAULT_SIGINT, "bash", str(TPU / "run.sh"), *SLICE, "--spot",
+                             "--repo", REPO, "--bucket", "gs://bkt", "--poll", "0", "--grace", "0",
+                             *extra, "--", *COMMAND],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=ROOT, env={k: v for k, v in {**os.environ, **env}.items()
-                                           if k != "GCLOUD"},
-                            preexec_fn=_default_sigint)
+                                           if k != "GCLOUD"})
 
 
-def _default_sigint():
-    """Give the launcher Ctrl-C's default action even where pytest's process ignores SIGINT
-    (pytest-xdist workers, nohup): bash cannot trap a signal that was ignored when it started."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+# Runs its arguments with Ctrl-C's default action even where this process ignores SIGINT (an
+# xdist worker, a background job of a non-interactive shell): bash cannot trap a signal ignored
+# when it started. An exec wrapper, not preexec_fn (Python code between fork and exec can
+# deadlock in a process with jax's threads).
+DEFAULT_SIGINT = (sys.executable, "-c",
+                  "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                  "os.execvp(sys.argv[1], sys.argv[1:])")
 
 
 def recorded(tmp: Path) -> list[list[str]]:
