@@ -484,4 +484,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    from moejax.runtime import compile_without_cache
+    compile_without_cache()  # compile for this process's CPU threads (see its docstring)
     main()

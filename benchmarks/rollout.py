@@ -330,4 +330,6 @@ def _cpu_model() -> str:
 
 
 if __name__ == "__main__":
+    from moejax.runtime import compile_without_cache
+    compile_without_cache()  # compile for this process's CPU threads (see its docstring)
     main()

@@ -221,6 +221,7 @@ def main(argv=None) -> dict:
     settings = thread_settings(args.threads)
     settings["host_malloc_tuned"] = host_malloc
     settings["jax_default_matmul_precision"] = str(jax.config.jax_default_matmul_precision)
+    settings["jax_compilation_cache"] = bool(jax.config.jax_enable_compilation_cache)
     configs = model_configs()
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
               "device": args.device, "jax_device": jax.devices()[0].device_kind,
@@ -270,4 +271,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    from moejax.runtime import compile_without_cache
+    compile_without_cache()  # compile for this process's CPU threads (see its docstring)
     main()

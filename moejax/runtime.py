@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
+import sys
 
 ENV = "MOEJAX_HOST_MALLOC"  # "keep" (tune), "default" (leave glibc alone), unset = auto
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8  # glibc mallopt parameters
@@ -67,6 +68,21 @@ def _mallopt(*settings: tuple[int, int]) -> bool:
     except (OSError, AttributeError):
         return False
     return all(mallopt(param, value) == 1 for param, value in settings)
+
+
+def compile_without_cache() -> None:
+    """Compile every program of this process instead of loading it from jax's persistent
+    compilation cache (the benchmarks' command lines). XLA:CPU compiles for the intra-op thread
+    count it finds (an elementwise loop is split into one partition per thread), and the cache key
+    leaves that count out: a program cached by a one-core run is loaded, unsplit, by a two-thread
+    run (measured: the MoE layer's fwd+bwd 153 ms loaded vs 120 ms compiled on two threads).
+    Works before or after jax is imported or has compiled; starts nothing."""
+    os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"  # read when jax is first imported
+    jax = sys.modules.get("jax")
+    if jax is not None:
+        from jax.experimental.compilation_cache import compilation_cache
+        jax.config.update("jax_enable_compilation_cache", False)
+        compilation_cache.reset_cache()  # jax decides once whether to use it: decide again
 
 
 LIBTPU_ENV = "LIBTPU_INIT_ARGS"

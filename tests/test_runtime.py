@@ -86,3 +86,35 @@ def test_set_libtpu_flags_appends_once_and_the_users_flag_wins(monkeypatch):
     monkeypatch.delenv(runtime.LIBTPU_ENV)
     assert runtime.set_libtpu_flags(_cfg(moe=True, fsdp=4)) == []
     assert runtime.LIBTPU_ENV not in os.environ
+
+
+# -- benchmarks compile for their own thread count ---------------------------------------------
+
+CACHE_PROBE = r"""
+import os, sys
+from moejax.runtime import compile_without_cache
+if sys.argv[1] == "before":
+    compile_without_cache()
+import jax, jax.numpy as jnp
+entries = lambda: len(os.listdir(os.environ["JAX_COMPILATION_CACHE_DIR"]))  # noqa: E731
+jax.jit(lambda x: x * 2 + 1)(jnp.ones(3)).block_until_ready()
+first = entries()
+compile_without_cache()
+jax.jit(lambda x: x * 3 - 1)(jnp.ones(3)).block_until_ready()
+print(first, entries())
+"""
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_compile_without_cache_writes_nothing_to_the_persistent_cache(tmp_path, when):
+    """Before jax is imported (through the environment) and after (through jax.config): no program
+    compiled afterwards goes into ``JAX_COMPILATION_CACHE_DIR``; before the call, one does."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(tmp_path),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    env.pop("JAX_ENABLE_COMPILATION_CACHE", None)
+    out = subprocess.run([sys.executable, "-c", CACHE_PROBE, when], env=env, capture_output=True,
+                         text=True, check=True, timeout=300)
+    first, last = map(int, out.stdout.split()[-2:])  # cache entries after each program
+    assert (first == 0) if when == "before" else (first > 0)
+    assert last == first
