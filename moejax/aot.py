@@ -112,15 +112,20 @@ def abstract_batch(mesh: Mesh, batch_size: int, seq_len: int) -> dict:
 def tpu_tracing() -> Iterator[None]:
     """Kernels resolved for TPU, default matmul precision (Mosaic rejects fp32 contraction of bf16
     that 'highest' asks for; runs use the default) and no persistent-cache entries (a TPU
-    executable cannot be read back on a CPU host)."""
+    executable cannot be read back on a CPU host: the next run warned and compiled again). jax
+    decides once per process whether to use the cache, so the switch is followed by a reset."""
+    from jax.experimental.compilation_cache import compilation_cache
+
     from moejax import kernels
     cache = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
     try:
         with kernels.target_platform("tpu"), jax.default_matmul_precision("default"):
             yield
     finally:
         jax.config.update("jax_enable_compilation_cache", cache)
+        compilation_cache.reset_cache()
 
 
 @dataclasses.dataclass(frozen=True)

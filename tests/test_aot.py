@@ -453,3 +453,37 @@ def test_hlo_stats_decode_loop_counts_its_bound_and_in_place_cache_traffic():
     assert any("counted at its bound of 10 trips" in w for w in s.warnings), s.warnings
     per_trip = (256 + 256) + (256 + 256) + (32 + 256 + 256) + 12
     assert s.hbm_bytes == pytest.approx(10 * per_trip + 11 * (9 + 2 + 3))
+
+
+TPU_CACHE_PROBE = r"""
+import os
+import jax, jax.numpy as jnp, numpy as np
+from moejax import aot
+entries = lambda: len(os.listdir(os.environ["JAX_COMPILATION_CACHE_DIR"]))  # noqa: E731
+jax.jit(lambda x: x + 1)(jnp.ones(3)).block_until_ready()  # jax has decided to use the cache
+before = entries()
+mesh = jax.sharding.Mesh(np.array(aot.topology_devices("v5e:2x2")), ("x",))
+s = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
+with aot.tpu_tracing():
+    jax.jit(lambda x: (x * 2).sum(), in_shardings=s).lower(
+        jax.ShapeDtypeStruct((1024,), jnp.float32, sharding=s)).compile()
+tpu = entries()
+jax.jit(lambda x: x - 1)(jnp.ones(3)).block_until_ready()  # the cache is back on afterwards
+print(before, tpu, entries())
+"""
+
+
+@needs_libtpu
+def test_tpu_programs_stay_out_of_the_persistent_cache(tmp_path):
+    """A TPU program compiled on this CPU host writes no cache entry (the next run could not read
+    it back) even after jax has started using the cache; CPU programs are cached again after."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(tmp_path),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    out = subprocess.run([sys.executable, "-c", TPU_CACHE_PROBE], env=env, capture_output=True,
+                         text=True, check=True, timeout=300)
+    before, tpu, after = map(int, out.stdout.split()[-3:])
+    assert before > 0 and tpu == before and after > tpu
