@@ -186,7 +186,8 @@ class Diagnostics:
     def on_batch(self, trainer, step: int, batch: dict) -> None:
         import jax
 
-        from moejax.rl.trainer import to_global, to_host
+        from moejax.rl.rows import to_global
+        from moejax.train import to_host
         rows, r = batch["rows"], batch["rollouts"]
         after = trainer._forward(self.state.params, self.state.rest, rows)["logprobs"]
         mask = rows["completion_mask"] > 0
@@ -220,7 +221,8 @@ class Diagnostics:
 def run_arm(cfg: RLRunConfig, workdir: str) -> dict:
     """grpo's arm (shared SFT start, then RL) with the diagnostics hooked into the trainer."""
     from moejax.rl import sft as sft_lib
-    from moejax.rl.trainer import RLTrainer, latest_policy_state, load_file_items, rl_tokenizer
+    from moejax.rl.run_inputs import load_file_items, rl_tokenizer
+    from moejax.rl.trainer import RLTrainer, latest_policy_state
 
     start_dir = grpo.sft_dir(cfg, os.fspath(as_path(workdir).parent))
     sft_lib.run_sft(cfg, start_dir, rl_tokenizer(cfg), file_items=load_file_items(cfg))

@@ -127,7 +127,8 @@ def sft_dir(cfg: RLRunConfig, root: str) -> str:
 def make_run_arm(source_dir: str | None):
     def run_arm(cfg: RLRunConfig, workdir: str) -> dict:
         from moejax.rl import sft as sft_lib
-        from moejax.rl.trainer import RLTrainer, latest_policy_state, load_file_items, rl_tokenizer
+        from moejax.rl.run_inputs import load_file_items, rl_tokenizer
+        from moejax.rl.trainer import RLTrainer, latest_policy_state
 
         root = os.fspath(as_path(workdir).parent)
         init = None

@@ -107,7 +107,8 @@ def evaluate_start(cfg: RLRunConfig, workdir: str) -> dict:
     """The sft_only arm: the shared SFT stage, then one evaluation of its result (step 0)."""
     from moejax.metrics import MetricsLogger
     from moejax.rl import sft as sft_lib
-    from moejax.rl.trainer import RLTrainer, latest_policy_state, load_file_items, rl_tokenizer
+    from moejax.rl.run_inputs import load_file_items, rl_tokenizer
+    from moejax.rl.trainer import RLTrainer, latest_policy_state
     from moejax.trainer import write_or_check_config
 
     start_dir = grpo.sft_dir(cfg, os.fspath(as_path(workdir).parent))

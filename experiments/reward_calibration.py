@@ -108,7 +108,8 @@ def run_arm(cfg: RLRunConfig, workdir: str) -> dict:
     """SFT (grpo's, shared) -> the RM (shared) -> RL on its scores."""
     from moejax.rl import reward_model as rm_lib
     from moejax.rl import sft as sft_lib
-    from moejax.rl.trainer import RLTrainer, latest_policy_state, load_file_items, rl_tokenizer
+    from moejax.rl.run_inputs import load_file_items, rl_tokenizer
+    from moejax.rl.trainer import RLTrainer, latest_policy_state
 
     root = os.fspath(as_path(workdir).parent)
     start = grpo.sft_dir(cfg, root)

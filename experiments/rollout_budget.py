@@ -147,7 +147,8 @@ def step_stats(r, advantages: np.ndarray) -> dict:
 def run_from_sft(cfg: RLRunConfig, workdir: str, sft_root: str) -> dict:
     """The shared SFT stage (in ``sft_root``), then RL in ``workdir`` logging ``StepLog``."""
     from moejax.rl import sft as sft_lib
-    from moejax.rl.trainer import RLTrainer, latest_policy_state, load_file_items, rl_tokenizer
+    from moejax.rl.run_inputs import load_file_items, rl_tokenizer
+    from moejax.rl.trainer import RLTrainer, latest_policy_state
 
     if cfg.train.log_every != 1:
         raise ConfigError(f"train.log_every={cfg.train.log_every}: the token matching reads "

@@ -259,8 +259,8 @@ def rollout_args(engine, mesh: Mesh, prompts: int, G: int) -> tuple:
 
 
 def rl_rows(cfg, mesh: Mesh, rows: int, *, ref: bool, forced: bool) -> dict:
-    """Abstract policy-program rows (``moejax.rl.policy``; ``trainer.rl_batch``) of ``rows``
-    rows, sharded as ``trainer.to_global`` shards them; ``ref``: with ref_logprobs,
+    """Abstract policy-program rows (``moejax.rl.policy``; ``rows.rl_batch``) of ``rows``
+    rows, sharded as ``rows.to_global`` shards them; ``ref``: with ref_logprobs,
     ``forced``: with forced_experts [rows, L_moe, T, k]; under ``rl.prefix.enabled`` also
     prefix_mask [rows, T] and entropy_mask_ratio [rows]."""
     from moejax import train as T
@@ -283,7 +283,7 @@ def rl_rows(cfg, mesh: Mesh, rows: int, *, ref: bool, forced: bool) -> dict:
 
 def eval_prompts(cfg) -> int:
     """Prompts of one evaluation rollout: every held-out item of every tier (``RLTrainer``)."""
-    from moejax.rl.trainer import eval_sets, load_file_items
+    from moejax.rl.run_inputs import eval_sets, load_file_items
     return sum(len(v) for v in eval_sets(cfg, load_file_items(cfg)).values())
 
 

@@ -57,7 +57,7 @@ def test_rl_stage_restores_the_reward_model(run):
     """The scorer the RL loop builds restores the RM's checkpoint: it scores the held-out pairs
     exactly as the RM stage did when it wrote rm_eval.json."""
     from moejax.mesh import make_mesh
-    from moejax.rl.trainer import rl_tokenizer
+    from moejax.rl.run_inputs import rl_tokenizer
 
     wd, _ = run
     cfg = rc.PRESETS["cpu-smoke"]

@@ -198,7 +198,7 @@ def test_aot_rl_rows_are_the_trainers_prefix_rows():
     entropy_mask_ratio [n] included)."""
     from moejax import aot
     from moejax.mesh import make_mesh
-    from moejax.rl.trainer import Rollouts, rl_batch
+    from moejax.rl.rows import Rollouts, rl_batch
     cfg = _prefix_smoke_config()
     n = 8
     S = cfg.rl.rollout.max_prompt_len + cfg.rl.rollout.max_new_tokens

@@ -17,7 +17,7 @@ from moejax.mesh import make_mesh
 from moejax.overrides import apply_overrides
 from moejax.rl import rewards
 from moejax.rl import reward_model as R
-from moejax.rl.trainer import rl_tokenizer
+from moejax.rl.run_inputs import rl_tokenizer
 
 CFG = grpo.PRESETS["cpu-smoke"]  # grpo's smoke shapes: compiles shared with the RL tests
 RM = R.RewardModelConfig(steps=1, batch_size=8)

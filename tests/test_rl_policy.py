@@ -19,7 +19,7 @@ from moejax.rl.config import RLConfig, RLRunConfig
 from moejax.rl.losses import PolicyLossConfig
 from moejax.rl.policy import make_policy_grad, token_logprobs
 from moejax.rl.rollout import RolloutConfig
-from moejax.rl.trainer import Rollouts, rl_batch, routing_disagreement
+from moejax.rl.rows import Rollouts, rl_batch, routing_disagreement
 from moejax.testing import tiny_model
 
 N_ROWS, WIDTH = 8, 12  # rows of a mini-batch, positions per row (S - 1)

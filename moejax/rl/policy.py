@@ -1,7 +1,7 @@
 """The policy's compiled programs for RL: teacher-forced token logprobs (pi_old recompute, the
 reference, routing records) and the update step (policy loss over micro-batches -> optimizer).
 
-An RL batch is a dict of rows [n, ...] built from a rollout (``moejax.rl.trainer.rl_batch``):
+An RL batch is a dict of rows [n, ...] built from a rollout (``moejax.rl.rows.rl_batch``):
 ``inputs``/``targets`` [n,T] (T = prompt + new tokens - 1: inputs = tokens[:, :-1]),
 ``positions``, ``segment_ids`` (0 on padding), ``completion_mask`` [n,T] (targets that were
 generated), ``advantages`` [n,T], ``old_logprobs`` / ``rollout_logprobs`` / ``ref_logprobs`` [n,T]

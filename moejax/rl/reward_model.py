@@ -33,7 +33,9 @@ from moejax.config_checks import _fail
 from moejax.paths import as_path, read_json, write_text_atomic
 from moejax.rl import encode, tasks
 from moejax.rl.calibration import bradley_terry_loss
-from moejax.rl.trainer import latest_policy_state, length_correlation, rl_tokenizer, to_global
+from moejax.rl.rows import length_correlation, to_global
+from moejax.rl.run_inputs import rl_tokenizer
+from moejax.rl.trainer import latest_policy_state
 
 RM_STREAM_OFFSET = 1 << 41  # pair items come from another part of the stream than SFT's and RL's
 _PAIR_SALT = 0xB7

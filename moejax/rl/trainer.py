@@ -52,137 +52,14 @@ from moejax.rl import prefix as prefix_lib
 from moejax.rl.config import RLRunConfig
 from moejax.rl.policy import make_logprob_fn, make_update_step
 from moejax.rl.rollout import RolloutEngine
+from moejax.rl.rows import Rollouts, length_correlation, rl_batch, routing_disagreement, to_global
+from moejax.rl.run_inputs import eval_sets, load_file_items, rl_tokenizer
 from moejax.train import to_host
 from moejax.trainer import StopSignals, write_or_check_config
 
 RL_STREAM_OFFSET = 1 << 40  # RL prompts come from another part of the item stream than SFT's
 _SAMPLER_SALT = 0x5EED
 BALANCE_SALT = 0xBA1A  # balanced_subsample draws use default_rng([seed, step, BALANCE_SALT])
-
-
-def rl_tokenizer(cfg: RLRunConfig):
-    """The run's tokenizer: bytes, a local tokenizer.json, or the BPE trained on the corpus."""
-    from moejax.data.tokenizer import BPETokenizer, ByteTokenizer
-
-    if cfg.data.tokenizer == "byte":
-        return ByteTokenizer()
-    if cfg.data.tokenizer == "bpe":
-        from moejax.data import prepare_data
-        return prepare_data(cfg.data, vocab_size=cfg.model.vocab_size).tokenizer
-    return BPETokenizer.from_file(cfg.data.tokenizer)
-
-
-def load_file_items(cfg: RLRunConfig):
-    """(train, eval) items of ``rl.task_file``, or None for the synthetic tasks."""
-    if not cfg.rl.task_file:
-        return None
-    try:
-        items = tasks.load_task_file(cfg.rl.task_file)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"rl.task_file: {e}") from e
-    train, held_out = tasks.split_file_items(items, cfg.rl.tasks.eval_fraction)
-    if not train or not held_out:
-        raise ConfigError(f"rl.task_file: {cfg.rl.task_file} splits into {len(train)} training and "
-                          f"{len(held_out)} held-out rows (rl.tasks.eval_fraction="
-                          f"{cfg.rl.tasks.eval_fraction}); both must be non-empty")
-    return train, held_out
-
-
-def eval_sets(cfg: RLRunConfig, file_items) -> dict[str, list]:
-    """Held-out items per tier: every training tier and the OOD tiers (or the task file's)."""
-    n = cfg.rl.eval_items_per_tier
-    if file_items is not None:
-        held_out = list(file_items[1][:n])
-        return {held_out[0].tier: held_out}
-    return tasks.eval_sets(cfg.rl.tasks, n)
-
-
-def to_global(mesh, x: np.ndarray) -> jax.Array:
-    """A host array held whole by every process -> a global array with rows over the batch axes."""
-    sharding = T.batch_sharding(mesh, x.ndim)
-    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-
-
-def routing_disagreement(a: np.ndarray, b: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Per layer, the share of valid tokens whose expert *sets* differ: a, b [B, L, T, k], valid
-    [B, T] -> [L]."""
-    diff = np.any(np.sort(a, -1) != np.sort(b, -1), axis=-1)  # [B, L, T]
-    v = valid[:, None, :]
-    return (diff & v).sum((0, 2)) / max(int(valid.sum()), 1)
-
-
-@dataclasses.dataclass
-class Rollouts:
-    """Host copies of rollout rows (numpy), concatenable and selectable by row."""
-
-    tokens: np.ndarray  # [B, S]
-    prompt_lengths: np.ndarray  # [B]
-    completion_lengths: np.ndarray  # [B]
-    finished: np.ndarray  # [B]
-    completion_mask: np.ndarray  # [B, S-1]
-    logprobs: np.ndarray  # [B, S-1]
-    routing: np.ndarray | None  # [B, L, S, k]
-    routing_valid: np.ndarray | None  # [B, S]: the token at t was fed (its routing recorded)
-    rewards: np.ndarray  # [B]
-    correct: np.ndarray  # [B]
-    tiers: list  # [B]
-    items: list = dataclasses.field(default_factory=list)  # [B] the TaskItem of each row
-    group: np.ndarray | None = None  # [B] dense prompt index within the step (advantage groups)
-    prefix_mask: np.ndarray | None = None  # [B, S-1] Prefix-RFT: response tokens from a demo
-    uid: np.ndarray | None = None  # [B] Prefix-RFT variant uid (prefix.ON_POLICY_UID on-policy)
-
-    def select(self, rows) -> "Rollouts":
-        rows = np.asarray(rows)
-
-        def pick(x):
-            if isinstance(x, list):
-                return [x[i] for i in rows]
-            return None if x is None else x[rows]
-        return Rollouts(**{f.name: pick(getattr(self, f.name)) for f in dataclasses.fields(self)})
-
-    @staticmethod
-    def concat(parts: list["Rollouts"]) -> "Rollouts":
-        def cat(name):
-            vals = [getattr(p, name) for p in parts]
-            if isinstance(vals[0], list):
-                return [t for v in vals for t in v]
-            return None if vals[0] is None else np.concatenate(vals)
-        return Rollouts(**{f.name: cat(f.name) for f in dataclasses.fields(Rollouts)})
-
-
-def rl_batch(r: Rollouts, advantages: np.ndarray, old_logprobs: np.ndarray,
-             ref_logprobs: np.ndarray | None, forced: np.ndarray | None,
-             entropy_mask_ratio: float = 0.0) -> dict[str, np.ndarray]:
-    """The policy programs' rows (``moejax.rl.policy`` docstring) from rollouts and advantages
-    (sequence [B] or token level [B, S-1]); Prefix-RFT rows add ``prefix_mask`` and the step's
-    ``entropy_mask_ratio``."""
-    S = r.tokens.shape[1]
-    t = np.arange(S - 1)[None, :]
-    filled = (r.prompt_lengths + r.completion_lengths)[:, None]
-    adv = advantages if advantages.ndim == 2 else advantages[:, None]
-    out = {"inputs": r.tokens[:, :-1], "targets": r.tokens[:, 1:],
-           "positions": np.broadcast_to(t, (len(r.tokens), S - 1)).astype(np.int32),
-           "segment_ids": (t < filled).astype(np.int32),
-           "completion_mask": r.completion_mask.astype(np.float32),
-           "advantages": (adv * r.completion_mask).astype(np.float32),
-           "old_logprobs": old_logprobs.astype(np.float32),
-           "rollout_logprobs": r.logprobs.astype(np.float32)}
-    if ref_logprobs is not None:
-        out["ref_logprobs"] = ref_logprobs.astype(np.float32)
-    if forced is not None:
-        out["forced_experts"] = forced[:, :, :S - 1].astype(np.int32)
-    if r.prefix_mask is not None:
-        out["prefix_mask"] = r.prefix_mask.astype(np.float32)
-        out["entropy_mask_ratio"] = np.full(len(r.tokens), entropy_mask_ratio, np.float32)
-    return out
-
-
-def length_correlation(lengths, values) -> float:
-    """Pearson correlation of rewards with response length (0 when either is constant)."""
-    x, y = np.asarray(lengths, np.float64), np.asarray(values, np.float64)
-    if x.std() == 0 or y.std() == 0:
-        return 0.0
-    return float(np.corrcoef(x, y)[0, 1])
 
 
 class RLTrainer:
