@@ -17,6 +17,7 @@ one jit with donation, metrics read one step late as the Trainer does; HF: ``mod
     python -m benchmarks.step --out benchmarks/step_cpu.json          # CPU (the default)
     python -m benchmarks.step --peer-experts eager grouped_mm         # also time other HF kernels
     python -m benchmarks.step --profile /tmp/prof                      # + jax.profiler trace
+    python -m benchmarks.step --layers 1                               # vs 4: the cost of a layer
 
 ``--device gpu`` is the slot for the GPU mode (torch on cuda, jax on the default GPU backend);
 only the CPU mode is measured so far.
@@ -40,12 +41,12 @@ import numpy as np
 SEQ, BATCH = 256, 16
 
 
-def model_configs():
-    """name -> moejax ModelConfig of the issue's side-by-side comparison."""
+def model_configs(num_layers: int = 4):
+    """name -> moejax ModelConfig of the issue's side-by-side comparison (``num_layers`` deep)."""
     from moejax.config import AttentionConfig, BalanceConfig, ModelConfig, MoEConfig, RouterConfig
     attn = AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=64)
-    dense = ModelConfig(vocab_size=320, d_model=256, num_layers=4, d_ff=768, max_seq_len=SEQ,
-                        dtype="float32", attention=attn)
+    dense = ModelConfig(vocab_size=320, d_model=256, num_layers=num_layers, d_ff=768,
+                        max_seq_len=SEQ, dtype="float32", attention=attn)
     moe = dataclasses.replace(dense, moe=MoEConfig(
         num_experts=8, top_k=2, d_expert=256,
         router=RouterConfig(kind="topk", score="softmax", norm_topk_prob=True),
@@ -205,6 +206,9 @@ def main(argv=None) -> dict:
                     help="torch intra-op threads (default: torch's own, = physical cores)")
     ap.add_argument("--peer-experts", nargs="+", default=["eager"],
                     help="HF experts_implementation(s) for the MoE peer; the first is the ratio's")
+    ap.add_argument("--layers", type=int, default=4,
+                    help="model depth (4: the issue's config; two depths' difference is the cost "
+                         "of a layer, the rest is embedding, head, loss and optimizer)")
     ap.add_argument("--profile", default=None, help="also write a jax.profiler trace here")
     ap.add_argument("--out", default=None)
     ap.add_argument("--host-malloc", choices=("keep", "default"), default="keep",
@@ -222,11 +226,12 @@ def main(argv=None) -> dict:
     settings["host_malloc_tuned"] = host_malloc
     settings["jax_default_matmul_precision"] = str(jax.config.jax_default_matmul_precision)
     settings["jax_compilation_cache"] = bool(jax.config.jax_enable_compilation_cache)
-    configs = model_configs()
+    configs = model_configs(args.layers)
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
               "device": args.device, "jax_device": jax.devices()[0].device_kind,
               "machine": platform.node(), "jax": jax.__version__, "settings": settings,
-              "batch": [BATCH, SEQ], "reps": args.reps, "steps_per_rep": args.steps,
+              "batch": [BATCH, SEQ], "num_layers": args.layers, "reps": args.reps,
+              "steps_per_rep": args.steps,
               "results": {}}
     import torch
     import transformers

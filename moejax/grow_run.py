@@ -40,7 +40,7 @@ import os
 
 import jax
 
-from moejax import growth, upcycle
+from moejax import growth, growth_learn, upcycle
 from moejax import train as T
 from moejax.ckpt import Checkpointer
 from moejax.config import Config
@@ -103,8 +103,8 @@ def apply_op(cfg: Config, state: T.TrainState, src: T.Setup, dst: T.Setup, data_
                                kmeans_iters=g.kmeans_iters, key=key)
     if g.op == "learn_depth":
         batches = [T.global_batch(dst.mesh, next(data_iterator)) for _ in range(g.learn_steps)]
-        return growth.learn_depth(state, src, dst, batches, lr=g.learn_lr,
-                                  stack_mode=g.stack_mode)[0]
+        return growth_learn.learn_depth(state, src, dst, batches, lr=g.learn_lr,
+                                        stack_mode=g.stack_mode)[0]
     return growth.grow(state, src, dst, g.op, options=options(cfg), optimizer=g.optimizer, key=key)
 
 

@@ -24,8 +24,8 @@ Operators (``OPS``) and what they preserve:
   * ``learn_depth``  G_learn (LiGO-style, **depth only**: no width map): target layer
                      l = sum_j M[l, j] * source layer j for every per-layer tensor, one
                      M [L_t, L_s] per tensor name, initialised to the G_stack map and fitted by
-                     Adam on the LM loss for a few batches (``learn_depth``); embeddings / final
-                     norm are copied.
+                     Adam on the LM loss for a few batches (``growth_learn.learn_depth``);
+                     embeddings / final norm are copied.
   * ``split``        G_split (Net2Net): MLP neurons (dense d_ff, expert d_expert, shared) and
                      attention heads duplicated cyclically; each copy's output row (down / o)
                      takes a share of the source row, shares summing to 1 ('even', or 'random' to
@@ -406,7 +406,8 @@ def grow(state: T.TrainState, src: T.Setup, dst: T.Setup, op: str, *, options: O
     """Grow ``state`` (a TrainState of ``src``) with operator ``op`` into ``dst``'s sharded state."""
     sm, dm = src.cfg.model, dst.cfg.model
     if op not in OPS:
-        raise ValueError(f"unknown growth op {op!r}; choose from {OPS} (or use learn_depth)")
+        raise ValueError(f"unknown growth op {op!r}; choose from {OPS} "
+                         "(or moejax.growth_learn.learn_depth)")
     if (sm.d_model, sm.vocab_size, sm.moe.num_experts) != (dm.d_model, dm.vocab_size,
                                                            dm.moe.num_experts):
         raise ValueError("growth keeps d_model, vocab_size and num_experts (see moejax.upcycle)")
@@ -558,59 +559,6 @@ def with_fade_in(s: T.Setup, new_layers, ramp_steps: int) -> T.Setup:
     return dataclasses.replace(
         s, tx=tx, state_shardings=dataclasses.replace(s.state_shardings, opt_state=opt_sh),
         abstract_state=dataclasses.replace(s.abstract_state, opt_state=abstract))
-
-
-# -- G_learn -------------------------------------------------------------------------------------
-def learn_depth(state: T.TrainState, src: T.Setup, dst: T.Setup, batches: list[dict], *,
-                lr: float = 1e-2, stack_mode: str = "block") -> tuple[T.TrainState, list[float]]:
-    """G_learn (depth, LiGO-style): target layer l = sum_j M[l, j] * source layer j, one M per
-    per-layer tensor, initialised to the G_stack map and fitted by Adam (``lr``) on the target's
-    LM loss, one step per batch of ``batches`` (global batches on ``dst.mesh``). Returns the grown
-    state (fresh optimizer) and the fitting losses. Router state follows the G_stack map."""
-    sm, dm = src.cfg.model, dst.cfg.model
-    plan = stack_plan(sm.num_layers, dm.num_layers, stack_mode)
-    _check_layer_types(sm, dm, plan)
-    onehot = jnp.asarray(np.eye(sm.num_layers, dtype=np.float32)[plan])  # [L_t, L_s]
-    params = state.params.to_pure_dict()
-    top, src_layers = split_layers(params, sm)
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *src_layers)  # [L_s, ...] per tensor
-    m0 = jax.tree.map(lambda _: onehot, stacked)
-    graphdef = dst.graphdef
-    grown = grow(state, src, dst, "stack", options=Options(stack_mode=stack_mode))
-
-    def build(m, stacked, top, like):
-        layers = [jax.tree.map(lambda mm, s, l=l: jnp.tensordot(mm[l], s, axes=1), m, stacked)
-                  for l in range(dm.num_layers)]
-        return _replace(like, join_layers(top, layers, dm))
-
-    def loss_fn(m, stacked, top, grown, batch):
-        params = build(m, stacked, top, grown.params)
-        model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, grown.rest))
-        ce, _ = T.token_losses(model, batch)
-        return (ce * batch["loss_mask"]).sum() / jnp.maximum(batch["loss_mask"].sum(), 1.0)
-
-    tx = optax.adam(lr)
-
-    @jax.jit
-    def step(m, opt, stacked, top, grown, batch):
-        with T.tracing_mesh(dst):
-            loss, g = jax.value_and_grad(loss_fn)(m, stacked, top, grown, batch)
-        upd, opt = tx.update(g, opt, m)
-        return optax.apply_updates(m, upd), opt, loss
-
-    m, opt, losses = m0, tx.init(m0), []
-    for b in batches:
-        m, opt, loss = step(m, opt, stacked, top, grown, b)
-        losses.append(float(loss))
-
-    def final(m, stacked, top, grown):
-        with T.tracing_mesh(dst):
-            p = build(m, stacked, top, grown.params)
-        return dataclasses.replace(grown, params=p, opt_state=dst.tx.init(p))
-
-    with use_mesh(dst.mesh, rules_for(dst.cfg.mesh)):
-        out = jax.jit(final, out_shardings=dst.state_shardings)(m, stacked, top, grown)
-    return out, losses
 
 
 def source_model(dm: ModelConfig, op: str, factor: int) -> ModelConfig:

@@ -16,7 +16,7 @@ import math
 import jax
 import pytest
 
-from moejax import aot, aot_table, hlo_stats, tpu_specs
+from moejax import aot, aot_estimates, aot_table, hlo_stats, tpu_specs
 from moejax.config import MeshConfig, MoEConfig
 from moejax.mesh import make_mesh
 from moejax.testing import tiny_config
@@ -79,7 +79,7 @@ def compiled(request):
     mesh = make_mesh(cfg.mesh, aot.topology_devices(topology))
     with aot.tpu_tracing():
         state = T.setup(cfg, mesh).abstract_state
-    return name, cfg, mesh, rep, aot.estimate_memory(cfg, mesh, state)
+    return name, cfg, mesh, rep, aot_estimates.estimate_memory(cfg, mesh, state)
 
 
 @needs_libtpu
@@ -354,8 +354,8 @@ def test_gmm_row_share_is_the_mean_load_over_the_ep_receive_buffer():
 
     class FakeMesh:
         shape = {"data": 2, "fsdp": 1, "expert": 2, "tensor": 1}
-    assert aot.gmm_row_share(cfg, FakeMesh) == pytest.approx(0.5)
-    assert aot.gmm_row_share(gated_config(), FakeMesh) == 1.0
+    assert aot_estimates.gmm_row_share(cfg, FakeMesh) == pytest.approx(0.5)
+    assert aot_estimates.gmm_row_share(gated_config(), FakeMesh) == 1.0
 
 
 def test_a_program_without_the_selected_kernels_raises_kernel_missing():

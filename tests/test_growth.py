@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from moejax import growth as G
+from moejax import growth_learn
 from moejax import grow_run
 from moejax import train as T
 from moejax.config import Config, GrowthConfig, MeshConfig, MoEConfig, RouterConfig
@@ -274,7 +275,7 @@ def test_learn_depth_starts_at_stack_and_fits(dense):
     batch = T.global_batch(d.mesh, batch)
     stack = G.grow(state, s, d, "stack")
     ce = jax.jit(lambda st, b: T.token_losses(d.model(st), b)[0].mean())(stack, batch)
-    _, losses = G.learn_depth(state, s, d, [batch] * 4, lr=3e-2)
+    _, losses = growth_learn.learn_depth(state, s, d, [batch] * 4, lr=3e-2)
     np.testing.assert_allclose(losses[0], float(ce), rtol=1e-5)  # M starts at the G_stack map
     assert losses[-1] < losses[0]
 
