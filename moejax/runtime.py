@@ -71,8 +71,8 @@ def _mallopt(*settings: tuple[int, int]) -> bool:
 
 
 def compile_without_cache() -> None:
-    """Compile every program of this process instead of loading it from jax's persistent
-    compilation cache (the benchmarks' command lines). XLA:CPU compiles for the intra-op thread
+    """Compile every program this process builds from now on instead of loading it from jax's
+    persistent compilation cache (the timing benchmarks' command lines). XLA:CPU compiles for the intra-op thread
     count it finds (an elementwise loop is split into one partition per thread), and the cache key
     leaves that count out: a program cached by a one-core run is loaded, unsplit, by a two-thread
     run (measured: the MoE layer's fwd+bwd 153 ms loaded vs 120 ms compiled on two threads).

@@ -483,6 +483,7 @@ def test_tpu_programs_stay_out_of_the_persistent_cache(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(tmp_path),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    env.pop("JAX_ENABLE_COMPILATION_CACHE", None)
     out = subprocess.run([sys.executable, "-c", TPU_CACHE_PROBE], env=env, capture_output=True,
                          text=True, check=True, timeout=300)
     before, tpu, after = map(int, out.stdout.split()[-3:])
