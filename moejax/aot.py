@@ -51,7 +51,7 @@ from moejax.aot_estimates import (Work, abstract_batch, analytic_split, eval_wor
                                   per_chip_bytes, remat_factor, train_work)
 from moejax.aot_table import MD_HEADER, format_table, markdown_rows
 from moejax.config import Config, ConfigError
-from moejax.runtime import LIBTPU_ENV, libtpu_flags, set_libtpu_flags
+from moejax.runtime import LIBTPU_ENV, libtpu_flags, set_compilation_cache, set_libtpu_flags
 
 GiB = tpu_specs.GiB
 INSTALL_LINE = f'pip install "jax[tpu]=={jax.__version__}"   (or: pip install -e ".[tpu]")'
@@ -102,20 +102,15 @@ def default_topology(preset: str) -> str:
 def tpu_tracing() -> Iterator[None]:
     """Kernels resolved for TPU, default matmul precision (Mosaic rejects fp32 contraction of bf16
     that 'highest' asks for; runs use the default) and no persistent-cache entries (a TPU
-    executable cannot be read back on a CPU host: the next run warned and compiled again). jax
-    decides once per process whether to use the cache, so the switch is followed by a reset."""
-    from jax.experimental.compilation_cache import compilation_cache
-
+    executable cannot be read back on a CPU host: the next run warned and compiled again)."""
     from moejax import kernels
     cache = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
-    compilation_cache.reset_cache()
+    set_compilation_cache(False)
     try:
         with kernels.target_platform("tpu"), jax.default_matmul_precision("default"):
             yield
     finally:
-        jax.config.update("jax_enable_compilation_cache", cache)
-        compilation_cache.reset_cache()
+        set_compilation_cache(cache)
 
 
 @dataclasses.dataclass

@@ -70,19 +70,26 @@ def _mallopt(*settings: tuple[int, int]) -> bool:
     return all(mallopt(param, value) == 1 for param, value in settings)
 
 
+def set_compilation_cache(enabled: bool) -> None:
+    """Switch jax's persistent compilation cache on or off for the programs compiled next. jax
+    decides once per process whether to use the cache, so the switch alone does nothing after
+    the first compile: the decision is reset with it (the cache reopens in the same directory)."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+    jax.config.update("jax_enable_compilation_cache", enabled)
+    compilation_cache.reset_cache()
+
+
 def compile_without_cache() -> None:
     """Compile every program this process builds from now on instead of loading it from jax's
-    persistent compilation cache (the timing benchmarks' command lines). XLA:CPU compiles for the intra-op thread
-    count it finds (an elementwise loop is split into one partition per thread), and the cache key
-    leaves that count out: a program cached by a one-core run is loaded, unsplit, by a two-thread
-    run (measured: the MoE layer's fwd+bwd 153 ms loaded vs 120 ms compiled on two threads).
-    Works before or after jax is imported or has compiled; starts nothing."""
+    persistent compilation cache (the timing benchmarks' command lines). XLA:CPU compiles for the
+    intra-op thread count it finds (an elementwise loop is split into one partition per thread),
+    and the cache key leaves that count out: a program cached by a one-core run is loaded,
+    unsplit, by a two-thread run (measured: the MoE layer's fwd+bwd 153 ms loaded vs 120 ms
+    compiled on two threads). Works before or after jax is imported or has compiled."""
     os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"  # read when jax is first imported
-    jax = sys.modules.get("jax")
-    if jax is not None:
-        from jax.experimental.compilation_cache import compilation_cache
-        jax.config.update("jax_enable_compilation_cache", False)
-        compilation_cache.reset_cache()  # jax decides once whether to use it: decide again
+    if "jax" in sys.modules:
+        set_compilation_cache(False)
 
 
 LIBTPU_ENV = "LIBTPU_INIT_ARGS"
