@@ -20,7 +20,6 @@ The process pins itself to one CPU before jax/torch start (as ``taskset -c 0`` d
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
 import json
 import os

@@ -44,6 +44,7 @@ from typing import Callable
 
 import numpy as np
 
+from benchmarks.host import cpu_description
 from benchmarks.step import thread_settings
 
 
@@ -291,12 +292,12 @@ def main(argv=None) -> dict:
 
     settings = thread_settings(args.threads or len(os.sched_getaffinity(0)))
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
-              "device": "cpu", "cpu_model": _cpu_model(), "machine": platform.node(),
+              "device": "cpu", "cpu": cpu_description(), "machine": platform.node(),
               "jax": jax.__version__, "torch": torch.__version__,
               "transformers": transformers.__version__, "settings": settings,
               "top_p": args.top_p, "temperature": 1.0, "peer_experts": args.peer_experts,
               "reps": args.reps, "results": {}}
-    print(f"{result['date']} {result['cpu_model']}, threads {settings}")
+    print(f"{result['date']} {result['cpu']}, threads {settings}")
     print("| config | rows x N | HF tok/s | moejax tok/s | moejax / HF | CPU ratio | "
           "prefill share HF / moejax | greedy match |")
     print("|---|---|---|---|---|---|---|---|")
@@ -315,18 +316,6 @@ def main(argv=None) -> dict:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
     return result
-
-
-def _cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (platform.processor() is often empty)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ from typing import Callable
 
 import numpy as np
 
+from benchmarks.host import cpu_description
+
 SEQ, BATCH = 256, 16
 
 
@@ -229,14 +231,16 @@ def main(argv=None) -> dict:
     configs = model_configs(args.layers)
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
               "device": args.device, "jax_device": jax.devices()[0].device_kind,
-              "machine": platform.node(), "jax": jax.__version__, "settings": settings,
+              "machine": platform.node(), "cpu": cpu_description(), "jax": jax.__version__,
+              "settings": settings,
               "batch": [BATCH, SEQ], "num_layers": args.layers, "reps": args.reps,
               "steps_per_rep": args.steps,
               "results": {}}
     import torch
     import transformers
     result["torch"], result["transformers"] = torch.__version__, transformers.__version__
-    print(f"{result['date']} {args.device} ({result['jax_device']}), threads {settings}")
+    print(f"{result['date']} {args.device} ({result['jax_device']}, {result['cpu']}), "
+          f"threads {settings}")
     print("| config | peer | peer tok/s | moejax tok/s | moejax / peer | peer CPU s/step | "
           "moejax CPU s/step | CPU ratio (peer / moejax) |")
     print("|---|---|---|---|---|---|---|---|")

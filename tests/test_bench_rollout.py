@@ -24,5 +24,5 @@ def test_smoke_run_same_model_both_sides(tmp_path):
     assert r["rows"] == 4 and r["N"] == 4
     assert r["compiles"] == 1  # timed, warm-up and greedy calls all reuse one bucket program
     assert r["tokens_per_s"]["hf"] > 0 and r["tokens_per_s"]["moejax"] > 0
-    for key in ("date", "cpu_model", "jax", "torch", "transformers", "settings"):
+    for key in ("date", "cpu", "jax", "torch", "transformers", "settings"):
         assert record[key]

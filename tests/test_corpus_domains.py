@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from moejax.config import DataConfig
 from moejax.data import FINE_DOMAINS, embedded_domain_groups, prepare_data
 from moejax.data import corpus as corpus_lib
+from moejax.data import corpus_build as build_lib
 
 FINE_CAP = 40_000  # bytes per fine domain in the build fixtures
 NO_CAP = 10 ** 9  # more than any whole domain: the file set "before the byte cap"
@@ -49,8 +50,8 @@ def test_groups_list_every_fine_domain_once():
     assert list(groups) == ["code", "prose", "math", "noise"]
     flat = [d for g in groups.values() for d in g]
     assert tuple(flat) == FINE_DOMAINS and len(set(flat)) == len(flat)
-    assert set(corpus_lib.BUILDERS) == set(corpus_lib.EMBEDDED_DOMAINS) | set(FINE_DOMAINS)
-    assert not set(corpus_lib.EMBEDDED_DOMAINS) & set(FINE_DOMAINS)
+    assert set(build_lib.BUILDERS) == set(build_lib.EMBEDDED_DOMAINS) | set(FINE_DOMAINS)
+    assert not set(build_lib.EMBEDDED_DOMAINS) & set(FINE_DOMAINS)
     assert {"math-mul3", "math-mul", "math-add", "math-word", "noise"} <= set(FINE_DOMAINS)
     groups["code"] = ()  # a copy: callers cannot change the registry
     assert embedded_domain_groups()["code"]
@@ -61,17 +62,17 @@ def test_unknown_embedded_domain_lists_every_valid_name(tmp_path):
         corpus_lib.embedded_domain("math-pow", 1000, str(tmp_path))
     msg = str(err.value)
     assert "math-pow" in msg
-    for name in corpus_lib.EMBEDDED_DOMAINS + FINE_DOMAINS:
+    for name in build_lib.EMBEDDED_DOMAINS + FINE_DOMAINS:
         assert repr(name) in msg, name
     assert not (tmp_path / "corpus").exists() or not any((tmp_path / "corpus").iterdir())
 
 
 def test_fine_keys_are_their_own(monkeypatch):
-    keys = {d: corpus_lib.embedded_key(d, FINE_CAP) for d in corpus_lib.BUILDERS}
+    keys = {d: corpus_lib.embedded_key(d, FINE_CAP) for d in build_lib.BUILDERS}
     assert len(set(keys.values())) == len(keys)
     monkeypatch.setattr(corpus_lib, "FINE_CORPUS_VERSION", corpus_lib.FINE_CORPUS_VERSION + 1)
     for d, key in keys.items():  # a fine recipe change invalidates fine caches only
-        assert (corpus_lib.embedded_key(d, FINE_CAP) == key) == (d in corpus_lib.EMBEDDED_DOMAINS)
+        assert (corpus_lib.embedded_key(d, FINE_CAP) == key) == (d in build_lib.EMBEDDED_DOMAINS)
 
 
 # -- every fine domain ------------------------------------------------------------------------
@@ -104,15 +105,15 @@ def test_fine_domains_distinct_content(fine_builds):
             other = seen.setdefault(doc, dom)
             if other != dom:
                 assert {dom, other} <= code, (dom, other)
-                files = [rel for rel, p in corpus_lib.stdlib_files()
-                         if corpus_lib._read_source(p) == doc]
-                assert {corpus_lib.code_family(rel) for rel in files} >= {dom, other}
+                files = [rel for rel, p in build_lib.stdlib_files()
+                         if build_lib._read_source(p) == doc]
+                assert {build_lib.code_family(rel) for rel in files} >= {dom, other}
 
 
 # -- code families ----------------------------------------------------------------------------
 
 def test_code_family_table_by_hand():
-    names = [n for fam in corpus_lib.CODE_FAMILIES.values() for n in fam]
+    names = [n for fam in build_lib.CODE_FAMILIES.values() for n in fam]
     assert len(names) == len(set(names))  # a top-level name is listed in at most one family
     by_hand = {"string.py": "code-text", "re/_parser.py": "code-text", "difflib.py": "code-text",
                "http/client.py": "code-net", "email/message.py": "code-net",
@@ -126,30 +127,30 @@ def test_code_family_table_by_hand():
                "unittest/mock.py": "code-other", "stringprep.py": "code-text",
                "strings.py": "code-other"}
     for rel, fam in by_hand.items():
-        assert corpus_lib.code_family(rel) == fam, rel
+        assert build_lib.code_family(rel) == fam, rel
 
 
 def test_code_families_partition_the_code_domain():
-    every = corpus_lib.stdlib_files()
+    every = build_lib.stdlib_files()
     families = embedded_domain_groups()["code"]
-    per_family = {f: corpus_lib.code_family_files(f) for f in families}
+    per_family = {f: build_lib.code_family_files(f) for f in families}
     listed = sorted(rel for files in per_family.values() for rel, _ in files)
     assert listed == sorted(rel for rel, _ in every)  # each file in exactly one family
     assert all(per_family.values())
-    order = corpus_lib.stdlib_files()
-    random.Random(corpus_lib.CODE_ORDER_SEED).shuffle(order)
+    order = build_lib.stdlib_files()
+    random.Random(build_lib.CODE_ORDER_SEED).shuffle(order)
     rank = {rel: i for i, (rel, _) in enumerate(order)}
     for files in per_family.values():  # each family samples in the code domain's order
         ranks = [rank[rel] for rel, _ in files]
         assert ranks == sorted(ranks)
-    code = corpus_lib.BUILDERS["code"](NO_CAP, _no_bar())
-    union = [d for f in families for d in corpus_lib.BUILDERS[f](NO_CAP, _no_bar())]
+    code = build_lib.BUILDERS["code"](NO_CAP, _no_bar())
+    union = [d for f in families for d in build_lib.BUILDERS[f](NO_CAP, _no_bar())]
     assert set(union) == set(code)
 
 
 def test_code_family_content_matches_its_files(fine_builds):
     for fam in embedded_domain_groups()["code"]:
-        sources = {p.read_text(encoding="utf-8") for _, p in corpus_lib.code_family_files(fam)}
+        sources = {p.read_text(encoding="utf-8") for _, p in build_lib.code_family_files(fam)}
         assert set(fine_builds[fam][0]) <= sources, fam
 
 
@@ -157,13 +158,13 @@ def test_code_family_content_matches_its_files(fine_builds):
 
 def test_prose_reference_is_the_coarse_prose_head_and_docstrings_differ(fine_builds, tmp_path,
                                                                         coarse_prose_cap):
-    reference = corpus_lib.BUILDERS["prose-reference"](NO_CAP, _no_bar())
+    reference = build_lib.BUILDERS["prose-reference"](NO_CAP, _no_bar())
     coarse = corpus_lib.embedded_domain("prose", coarse_prose_cap, str(tmp_path))
     assert 0 < len(reference) < len(coarse)
     assert coarse[:len(reference)] == reference  # the coarse prose is topics then docstrings
     docstrings = fine_builds["prose-docstrings"][0]
     assert not set(docstrings) & set(reference)
-    assert all(len(d) >= corpus_lib.MIN_PROSE_CHARS for d in docstrings + reference)
+    assert all(len(d) >= build_lib.MIN_PROSE_CHARS for d in docstrings + reference)
 
 
 # -- math -------------------------------------------------------------------------------------
@@ -249,16 +250,16 @@ def test_math_word_shares_math_add_answer_form(fine_builds):
 
 
 def test_math_mul_small_space_is_exhausted_not_looped():
-    docs = corpus_lib.BUILDERS["math-mul"](NO_CAP, _no_bar())
+    docs = build_lib.BUILDERS["math-mul"](NO_CAP, _no_bar())
     assert len(docs) == 90 * 90  # every 2-digit product once, then the generator ends
-    assert len(corpus_lib.BUILDERS["math-div"](NO_CAP, _no_bar())) == 98 * 98
+    assert len(build_lib.BUILDERS["math-div"](NO_CAP, _no_bar())) == 98 * 98
 
 
 # -- noise ------------------------------------------------------------------------------------
 
 def test_noise_is_uniform_characters(fine_builds):
     docs = fine_builds["noise"][0]
-    alphabet = corpus_lib._NOISE_CHARS
+    alphabet = build_lib._NOISE_CHARS
     assert all(64 <= len(d) <= 512 and set(d) <= set(alphabet) for d in docs)
     counts = Counter("".join(docs))
     n, k = sum(counts.values()), len(set(alphabet))

@@ -20,6 +20,7 @@ from moejax.config import DataConfig
 from moejax.data import (BPETokenizer, ByteTokenizer, Tokenizer, corpus_provenance, load_documents,
                          prepare_data, split_documents)
 from moejax.data import corpus as corpus_lib
+from moejax.data import corpus_build as build_lib
 
 CAP, T, B = 300_000, 64, 8
 
@@ -57,13 +58,13 @@ def _assert_batches_equal(a, b):
 def test_corpus_deterministic_nonempty_distinct(tmp_path, cfg, data):
     cap = 60_000
     dirs = [tmp_path / "a", tmp_path / "b"]
-    docs = {d: [corpus_lib.embedded_domain(dom, cap, str(d)) for dom in corpus_lib.EMBEDDED_DOMAINS]
+    docs = {d: [corpus_lib.embedded_domain(dom, cap, str(d)) for dom in build_lib.EMBEDDED_DOMAINS]
             for d in dirs}
     assert docs[dirs[0]] == docs[dirs[1]]
-    for dom in corpus_lib.EMBEDDED_DOMAINS:  # byte-identical cache files
+    for dom in build_lib.EMBEDDED_DOMAINS:  # byte-identical cache files
         (a,), (b,) = ((d / "corpus").glob(f"{dom}-*/docs.jsonl") for d in dirs)
         assert a.read_bytes() == b.read_bytes()
-    code, prose, math = (_splits(cfg, dom)[0] for dom in corpus_lib.EMBEDDED_DOMAINS)
+    code, prose, math = (_splits(cfg, dom)[0] for dom in build_lib.EMBEDDED_DOMAINS)
     for docs_ in (code, prose, math):
         assert len(docs_) >= 3
         assert sum(len(d.encode()) for d in docs_) <= CAP

@@ -1,6 +1,8 @@
 """Routed experts: dropless / capacity / expert choice against dense references, and expert
 parallelism on 8 CPU devices against the single-device layer (values, gradients, drop counts)."""
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -250,25 +252,32 @@ def block_forms():
             y, pull = jax.vjp(lambda *a: ffn(a[0], be, used, *a[1:]), xp, wg, wu, wd)
             return y, list(pull(dy))
         return jax.jit(run)
-    loop = vjp(lambda xp, be, used, *w: expert_loop.swiglu_blocks(xp, be, used, *w,
-                                                                 dtype=jnp.float32))
+    loops = {g: vjp(functools.partial(expert_loop.swiglu_blocks, dtype=jnp.float32, group=g))
+             for g in LOOP_DOT_GROUPS}
     batched = vjp(lambda xp, be, used, *w: md._expert_ffn_blocks_batched(xp, be, *w,
                                                                          dtype=jnp.float32))
-    return loop, batched
+    return loops, batched
 
 
+LOOP_DOT_GROUPS = (1, 3, 4)  # blocks of one expert per dot: at 8-row blocks, 24- and 32-row dots
+
+
+@pytest.mark.parametrize("dot_group", LOOP_DOT_GROUPS)
 @pytest.mark.parametrize("groups", list(LOOP_GROUPS))
-def test_loop_experts_equal_float64_loop_and_batched_form(params, block_forms, groups):
+def test_loop_experts_equal_float64_loop_and_batched_form(params, block_forms, groups, dot_group):
     """The live-block loop (CPU form) equals a float64 loop and the batched einsum form (GPU
-    form) in outputs and all gradients; blocks past ``used`` are neither computed nor given
-    gradients even when they hold data."""
+    form) in outputs and all gradients, also when it runs ``dot_group`` consecutive blocks of one
+    expert as one dot (then an expert's last nb_e mod g blocks one at a time: 'uneven' has
+    experts of 4 and 5 blocks, 'tight_blocks' one of 8); blocks past ``used`` are neither
+    computed nor given gradients even when they hold data."""
     _, wg, wu, wd, _ = params
     lay = md.block_layout(jnp.asarray(LOOP_GROUPS[groups], jnp.int32), T * S)
     NB, b, used = lay.num_blocks, lay.block, int(lay.used)
     be = np.asarray(lay.block_group)
     rng = np.random.default_rng(7)
     xp, dy = (rng.normal(size=(NB, b, D)).astype(np.float32) for _ in range(2))
-    loop, batched = block_forms
+    loops, batched = block_forms
+    loop = loops[dot_group]
     y, grads = loop(xp, be, lay.used, wg, wu, wd, dy)
     y64, g64 = np_swiglu_blocks(xp, be, used, wg, wu, wd, dy)
     assert_close([y, *grads], [y64, *g64], f"loop-vs-float64/{groups}")
@@ -278,6 +287,36 @@ def test_loop_experts_equal_float64_loop_and_batched_form(params, block_forms, g
     assert_close([y, *grads], [y_b, *g_b], f"loop-vs-batched/{groups}")
     assert used == -(-np.asarray(LOOP_GROUPS[groups]) // b).sum()
     assert (np.abs(y).max() > 0.1) == (used > 0)
+
+
+def test_layer_with_grouped_loop_dots_equals_dense_reference():
+    """At 1024 rows over 4 experts the CPU layer runs 32-row blocks two to a dot
+    (``kernels.blocked_ffn_blocking``); with skewed expert loads (remainder blocks, an empty
+    expert) its output and all gradients equal the dense every-expert reference."""
+    from moejax import kernels
+    T2, E2 = 512, 4
+    assert kernels.blocked_ffn_blocking(T2 * S, E2, backend="cpu") == (32, 2)
+    rng = np.random.default_rng(11)
+    x, ct = (rng.normal(size=(T2, D)).astype(np.float32) for _ in range(2))
+    wg, wu = (rng.normal(size=(E2, D, F)).astype(np.float32) * 0.3 for _ in range(2))
+    wd = rng.normal(size=(E2, F, D)).astype(np.float32) * 0.3
+    load = np.array([0.55, 0.3, 0.15, 0.0])  # expert 3 empty, the rest uneven (counts below)
+    ex = np.stack([rng.choice(E2, S, replace=False, p=load / load.sum()) if rng.random() < 0.97
+                   else rng.choice(3, S, replace=False) for _ in range(T2)]).astype(np.int32)
+    w = rng.random((T2, S)).astype(np.float32)
+    blocks = -(-np.bincount(ex.ravel(), minlength=E2) // 32)
+    assert list(blocks) == [14, 12, 7, 0]  # two-block dots, one single block (expert 2), none
+
+    def dense(x, ex, w, wg, wu, wd):
+        o = jnp.einsum("tef,efd->ted", jax.nn.silu(jnp.einsum("td,edf->tef", x, wg))
+                       * jnp.einsum("td,edf->tef", x, wu), wd)
+        return jnp.einsum("ted,te->td", o, jnp.einsum("tse,ts->te", jax.nn.one_hot(ex, E2), w)), {}
+
+    y, _, grads = value_and_grads(lambda *a: md.routed_experts(*a, gmm_impl="auto"))(
+        x, ex, w, wg, wu, wd, ct)
+    y_ref, _, g_ref = value_and_grads(dense)(x, ex, w, wg, wu, wd, ct)
+    for i, (u, v) in enumerate(zip([y, *grads], [y_ref, *g_ref])):
+        np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-4 * np.abs(v).max(), err_msg=str(i))
 
 
 def test_loop_experts_in_bf16_match_the_float64_loop(params):

@@ -5,8 +5,8 @@ and ``mixture`` for the training stream (domain weights that may change mid-run)
 ``corpus_provenance(cfg.data)`` says what a run trained on (Python version, content sha256).
 """
 
-from moejax.data.corpus import (EMBEDDED_DOMAINS, FINE_DOMAINS, corpus_provenance,
-                                embedded_domain_groups, load_documents, split_documents)
+from moejax.data.corpus import corpus_provenance, load_documents, split_documents
+from moejax.data.corpus_build import EMBEDDED_DOMAINS, FINE_DOMAINS, embedded_domain_groups
 from moejax.data.mixture import DomainStream, Mixture, MixtureIterator
 from moejax.data.pipeline import Data, make_row, prepare_data
 from moejax.data.store import TokenStore

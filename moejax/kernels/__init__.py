@@ -123,6 +123,19 @@ def resolve_blocked_ffn(backend: str | None = None) -> str:
     return "loop" if (backend or _platform.current()) == "cpu" else "batched"
 
 
+def blocked_ffn_blocking(rows: int, groups: int, backend: str | None = None) -> tuple[int, int]:
+    """(row block of the layout, blocks of one expert per dot) for the block-layout experts over
+    ``rows`` rows in ``groups`` experts: the loop groups small blocks (``expert_loop.
+    loop_blocking``: 64 x 4 at 8192 rows over 8 experts, less padding at the same dot size);
+    the batched form takes ``gmm.default_block`` one at a time."""
+    from moejax.kernels import expert_loop
+    from moejax.kernels.gmm import default_block
+
+    if resolve_blocked_ffn(backend) == "loop":
+        return expert_loop.loop_blocking(rows, groups)
+    return default_block(rows, groups), 1
+
+
 def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, impl: str = "auto",
         preferred_element_type=None) -> jax.Array:
     """Grouped matmul for MoE experts: out[m] = lhs[m] @ rhs[g(m)].

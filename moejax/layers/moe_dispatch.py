@@ -25,7 +25,9 @@ plus the sort and unsort). On one CPU core the benchmark's MoE layer (T=4096, S=
 fwd+bwd 237 -> 212 ms CPU, the ``benchmarks/step.py`` MoE step 1.93 -> 1.81 s (interleaved A/B,
 median of 7). The experts there run in the form ``kernels.resolve_blocked_ffn`` picks: on CPU a
 loop over the live blocks only (``kernels.expert_loop``: no weight gather, no worst-case padded
-blocks; layer -20%, step 1.65 -> 1.39 CPU s), elsewhere batched einsums over all blocks.
+blocks; layer -20%, step 1.65 -> 1.39 CPU s; since 64-row blocks four to a dot, another -7 to
+-10%), elsewhere batched einsums over all blocks. ``kernels.blocked_ffn_blocking`` sets the
+layout's block and how many blocks of one expert share a dot.
 """
 
 from __future__ import annotations
@@ -180,14 +182,17 @@ def _pad_row(a: jax.Array) -> jax.Array:
     return jnp.concatenate([a, jnp.zeros((1,) + a.shape[1:], a.dtype)], axis=0)
 
 
-def expert_ffn_blocks(xp: jax.Array, lay: BlockLayout, w_gate, w_up, w_down, *,
-                      dtype) -> jax.Array:
+def expert_ffn_blocks(xp: jax.Array, lay: BlockLayout, w_gate, w_up, w_down, *, dtype,
+                      group: int = 1) -> jax.Array:
     """SwiGLU experts on the block-padded layout (``kernels.gmm.block_layout``): block n of rows
     goes through expert lay.block_group[n], in the form ``kernels.resolve_blocked_ffn`` picks
-    (CPU: a loop over the live blocks only). xp [NB,b,D] -> [NB,b,D] f32."""
+    (CPU: a loop over the live blocks only, ``group`` blocks of one expert per dot; the layout
+    and ``group`` come from ``kernels.blocked_ffn_blocking``). xp [NB,b,D] -> [NB,b,D] f32."""
     if kernels.resolve_blocked_ffn() == "loop":
         return expert_loop.swiglu_blocks(xp, lay.block_group, lay.used, w_gate, w_up, w_down,
-                                         dtype=dtype)
+                                         dtype=dtype, group=group)
+    if group != 1:
+        raise ValueError(f"group={group}: the batched block form runs one block per expert slice")
     return _expert_ffn_blocks_batched(xp, lay.block_group, w_gate, w_up, w_down, dtype=dtype)
 
 
@@ -212,9 +217,10 @@ def expert_ffn_grouped(xs: jax.Array, group_sizes: jax.Array, w_gate, w_up, w_do
     f32 = jnp.float32
     if kernels.resolve_gmm_impl(gmm_impl) == "blocked":
         M, D = xs.shape
-        lay = block_layout(group_sizes, M)
+        block, group = kernels.blocked_ffn_blocking(M, group_sizes.shape[0])
+        lay = block_layout(group_sizes, M, block)
         xp = gather_rows(xs, lay.src, lay.dest).reshape(lay.num_blocks, lay.block, D)
-        y = expert_ffn_blocks(xp, lay, w_gate, w_up, w_down, dtype=dtype)
+        y = expert_ffn_blocks(xp, lay, w_gate, w_up, w_down, dtype=dtype, group=group)
         return gather_rows(y.reshape(lay.num_blocks * lay.block, -1), lay.dest, lay.src)
     g = kernels.gmm(xs, w_gate.astype(dtype), group_sizes, impl=gmm_impl, preferred_element_type=f32)
     u = kernels.gmm(xs, w_up.astype(dtype), group_sizes, impl=gmm_impl, preferred_element_type=f32)
@@ -268,11 +274,13 @@ class BlockedDispatch(NamedTuple):
     row: jax.Array  # [A] padded row of each flat assignment; NB*b = empty slot
 
 
-def blocked_dispatch(p: SortPlan, num_experts: int, slots: int) -> BlockedDispatch:
-    """Compose sorted -> padded (``block_layout`` over the experts' group sizes; the sentinel
-    group of empty slots is left out) with flat -> sorted (``p.inverse``). Integer work only."""
+def blocked_dispatch(p: SortPlan, num_experts: int, slots: int,
+                     block: int | None = None) -> BlockedDispatch:
+    """Compose sorted -> padded (``block_layout`` over the experts' group sizes, ``block`` rows
+    per block, default ``gmm.default_block``; the sentinel group of empty slots is left out) with
+    flat -> sorted (``p.inverse``). Integer work only."""
     A = p.order.shape[0]
-    lay = block_layout(p.group_sizes[:num_experts], A)
+    lay = block_layout(p.group_sizes[:num_experts], A, block)
     assignment = p.order.at[lay.src].get(mode="fill", fill_value=A)  # [NB*b]
     tok = jnp.where(assignment < A, assignment // slots, A // slots).astype(jnp.int32)
     return BlockedDispatch(lay, tok, assignment, lay.dest[p.inverse])
@@ -289,10 +297,11 @@ def dropless_blocked_local(x, experts, weights, w_gate, w_up, w_down, *, dtype):
     T, S = experts.shape
     E, D = w_gate.shape[0], x.shape[1]
     p = sort_plan(experts, E)
-    bd = blocked_dispatch(p, E, S)
+    block, group = kernels.blocked_ffn_blocking(T * S, E)
+    bd = blocked_dispatch(p, E, S, block)
     lay = bd.layout
     xp = gather_tokens(x.astype(dtype), bd.tok, bd.row).reshape(lay.num_blocks, lay.block, D)
-    y = expert_ffn_blocks(xp, lay, w_gate, w_up, w_down, dtype=dtype)  # [NB,b,D]
+    y = expert_ffn_blocks(xp, lay, w_gate, w_up, w_down, dtype=dtype, group=group)  # [NB,b,D]
     out = gather_rows(y.reshape(lay.num_blocks * lay.block, D), bd.row, bd.assignment)  # [A,D]
     return combine(out, weights), p.group_sizes[:E]
 
