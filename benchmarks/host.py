@@ -1,8 +1,8 @@
 """What a CPU benchmark ran on: the model name and the SIMD extensions its matmuls can use.
 
 Two hosts with the same model name ("AMD EPYC" on these VMs) can differ by AVX-512, which halves
-or doubles XLA's and torch's matmul rates alike but not always their ratio; every CPU result
-records this next to its numbers."""
+or doubles XLA's and torch's matmul rates alike but not always their ratio; the step and
+rollout results record this next to their numbers."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ weights of the training domains change (``moejax.mixing.run``):
 
 The target domain (``mixing.target_domain``) has weight 0 in every arm: it is evaluated (DGA's
 goal) and gives DGA its target gradient. The fine embedded domains carry planted helper structure:
-math-add helps math-word and math-mul helps math-mul3 by construction (moejax.data.corpus).
+math-add helps math-word and math-mul helps math-mul3 by construction (moejax.data.corpus_build).
 
 Report: average (unweighted mean over the training domains) and per-domain validation loss at
 matched tokens, tokens seen and passes per domain (``train/tokens/<domain>``: the mixers change

@@ -295,7 +295,7 @@ def test_layer_with_grouped_loop_dots_equals_dense_reference():
     expert) its output and all gradients equal the dense every-expert reference."""
     from moejax import kernels
     T2, E2 = 512, 4
-    assert kernels.blocked_ffn_blocking(T2 * S, E2, backend="cpu") == (32, 2)
+    assert kernels.blocked_ffn_blocking(T2 * S, E2) == (32, 2)  # this backend's (CPU) form
     rng = np.random.default_rng(11)
     x, ct = (rng.normal(size=(T2, D)).astype(np.float32) for _ in range(2))
     wg, wu = (rng.normal(size=(E2, D, F)).astype(np.float32) * 0.3 for _ in range(2))
@@ -341,10 +341,25 @@ def test_loop_experts_in_bf16_match_the_float64_loop(params):
         assert np.abs(u - v).max() <= 2e-2 * np.abs(v).max() + 1e-6, i
 
 
-def test_loop_experts_under_scan_remat_and_vmap(params):
+def grouped_blocking(monkeypatch) -> list:
+    """Make the block-layout experts run 8-row blocks two to a dot at any size (the default
+    groups only from ~1k rows); returns the list of (rows, experts) it was asked for."""
+    from moejax import kernels
+    calls = []
+
+    def blocking(rows, groups, backend=None):
+        calls.append((rows, groups))
+        return 8, 2
+    monkeypatch.setattr(kernels, "blocked_ffn_blocking", blocking)
+    return calls
+
+
+@pytest.mark.parametrize("blocking", ["default", "grouped"])
+def test_loop_experts_under_scan_remat_and_vmap(params, blocking, monkeypatch):
     """As the model runs it: the layer over stacked layers in a ``lax.scan`` with full remat
     (the forward recomputed), and under ``jax.vmap``, equals plain per-layer calls in the loss
-    and all gradients."""
+    and all gradients; 'grouped' runs the scanned and vmapped layers with two blocks per dot
+    against the default per-layer reference."""
     x, wg, wu, wd, ct = params
     ex, w = ROUTINGS["random"]
     ws = tuple(jnp.stack([a, a[::-1] * 0.5]) for a in (wg, wu, wd))  # [2,E,...]: two layers
@@ -366,8 +381,10 @@ def test_loop_experts_under_scan_remat_and_vmap(params):
     grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1)))  # noqa: E731
     want = grad(per_layer)(x, ws)
     assert all(np.abs(g).max() > 1e-3 for g in jax.tree.leaves(want[1]))
+    calls = grouped_blocking(monkeypatch) if blocking == "grouped" else [None]
     for name, f in (("scan+remat", scanned), ("vmap", vmapped)):
         assert_close(jax.tree.leaves(grad(f)(x, ws)), jax.tree.leaves(want), name)
+    assert calls
 
 
 @pytest.fixture(scope="module")
@@ -528,6 +545,24 @@ def test_ep_capacity_equals_per_device_capacity(params, ep_layers, chunked_capac
     assert int(stats["dropped"]) == drops
     np.testing.assert_array_equal(stats["expert_tokens"], ref[1]["expert_tokens"])
     assert_close([y, *grads], [ref[0], *ref[2]], f"ep-capacity/{mesh_name}/{routing}")
+
+
+@pytest.mark.parametrize("check_vma", [True, False])
+def test_ep_dropless_with_grouped_loop_dots_equals_single_device(params, dropless, monkeypatch,
+                                                                 check_vma):
+    """Inside the expert-parallel shard_map (with and without the vma check) the CPU loop with
+    two blocks per dot gives the single-device outputs and gradients ('random': ~3 blocks per
+    expert, a dot and a single block; 'one_expert': 8 blocks, four dots)."""
+    x, wg, wu, wd, ct = params
+    calls = grouped_blocking(monkeypatch)
+    layer = value_and_grads(lambda *a: moe_ep.routed_experts_ep(*a, dispatch="dropless",
+                                                               check_vma=check_vma))
+    for routing in ("random", "one_expert"):
+        ex, w = ROUTINGS[routing]
+        ref = dropless["xla"](x, ex, w, wg, wu, wd, ct)
+        y, _, grads = run_ep("d2e4", layer, params, routing)
+        assert_close([y, *grads], [ref[0], *ref[2]], f"ep-dropless-grouped/{routing}/{check_vma}")
+    assert calls
 
 
 @pytest.mark.parametrize("mesh_name", list(MESHES))

@@ -29,6 +29,7 @@ from moejax.data.corpus_build import (BUILDERS, CORPUS_VERSION, EMBEDDED_DOMAINS
 if TYPE_CHECKING:
     from moejax.config import DataConfig
 
+
 def cache_root(cache_dir: str) -> Path:
     """The cache directory with ``~`` expanded, created if missing."""
     root = Path(os.path.expanduser(cache_dir)).resolve()

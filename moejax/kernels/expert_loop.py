@@ -76,12 +76,13 @@ def _swiglu_grads(a: jax.Array, dh: jax.Array, F: int) -> jax.Array:
 
 
 LOOP_GROUP = 4  # blocks of one expert per dot in the CPU loop (64 x 4 at the benchmark's size)
-MIN_LOOP_BLOCK = 32  # no smaller blocks than this from grouping (decode sizes keep their blocks)
+MIN_LOOP_BLOCK = 32  # grouping never makes blocks below 32 rows; dots of <= 32 rows stay single
 
 
 def loop_blocking(rows: int, groups: int) -> tuple[int, int]:
     """(layout block b, blocks per dot g) for the loop over ``rows`` rows in ``groups`` experts:
-    dots of ``gmm.default_block`` rows, b = that / g but not below ``MIN_LOOP_BLOCK``."""
+    dots of d = ``gmm.default_block`` rows, b = max(d // LOOP_GROUP, min(d, MIN_LOOP_BLOCK)),
+    g = d // b (256 -> 64 x 4, 64 -> 32 x 2, 32 -> 32 x 1)."""
     from moejax.kernels.gmm import default_block
 
     big = default_block(rows, groups)
@@ -207,7 +208,8 @@ def swiglu_blocks(xp: jax.Array, block_expert: jax.Array, used: jax.Array, w_gat
                   *, dtype, group: int = 1) -> jax.Array:
     """SwiGLU experts on the block layout, looping over its ``used`` live blocks: block n < used
     goes through expert block_expert[n], blocks past it give zeros; ``group`` consecutive blocks
-    of one expert share one dot (``loop_blocking`` picks it with the layout's block).
+    of one expert share one dot (``loop_blocking`` picks it with the layout's block; for
+    group > 1 the live blocks must be sorted by expert and contiguous, as ``block_layout``'s are).
     xp [NB,b,D], block_expert [NB] int32, used [] int32, w_gate/w_up [E,D,F], w_down [E,F,D]
     -> [NB,b,D] f32."""
     NB, b, D = xp.shape
