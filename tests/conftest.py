@@ -3,6 +3,9 @@
 ``gpu``-marked tests run their checks in a fresh interpreter with the caller's own environment (this
 process is pinned to CPU), and are skipped, with the reason printed by ``-ra``, where jax has no
 GPU backend. ``-m gpu`` selects only them; ``-m "not gpu"`` leaves them out.
+
+Programs compile with little optimization (jax's ``jax_disable_most_optimizations``: XLA backend
+level 0), except in tests marked ``optimized``: see ``COMPILE_EFFORT_ENV`` below.
 """
 
 import gc
@@ -14,6 +17,16 @@ import sys
 CALLER_ENV = dict(os.environ)  # before the CPU pinning below: what a GPU check subprocess sees
 
 os.environ["JAX_PLATFORMS"] = "cpu"
+
+# Compile effort. The suite compiles ~1,000 XLA programs and runs most of them a few times, so
+# compiling is most of its time on 2 cores. With jax_disable_most_optimizations (XLA's backend at
+# optimization level 0, LLVM's expensive passes off) a tiny MoE train step compiled ~2x faster (18 vs
+# 33 s on a loaded host) and ran ~2x slower (108 vs 48 ms), side by side in one process (2026-12-02);
+# the HLO program is the same. Tests that judge a TPU program (memory, FLOPs, kernels), or whose time
+# is running rather than compiling, are marked ``optimized`` and compile as users' programs do. Set
+# before jax is imported, so subprocesses that tests start inherit it; a caller's own setting wins.
+COMPILE_EFFORT_ENV = "JAX_DISABLE_MOST_OPTIMIZATIONS"
+os.environ.setdefault(COMPILE_EFFORT_ENV, "1")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 
@@ -24,6 +37,9 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+if "jax_disable_most_optimizations" in jax.config.values:  # also where jax was imported first
+    jax.config.update("jax_disable_most_optimizations",
+                      os.environ[COMPILE_EFFORT_ENV].lower() in ("1", "true", "yes", "on", "y", "t"))
 assert jax.device_count() == 8, "conftest must run before anything imports jax"
 
 import pytest  # noqa: E402
@@ -56,6 +72,25 @@ def pytest_collection_modifyitems(config, items):
     if reason:
         for item in gpu_items:
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """An ``optimized`` test (its setup, module fixtures included, and any subprocess it starts)
+    compiles at full effort; every other test at the suite's default (see COMPILE_EFFORT_ENV).
+    Mark whole modules where a module fixture serves several tests."""
+    if item.get_closest_marker("optimized") is None or \
+            "jax_disable_most_optimizations" not in jax.config.values:
+        yield
+        return
+    before = os.environ[COMPILE_EFFORT_ENV], jax.config.values["jax_disable_most_optimizations"]
+    os.environ[COMPILE_EFFORT_ENV] = "0"
+    jax.config.update("jax_disable_most_optimizations", False)
+    try:
+        yield
+    finally:
+        os.environ[COMPILE_EFFORT_ENV] = before[0]
+        jax.config.update("jax_disable_most_optimizations", before[1])
 
 
 @pytest.fixture(scope="session")

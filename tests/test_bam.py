@@ -1,12 +1,15 @@
 """BAM (architecture.md 8.9; moejax.bam, moe_variants.AttentionExperts) and the loose ends of the
 MoE variants (issue #18): the soft mixture of attention experts against a float64 per-expert loop,
 the parallel block against its formula, branch-and-mix of identical branches == the seed, cached
-decoding == the full forward, the sharded model == one device (logits and raw gradients), a tiny
-BAM model trains; DSMoE's sparsity loss through one train step's gradient; ``num_params`` of every
-variant against the instantiated model and ``flops_per_token`` against hand formulas.
+decoding == the full forward, the sharded model == one device (loss, counts and raw gradients), a
+tiny BAM model trains; DSMoE's sparsity loss through one train step's gradient; ``num_params`` of
+every variant against the instantiated model and ``flops_per_token`` against hand formulas.
 
 Compiles dominate on 2 cores: one jitted forward (``_forward``) and one jitted layer call serve
-all shapes of a structure; the sharded/training run is one module-scoped fixture."""
+all shapes of a structure; the sharded/training run is one module-scoped fixture of two gradient
+programs (1 and 8 devices), training by plain SGD steps of the 1-device one; models are drawn on
+the host from abstract shapes and reference forwards are single jitted programs, since every eager
+init or module call compiles each of its ops."""
 
 import dataclasses
 
@@ -22,7 +25,7 @@ from moejax import config_moe
 from moejax import train as T
 from moejax.config import ConfigError, MeshConfig, MoEConfig, VariantConfig
 from moejax.layers.moe_variants import AttentionExperts, cache_kv_heads
-from moejax.mesh import make_mesh, rules_for, use_mesh
+from moejax.mesh import make_mesh
 from moejax.model import Model
 from moejax.testing import TOL_SHARDED_FP32, tiny_config, tiny_model
 
@@ -50,6 +53,12 @@ def randomize(module, seed: int, std: float = 0.3, norm_noise: float = 0.1):
         fill, nnx.to_pure_dict(state)))
     nnx.update(module, state)
     return module
+
+
+def random_model(cfg, seed: int, std: float = 0.3) -> Model:
+    """``randomize`` of an abstract Model: every Param is drawn on the host, so no eager init
+    (which would compile each of its random ops) is needed."""
+    return randomize(nnx.eval_shape(lambda: Model(cfg, rngs=nnx.Rngs(0))), seed, std=std)
 
 
 def packed_segments() -> tuple[np.ndarray, np.ndarray]:
@@ -123,7 +132,7 @@ def _attn_call(graphdef, state, x, seg, pos):
 @pytest.mark.parametrize("attention", ["full", "kv_shared"])
 def test_attention_experts_equal_float64_loop(attention):
     cfg = bam_cfg(attention)
-    layer = randomize(AttentionExperts(cfg, rngs=nnx.Rngs(0)), seed=1)
+    layer = randomize(nnx.eval_shape(lambda: AttentionExperts(cfg, rngs=nnx.Rngs(0))), seed=1)
     x = np.random.default_rng(2).normal(size=(B_, S_, cfg.d_model)).astype(np.float32)
     seg, pos = packed_segments()
     y = np.asarray(_attn_call(*nnx.split(layer), jnp.asarray(x), jnp.asarray(seg),
@@ -163,19 +172,27 @@ def model_with(cfg, pure: dict) -> Model:
 TOKENS = np.random.default_rng(3).integers(0, 288, size=(B_, S_)).astype(np.int32)
 
 
-def test_parallel_block_is_x_plus_attn_plus_ffn():
-    cfg = tiny_model(parallel_block=True, num_layers=1)
-    model = randomize(Model(cfg, rngs=nnx.Rngs(0)), seed=4, std=0.1)
+@jax.jit(static_argnums=0)
+def _block_forms(graphdef, state, tokens):
+    """(the block's output, x + attn(norm(x)) + ffn(norm'(x)), the sequential pre-norm form): one
+    program (eager module calls would compile each op separately)."""
+    model = nnx.merge(graphdef, state)
     blk = model.layers[0]
-    x = model.embed(jnp.asarray(TOKENS))
+    x = model.embed(tokens)
     pos = jnp.tile(jnp.arange(S_, dtype=jnp.int32), (B_, 1))
     seg = jnp.ones((B_, S_), jnp.int32)
     h = blk.attn(blk.attn_norm(x), positions=pos, segment_ids=seg)[0]
     want = x + h + blk.mlp(blk.mlp_norm(x))
-    got = blk(x, pos, seg)[0]
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
     sequential = x + h + blk.mlp(blk.mlp_norm(x + h))  # the ordinary pre-norm block
-    assert np.abs(np.asarray(sequential - want)).max() > 1e-3
+    return blk(x, pos, seg)[0], want, sequential
+
+
+def test_parallel_block_is_x_plus_attn_plus_ffn():
+    cfg = tiny_model(parallel_block=True, num_layers=1)
+    model = random_model(cfg, seed=4, std=0.1)
+    got, want, sequential = map(np.asarray, _block_forms(*nnx.split(model), jnp.asarray(TOKENS)))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert np.abs(sequential - want).max() > 1e-3
 
 
 @pytest.mark.parametrize("attention, parallel", [("full", True), ("kv_shared", True),
@@ -183,7 +200,7 @@ def test_parallel_block_is_x_plus_attn_plus_ffn():
 def test_mixing_identical_branches_reproduces_the_seed(attention, parallel):
     cfg = bam_cfg(attention, parallel)
     dense_cfg = bam.dense_branch_config(cfg)
-    seed = randomize(Model(dense_cfg, rngs=nnx.Rngs(0)), seed=5, std=0.1)
+    seed = random_model(dense_cfg, seed=5, std=0.1)
     seed_pure = nnx.to_pure_dict(nnx.state(seed, nnx.Param))
     mixed = bam.branch_and_mix(bam.branch(seed_pure, E), cfg, seed=1)
     model = model_with(cfg, mixed)
@@ -199,7 +216,7 @@ def test_mixing_identical_branches_reproduces_the_seed(attention, parallel):
 def test_mixing_places_branch_e_as_expert_e_and_averages_the_rest():
     cfg = bam_cfg("kv_shared")
     dense_cfg = bam.dense_branch_config(cfg)
-    branches = [nnx.to_pure_dict(nnx.state(Model(dense_cfg, rngs=nnx.Rngs(10 + e)), nnx.Param))
+    branches = [nnx.to_pure_dict(nnx.state(random_model(dense_cfg, seed=10 + e), nnx.Param))
                 for e in range(E)]
     mixed = bam.branch_and_mix(branches, cfg)
     for e in range(E):
@@ -220,8 +237,7 @@ def test_mixing_places_branch_e_as_expert_e_and_averages_the_rest():
 def test_mixing_into_a_scanned_model_equals_unrolled():
     cfg = bam_cfg("full")
     dense_cfg = bam.dense_branch_config(cfg)
-    branches = [randomize(Model(dense_cfg, rngs=nnx.Rngs(0)), seed=20 + e, std=0.1)
-                for e in range(E)]
+    branches = [random_model(dense_cfg, seed=20 + e, std=0.1) for e in range(E)]
     pures = [nnx.to_pure_dict(nnx.state(b, nnx.Param)) for b in branches]
     unrolled = model_with(cfg, bam.branch_and_mix(pures, cfg, seed=2))
     scan_cfg = dataclasses.replace(cfg, scan_layers=True)
@@ -259,7 +275,7 @@ def _cached(graphdef, state, tokens, seg, cache):
 @pytest.mark.parametrize("attention", ["full", "kv_shared"])
 def test_decoding_equals_the_full_forward(attention):
     cfg = bam_cfg(attention)
-    model = randomize(Model(cfg, rngs=nnx.Rngs(0)), seed=6, std=0.1)
+    model = random_model(cfg, seed=6, std=0.1)
     full = logits_of(model, TOKENS)
     cache = model.init_cache(B_, 16)
     heads = cfg.attention.num_kv_heads * (E if attention == "full" else 1)
@@ -293,52 +309,60 @@ def batch():
 
 
 def train_state(s: T.Setup, pure: dict) -> T.TrainState:
+    """The state at ``pure`` on the setup's shardings, without optimizer state: only the jitted
+    gradient program reads it (an eager optimizer init would compile a program per shape)."""
     m = nnx.eval_shape(lambda: Model(s.cfg.model, rngs=nnx.Rngs(0)))
     state = nnx.state(m)
     nnx.replace_by_pure_dict(state, pure)
     nnx.update(m, state)
     _, params, rest = nnx.split(m, nnx.Param, ...)
-    params, rest = jax.tree.map(jnp.asarray, (params, rest))
-    st = T.TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
-                      opt_state=s.tx.init(params), rng=jax.random.key_data(jax.random.key(1)))
-    return jax.device_put(st, s.state_shardings)
+    sh = s.state_shardings
+    return T.TrainState(step=jax.device_put(np.int32(0), sh.step),
+                        params=jax.device_put(params, sh.params),
+                        rest=jax.device_put(rest, sh.rest), opt_state=None,
+                        rng=jax.device_put(np.array([0, 1], np.uint32), sh.rng))  # key_data(key(1))
+
+
+SGD_LR = 0.5  # the plain SGD steps of the training check
 
 
 def run_on(model_cfg, pure, batch, mesh_cfg, ndev, steps=0):
-    """Logits, raw loss/gradients/stats at ``pure`` and ``steps`` train-step losses."""
+    """Raw loss/gradients/stats at ``pure`` and the losses of ``steps`` plain SGD steps from it
+    (the same jitted gradient program: no separate optimizer-step program to compile)."""
     cfg = dataclasses.replace(tiny_config(mesh=mesh_cfg, train={"warmup_steps": 0}),
                               model=model_cfg)
     mesh = make_mesh(mesh_cfg, jax.devices()[:ndev])
     s = T.setup(cfg, mesh)
     state = train_state(s, pure)
     gb = T.global_batch(mesh, batch)
-    with use_mesh(mesh, rules_for(mesh_cfg)):
-        logits = jax.device_get(jax.jit(lambda p, r, *a: nnx.merge(s.graphdef, p, r)(*a)[0])(
-            state.params, state.rest, gb["inputs"], gb["segment_ids"], gb["positions"]))
-    loss, grads, sums = jax.device_get(jax.jit(T.make_grad_fn(s, 1))(state, gb))
-    losses = []
-    if steps:
-        step = T.make_train_step(s, 1)
-        for _ in range(steps):
-            state, metrics = step(state, gb)
-            losses.append(float(metrics["train/loss"]))
-    return dict(logits=logits, loss=loss, grads=nnx.to_pure_dict(grads), sums=sums, losses=losses)
+    grad_fn = jax.jit(T.make_grad_fn(s, 1))
+    loss, grads, sums = out = jax.device_get(grad_fn(state, gb))
+    losses = [float(loss)]
+    for _ in range(steps):
+        params = jax.tree.map(lambda p, g: p - SGD_LR * g, jax.device_get(state.params), out[1])
+        state = dataclasses.replace(state, params=jax.device_put(params,
+                                                                 s.state_shardings.params))
+        out = jax.device_get(grad_fn(state, gb))
+        losses.append(float(out[0]))
+    return dict(loss=loss, grads=nnx.to_pure_dict(grads), sums=sums, losses=losses)
 
 
 @pytest.fixture(scope="module")
 def runs(batch):
-    """A BAM model (full attention experts, parallel block) on 1 device with 4 train steps and
+    """A BAM model (full attention experts, parallel block) on 1 device with 3 SGD steps and
     on 8 devices (data 2 x expert 4)."""
     cfg = bam_cfg("full")
-    pure = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(Model(cfg, rngs=nnx.Rngs(0)))))
-    single = run_on(cfg, pure, batch, MeshConfig(data=1), 1, steps=4)
+    pure = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(random_model(
+        cfg, seed=0, std=cfg.init_std))))
+    single = run_on(cfg, pure, batch, MeshConfig(data=1), 1, steps=3)
     sharded = run_on(cfg, pure, batch, MeshConfig(data=2, expert=4), 8)
     return single, sharded
 
 
 def test_bam_sharded_equals_single_device(runs):
+    """Loss, expert counts and every raw gradient agree (equal gradients imply equal logits: no
+    separate forward program is compiled for them)."""
     ref, got = runs
-    np.testing.assert_allclose(got["logits"], ref["logits"], *TOL_SHARDED_FP32)
     np.testing.assert_allclose(got["loss"], ref["loss"], *TOL_SHARDED_FP32)
     np.testing.assert_array_equal(got["sums"]["stats"]["counts"], ref["sums"]["stats"]["counts"])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
@@ -365,14 +389,26 @@ def dsmoe_grads(coef: float, batch):
                               model=tiny_model(moe=moe))
     mesh = make_mesh(cfg.mesh, jax.devices()[:1])
     s = T.setup(cfg, mesh)
-    model = Model(cfg.model, rngs=nnx.Rngs(0))
+    model = random_model(cfg.model, seed=0, std=cfg.model.init_std)
     for blk in model.layers:  # gates of O(1) logits: some blocks on, some off
-        blk.mlp.gate[...] = 2.0 * blk.mlp.gate[...] / cfg.model.init_std
+        blk.mlp.gate[...] = jnp.asarray(2.0 * np.asarray(blk.mlp.gate[...]) / cfg.model.init_std)
     pure = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
     state = train_state(s, pure)
     loss, grads, sums = jax.device_get(jax.jit(T.make_grad_fn(s, 1))(state, T.global_batch(
         mesh, batch)))
     return model, cfg, loss, nnx.to_pure_dict(grads), sums
+
+
+@jax.jit(static_argnums=0)
+def _mlp_inputs(graphdef, state, tokens, seg, pos):
+    """Each layer's MoE input, mlp_norm(x + attn(attn_norm(x))), as one program."""
+    model = nnx.merge(graphdef, state)
+    x, out = model.embed(tokens), []
+    for blk in model.layers:
+        h = blk.attn(blk.attn_norm(x), positions=pos, segment_ids=seg)[0]
+        out.append(blk.mlp_norm(x + h))
+        x = blk(x, pos, seg, tokens=tokens)[0]
+    return out
 
 
 def test_dsmoe_sparsity_loss_gradient_matches_hand(batch):
@@ -383,17 +419,14 @@ def test_dsmoe_sparsity_loss_gradient_matches_hand(batch):
     model, cfg, loss, grads, sums = dsmoe_grads(coef, batch)
     _, _, loss0, grads0, sums0 = dsmoe_grads(0.0, batch)
     L = cfg.model.num_layers
-    tokens, seg = jnp.asarray(batch["inputs"]), jnp.asarray(batch["segment_ids"])
-    pos = jnp.asarray(batch["positions"])
-    x = model.embed(tokens)
+    seg = batch["segment_ids"]
     sparsity = []
-    for blk in model.layers:
-        h = blk.attn(blk.attn_norm(x), positions=pos, segment_ids=seg)[0]
-        x_in = np.asarray(blk.mlp_norm(x + h), np.float64).reshape(-1, cfg.model.d_model)
+    for blk, x_in in zip(model.layers, _mlp_inputs(*nnx.split(model), *map(jnp.asarray, (
+            batch["inputs"], seg, batch["positions"])))):
+        x_in = np.asarray(x_in, np.float64).reshape(-1, cfg.model.d_model)
         g = 1 / (1 + np.exp(-(x_in @ np.asarray(blk.mlp.gate[...], np.float64))))  # [N,E]
-        valid = np.asarray(seg).reshape(-1) != 0
+        valid = seg.reshape(-1) != 0
         sparsity.append(g[valid].mean())
-        x = blk(x, pos, seg, tokens=tokens)[0]
     want_grad = coef / L * x_in[valid].T @ (g * (1 - g))[valid] / (valid.sum() * E)
     got_grad = grads["layers"][L - 1]["mlp"]["gate"] - grads0["layers"][L - 1]["mlp"]["gate"]
     np.testing.assert_allclose(got_grad, want_grad, rtol=2e-3, atol=1e-7)

@@ -219,18 +219,31 @@ def test_aioli_arm_interrupted_mid_learnparams_resumes_exactly(smoke, data_cache
 def test_regmix_sweep_interrupted_mid_proxy_resumes_exactly(smoke, data_cache, tmp_path):
     """SIGTERM in proxy005's first step: the arm returns preempted with proxies 0-4 recorded;
     the rerun resumes proxy005 from its checkpoint, finishes the sweep, and the results, the
-    fit, the choice and the target run equal the straight run's."""
+    fit, the choice and the target run equal the straight run's. The sweep starts from the
+    straight sweep's proxies 0-3 (copied, their runs and records: rerunning them would repeat
+    the straight run's programs and steps); proxy004 runs here, so its record is the
+    interrupted invocation's own."""
+    import shutil
     wd, out = smoke
     cfg = _cfg("regmix", data_cache)
     run = tmp_path / "exp" / "regmix"
+    straight_dir = out["regmix"]["regmix/sweep_dir"]
+    sweep_dir = regmix_dir(cfg, str(run.parent))
+    shutil.copytree(straight_dir, sweep_dir)
+    state = read_json(os.path.join(sweep_dir, SWEEP_FILE))
+    for name in ("proxy004", "proxy005", "proxy006"):
+        del state["results"][name], state["configs"][name]
+        shutil.rmtree(os.path.join(sweep_dir, name))
+    with open(os.path.join(sweep_dir, SWEEP_FILE), "w") as f:
+        json.dump(state, f)
+    os.remove(os.path.join(sweep_dir, FIT_FILE))  # the fit below is the resumed run's own
     first = run_mixing_arm(cfg, str(run), on_step=_kill_at("proxy005", 1), progress=False)
     assert first["preempted"]
-    sweep_dir = regmix_dir(cfg, str(run.parent))
     partial = read_json(os.path.join(sweep_dir, SWEEP_FILE))
     assert sorted(partial["results"]) == [f"proxy{i:03d}" for i in range(5)]
+    assert not os.path.exists(os.path.join(sweep_dir, FIT_FILE))
     assert os.path.isdir(os.path.join(sweep_dir, "proxy005", "ckpt"))
     got = run_mixing_arm(cfg, str(run), progress=False)
-    straight_dir = out["regmix"]["regmix/sweep_dir"]
     assert (read_json(os.path.join(sweep_dir, SWEEP_FILE))
             == read_json(os.path.join(straight_dir, SWEEP_FILE)))
     assert _losses(os.path.join(sweep_dir, "proxy005")) == _losses(

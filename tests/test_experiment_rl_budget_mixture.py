@@ -24,6 +24,11 @@ P, G = 4, 4  # the cpu-smoke batch geometry (grpo's)
 BUDGET_SMOKE_ARMS = ("knapsack", "curriculum", "online_filter")
 MIXTURE_SMOKE_ARMS = ("modomodo",)
 _REAL_SCORE = rewards.score_batch
+# rl_mixture's arm trains 1 step (its checks: its config's weights and its step logs' per-family
+# prompts against the report; the pilots are 1-step runs by the preset either way). The
+# checkpoint / evaluation cadences stay the preset's: the SFT stage's config derives its cadences
+# from them, and the pilots set their own, so overriding them splits the shared SFT stage in two
+MIXTURE_SET = ["--set", "train.steps=1"]
 
 
 def planted_scores(items, completions, cfg=rewards.RewardConfig()):
@@ -45,7 +50,7 @@ def runs(tmp_path_factory):
                              "--arms", ",".join(BUDGET_SMOKE_ARMS)])
         budget_report = (wd / "report.md").read_text()
         rl_mixture.main(["--preset", "cpu-smoke", "--workdir", os.fspath(wd),
-                         "--arms", ",".join(MIXTURE_SMOKE_ARMS)])
+                         "--arms", ",".join(MIXTURE_SMOKE_ARMS), *MIXTURE_SET])
         mixture_report = (wd / "report.md").read_text()
     return wd, budget_report, mixture_report
 
@@ -122,12 +127,13 @@ def test_rl_mixture_pilots_surrogates_and_chosen_mixture(runs):
     pilot_mtimes = {p: p.stat().st_mtime for p in wd.glob("_modomodo-*/pilot*/metrics.jsonl")}
     assert len(pilot_mtimes) == 5
     rl_mixture.main(["--preset", "cpu-smoke", "--workdir", os.fspath(wd),
-                     "--arms", ",".join(MIXTURE_SMOKE_ARMS)])
+                     "--arms", ",".join(MIXTURE_SMOKE_ARMS), *MIXTURE_SET])
     assert {p: p.stat().st_mtime for p in pilot_mtimes} == pilot_mtimes
     assert json.loads((wd / rl_mixture.FIT_FILE).read_text())["chosen"] == chosen
     assert np.isfinite(fit["pilots"]["pilot000"]["score"])
 
 
+@pytest.mark.optimized  # judged as the real TPU compile (tests/conftest.py)
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                     reason="needs libtpu: pip install -e '.[tpu]'")
 def test_knapsack_rl_programs_compile_for_tpu():

@@ -1,5 +1,9 @@
 """The growth experiments end to end on their cpu-smoke presets, on the fewest arms that cover the
-pipeline (slow: CI runs them); every arm of every preset builds and initialises abstractly."""
+pipeline (slow: CI runs them); every arm of every preset builds and initialises abstractly.
+
+The two upcycle smokes run in one experiment workdir (``upcycle_root``): every upcycle arm grows
+from one dense source run, so the second smoke reuses the first one's finished source instead of
+training it again (each smoke's own checks read its arms' directories and its own report)."""
 
 import dataclasses
 import json
@@ -31,6 +35,12 @@ UPCYCLE_SMOKE_ARMS = ("dense", "emoe64")
 # DSMoE (a dense FFN as threshold-gated blocks, its measured active share) and BAM (branch phase,
 # mixing, branch tokens in the budget): their own smoke
 UPCYCLE_NEW_ARMS = ("dsmoe", "bam")
+
+
+@pytest.fixture(scope="module")
+def upcycle_root(tmp_path_factory) -> str:
+    """One upcycle workdir for both upcycle smokes (one shared dense source run)."""
+    return str(tmp_path_factory.mktemp("upcycle"))
 
 
 def _abstract_params(model_cfg) -> int:
@@ -150,8 +160,8 @@ def test_upcycle_every_arm_builds(preset):
 
 
 @pytest.mark.slow
-def test_upcycle_smoke(data_cache, tmp_path):
-    wd = str(tmp_path / "upcycle")
+def test_upcycle_smoke(data_cache, upcycle_root):
+    wd = upcycle_root
     out = upcycle.main(["--preset", "cpu-smoke", "--workdir", wd,
                         "--arms", ",".join(UPCYCLE_SMOKE_ARMS),
                         "--set", f"data.cache_dir={data_cache}"])
@@ -211,10 +221,10 @@ def _stream_positions(run_dir: str) -> dict[str, int]:
 
 
 @pytest.mark.slow
-def test_upcycle_dsmoe_and_bam_smoke(data_cache, tmp_path):
+def test_upcycle_dsmoe_and_bam_smoke(data_cache, upcycle_root):
     """dsmoe and bam on cpu-smoke: one shared source, one branch per fine-tuned domain (math held
     out) whose tokens enter BAM's budget and FLOPs curve, DSMoE's measured active share."""
-    wd = str(tmp_path / "upcycle")
+    wd = upcycle_root
     argv = ["--preset", "cpu-smoke", "--workdir", wd, "--arms", ",".join(UPCYCLE_NEW_ARMS),
             "--set", f"data.cache_dir={data_cache}"]
     assert set(upcycle.main(argv)) == set(UPCYCLE_NEW_ARMS)

@@ -17,8 +17,11 @@ from moejax.experiment import build_config
 from moejax.metrics import read_metrics
 from moejax.overrides import apply_overrides
 
-# 8 test devices; the smoke micro-batch holds 4 sequences: shard the batch 4 ways, heads 2 ways
-MESH = ["--set", "mesh.data=4", "--set", "mesh.tensor=2"]
+# 8 test devices; the smoke micro-batch holds 4 sequences: shard the batch 4 ways, heads 2 ways.
+# Two of the preset's 4 steps: one evaluation and one checkpoint (at step 2, eval_every =
+# ckpt_every = 2) instead of two each; the checks read the last evaluation, the logged balance
+# losses and the post-training routing pass, which a 2-step run has as well
+SMOKE_SET = ["--set", "mesh.data=4", "--set", "mesh.tensor=2", "--set", "train.steps=2"]
 # an LBL arm and the aux-free (sigmoid, bias-only) arm: the two balance paths of the report;
 # the scopes themselves (micro, sequence, shuffled, bsz groups, switch) are tests/test_balance.py's
 LBL_SMOKE_ARMS = ("global", "aux_free")
@@ -31,7 +34,7 @@ ROUTER_SMOKE_ARMS = ("topk", "expert_choice")
 @pytest.mark.slow
 def test_lbl_scope_smoke(data_cache, tmp_path):
     wd = str(tmp_path / "lbl")
-    out = lbl_scope.main(["--preset", "cpu-smoke", "--workdir", wd, *MESH,
+    out = lbl_scope.main(["--preset", "cpu-smoke", "--workdir", wd, *SMOKE_SET,
                           "--arms", ",".join(LBL_SMOKE_ARMS),
                           "--set", f"data.cache_dir={data_cache}"])
     assert set(out) == set(LBL_SMOKE_ARMS)
@@ -88,7 +91,7 @@ def test_lbl_scope_presets_contrast_micro_and_global():
 @pytest.mark.slow
 def test_routers_smoke(data_cache, tmp_path):
     wd = str(tmp_path / "routers")
-    out = routers.main(["--preset", "cpu-smoke", "--workdir", wd, *MESH,
+    out = routers.main(["--preset", "cpu-smoke", "--workdir", wd, *SMOKE_SET,
                         "--arms", ",".join(ROUTER_SMOKE_ARMS),
                         "--set", f"data.cache_dir={data_cache}"])
     assert set(out) == set(ROUTER_SMOKE_ARMS)

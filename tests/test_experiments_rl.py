@@ -214,6 +214,7 @@ def test_aot_rl_rows_are_the_trainers_prefix_rows():
         k: (v.shape, np.dtype(v.dtype)) for k, v in abstract.items()}
 
 
+@pytest.mark.optimized  # judged as the real TPU compile (tests/conftest.py)
 @pytest.mark.skipif(not HAVE_LIBTPU, reason="needs libtpu: pip install -e '.[tpu]'")
 def test_prefix_rft_rl_programs_compile_for_tpu():
     """moejax.aot compiles Prefix-RFT's RL step for v5e:2x2 at the cpu-smoke shapes: the rollout

@@ -40,13 +40,18 @@ def to_scanned(unrolled: Model, cfg) -> Model:
     G = cfg.num_layers // P
     pure = nnx.to_pure_dict(nnx.state(unrolled))
     layers = pure["layers"]
-    pure["layers"] = {p: jax.tree.map(lambda *xs: jnp.stack(xs),
+    pure["layers"] = {p: jax.tree.map(lambda *xs: np.stack(xs),  # host: no program per shape
                                       *[layers[g * P + p] for g in range(G)]) for p in range(P)}
     m = nnx.eval_shape(lambda: Model(cfg, rngs=nnx.Rngs(0)))
     state = nnx.state(m)
     nnx.replace_by_pure_dict(state, pure)
     nnx.update(m, jax.tree.map(jnp.asarray, state))
     return m
+
+
+@jax.jit(static_argnums=0)
+def _logits(graphdef, state, tokens):
+    return nnx.merge(graphdef, state)(tokens)[0]
 
 
 def _loss_and_grads(state, graphdef, tokens):
@@ -109,7 +114,9 @@ def test_all_full_attention_is_todays_model():
         num_layers=2, layer_types=("full_attention",) * 2))
     a, b = nnx.to_pure_dict(nnx.state(ref)), nnx.to_pure_dict(nnx.state(got))
     jax.tree.map(np.testing.assert_array_equal, a, b)
-    np.testing.assert_array_equal(np.asarray(ref(TOKENS)[0]), np.asarray(got(TOKENS)[0]))
+    # jitted (eager module calls would compile each op); one program if the graphs are equal
+    np.testing.assert_array_equal(np.asarray(_logits(*nnx.split(ref), TOKENS)),
+                                  np.asarray(_logits(*nnx.split(got), TOKENS)))
     assert ref.init_cache(B, T).linear is None
 
 
@@ -135,8 +142,9 @@ def test_scanned_groups_equal_unrolled(moe, dense, dense_out):
         np.testing.assert_array_equal(got[2]["router/experts"], ref[2]["router/experts"])
         assert got[2]["router/experts"].shape[0] == 4
     P = 2
-    g_ref = nnx.to_pure_dict(ref[3])
-    g_got = nnx.to_pure_dict(got[3])
+    # on the host: eager indexing of device arrays would compile a program per leaf shape
+    g_ref = jax.device_get(nnx.to_pure_dict(ref[3]))
+    g_got = jax.device_get(nnx.to_pure_dict(got[3]))
     for i in range(4):
         layer = jax.tree.map(lambda x: x[i // P], g_got["layers"][i % P])
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
@@ -223,14 +231,18 @@ def test_generate_greedy_equals_argmax_of_the_forward(dense):
 
 # -- training ------------------------------------------------------------------------------------
 
-def test_hybrid_trains_one_step():
+def test_hybrid_trains_one_step(dense):
+    """Two train steps of the scanned hybrid (the module's weights, stacked on the host: no init
+    program) lower the loss and move the DeltaNet parameters."""
     from moejax import train as TR
     from moejax.config import Config, DataConfig, TrainConfig
     cfg = Config(model=hybrid(scan_layers=True), mesh=MeshConfig(data=1),
                  data=DataConfig(seq_len=T), train=TrainConfig(steps=4, batch_size=B,
                                                                warmup_steps=0, lr=1e-2))
     s = TR.setup(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
-    state = TR.init_state(s)
+    _, params, rest = nnx.split(to_scanned(dense, cfg.model), nnx.Param, ...)
+    state = TR.TrainState(step=np.int32(0), params=params, rest=rest,
+                          opt_state=jax.jit(s.tx.init)(params), rng=np.array([0, 1], np.uint32))
     step = TR.make_train_step(s, 1)
     batch = {"inputs": TOKENS[:, :-1], "targets": TOKENS[:, 1:],
              "segment_ids": np.ones((B, T - 1), np.int32),
@@ -277,27 +289,35 @@ def test_mtp_logits_equal_the_hand_wiring(mtp_model):
     """Depth k at i: fc([norm_e(Emb(t_{i+k})) ; norm_h(h^{k-1}_i)]) (HF's concatenation, one
     [2D,D] matrix), a full block, its norm, the shared head; h^0 = the main model's normed output;
     a token whose i+k lies in another document gets a zero embedding."""
-    m, D = mtp_model, 64
-    tok, seg = jnp.asarray(TOKENS), jnp.asarray(MTP_SEG)
-    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    got = np.asarray(m(tok, segment_ids=seg)[1]["mtp/logits"])
+    got, want = map(np.asarray, _mtp_hand_wiring(*nnx.split(mtp_model), jnp.asarray(TOKENS)))
     assert got.shape == (2, B, T, V)
+    for k in range(2):
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5)
+
+
+@jax.jit(static_argnums=0)
+def _mtp_hand_wiring(graphdef, state, tok):
+    """(the model's mtp/logits, the hand wiring's per depth): one program (eager module calls
+    would compile each op)."""
+    m, D = nnx.merge(graphdef, state), 64
+    seg = jnp.asarray(MTP_SEG)
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    got = m(tok, segment_ids=seg)[1]["mtp/logits"]
     x = m.embed(tok)
     for blk in m.layers:
         x = blk(x, pos, seg)[0]
     h = m.final_norm(x)
-    tok_np = np.asarray(TOKENS)
+    want = []
     for k, depth in enumerate(m.mtp.depths, start=1):
-        nxt = np.zeros_like(tok_np)
-        nxt[:, :T - k] = tok_np[:, k:]
+        nxt = jnp.zeros_like(tok).at[:, :T - k].set(tok[:, k:])
         same = np.zeros((B, T), bool)
         same[:, :T - k] = MTP_SEG[:, k:] == MTP_SEG[:, :T - k]
-        emb = m.embed(jnp.asarray(nxt)) * jnp.asarray(same)[..., None]
+        emb = m.embed(nxt) * jnp.asarray(same)[..., None]
         cat = jnp.concatenate([depth.pre_fc_norm_embedding(emb), depth.pre_fc_norm_hidden(h)], -1)
         u = cat @ depth.fc[...].reshape(2 * D, D)
-        h = depth.norm(depth.block(u, pos, seg, tokens=jnp.asarray(nxt))[0])
-        np.testing.assert_allclose(got[k - 1], np.asarray(m.embed.attend(h)), rtol=1e-5,
-                                   atol=1e-5)
+        h = depth.norm(depth.block(u, pos, seg, tokens=nxt)[0])
+        want.append(m.embed.attend(h))
+    return got, want
 
 
 def test_mtp_loss_equals_a_float64_loop():
@@ -333,7 +353,11 @@ def test_training_adds_the_weighted_mtp_loss(mtp_model):
         return TR.setup(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
 
     s_w, s_0 = setup(0.5), setup(0.0)
-    state = TR.init_state(s_w)
+    # the fixture's model is this config's (no init program of its own); only the gradient
+    # programs read the state, so no optimizer state
+    _, params, rest = nnx.split(mtp_model, nnx.Param, ...)
+    state = TR.TrainState(step=np.int32(0), params=params, rest=rest, opt_state=None,
+                          rng=np.array([0, 1], np.uint32))
     mask = (MTP_SEG != 0).astype(np.float32)
     batch = {"inputs": TOKENS, "targets": np.roll(TOKENS, -1, 1), "segment_ids": MTP_SEG,
              "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)),

@@ -232,6 +232,7 @@ def compile_for_tpu(mesh, fn, *args) -> str:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", min_secs)
 
 
+@pytest.mark.optimized  # judged as the real TPU compile (tests/conftest.py)
 def test_auto_attention_forward_backward_compiles_to_splash_for_tpu_v5e(v5e_mesh):
     """impl='auto' for TPU is splash: forward+backward, batch over data and heads over tensor,
     compiles with the Pallas kernels (tpu_custom_call: forward, dq, dkv) and no all-gather (the
@@ -257,6 +258,7 @@ def test_auto_attention_forward_backward_compiles_to_splash_for_tpu_v5e(v5e_mesh
     assert "all-gather" not in text
 
 
+@pytest.mark.optimized  # judged as the real TPU compile (tests/conftest.py)
 def test_auto_gmm_forward_backward_compiles_to_megablox_for_tpu(v5e_mesh):
     """gmm_impl='auto' for TPU is the Pallas body (megablox here, no tokamax): fwd+bwd compiles
     with its kernels (gmm, dlhs gmm, drhs tgmm) on one chip (the MoE layer calls it per shard)."""

@@ -1,4 +1,8 @@
-"""Nothing is lost: exact resume after SIGTERM, restore onto another mesh, and two processes."""
+"""Nothing is lost: exact resume after SIGTERM, restore onto another mesh, and two processes.
+
+Runs are as short as their checks allow (each Trainer traces its own train and eval steps, the
+dominant cost here; the programs themselves come from the persistent compilation cache after the
+first run): STEPS = 8 with checkpoints every 2 steps where a run is interrupted."""
 
 import json
 import os
@@ -19,7 +23,7 @@ from moejax.metrics import read_metrics
 from moejax.testing import tiny_config
 from moejax.trainer import Trainer
 
-STEPS = 20
+STEPS = 8
 
 
 def _losses(workdir):
@@ -29,7 +33,7 @@ def _losses(workdir):
 
 def _cfg(data_cache, **train):
     return tiny_config(data={"cache_dir": data_cache},
-                       train={"steps": STEPS, "ckpt_every": 100, "eval_every": 10, **train})
+                       train={"steps": STEPS, "ckpt_every": 100, "eval_every": 4, **train})
 
 
 @pytest.fixture(scope="module")
@@ -40,17 +44,17 @@ def straight_run(data_cache, tmp_path_factory):
 
 
 def test_resume_after_sigterm_is_exact(straight_run, data_cache, tmp_path):
-    """20 steps straight == 10 steps, SIGTERM (saves and returns), resume, 10 more steps."""
+    """8 steps straight == 4 steps, SIGTERM (saves and returns), resume, 4 more steps."""
     wd_ref, ref_summary = straight_run
     wd = str(tmp_path / "run")
 
-    def kill_at_10(trainer, step, metrics):
-        if step == 10:
+    def kill_at_4(trainer, step, metrics):
+        if step == 4:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    # ckpt_every=5: the signal lands on a checkpoint step, which must not be saved twice
-    first = Trainer(_cfg(data_cache, ckpt_every=5), wd, on_step=kill_at_10, progress=False).run()
-    assert first["preempted"] and first["step"] == 10
+    # ckpt_every=2: the signal lands on a checkpoint step, which must not be saved twice
+    first = Trainer(_cfg(data_cache, ckpt_every=2), wd, on_step=kill_at_4, progress=False).run()
+    assert first["preempted"] and first["step"] == 4
     second = Trainer(_cfg(data_cache), wd, progress=False).run()
     assert not second["preempted"] and second["step"] == STEPS
     ref, got = _losses(wd_ref), _losses(wd)
@@ -67,13 +71,11 @@ def test_restore_onto_a_different_mesh(data_cache, tmp_path):
     wd = str(tmp_path / "run")
     cfg_a = tiny_config(mesh=MeshConfig(data=2, fsdp=4), data={"cache_dir": data_cache},
                         train={"steps": 4, "ckpt_every": 4})
-    Trainer(cfg_a, wd, progress=False).run()
+    trainer_a = Trainer(cfg_a, wd, progress=False)
+    trainer_a.run()
+    saved = trainer_a.state  # in memory on (data=2, fsdp=4): what was saved at its final step 4
 
-    mesh_a = make_mesh(cfg_a.mesh)
-    setup_a = T.setup(cfg_a, mesh_a)
     data = prepare_data(cfg_a.data, vocab_size=cfg_a.model.vocab_size)
-    it = data.train_iterator(global_batch=8, process_index=0, process_count=1)
-    saved, _ = Checkpointer(os.path.join(wd, "ckpt")).restore(4, setup_a.abstract_state, it)
 
     cfg_b = tiny_config(mesh=MeshConfig(data=8), data={"cache_dir": data_cache},
                         train={"steps": 6, "ckpt_every": 4})
@@ -105,24 +107,25 @@ def _corrupt_data_files(step_dir):
 
 def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_continues(straight_run, data_cache,
                                                                         tmp_path):
-    """Checkpoints at 10 and 15, the data files of 15 destroyed: the rerun warns naming step 15,
-    moves it aside (kept, no longer a step), resumes from 10 and matches the straight run."""
+    """Checkpoints at 4 and 6 (2 kept), the data files of 6 destroyed: the rerun warns naming
+    step 6, moves it aside (kept, no longer a step), resumes from 4 and matches the straight
+    run."""
     wd = str(tmp_path / "run")
 
-    def kill_at_15(trainer, step, metrics):
-        if step == 15:
+    def kill_at_6(trainer, step, metrics):
+        if step == 6:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    Trainer(_cfg(data_cache, ckpt_every=5), wd, on_step=kill_at_15, progress=False).run()
+    Trainer(_cfg(data_cache, ckpt_every=2), wd, on_step=kill_at_6, progress=False).run()
     ckpt = os.path.join(wd, "ckpt")
-    assert sorted(int(d) for d in os.listdir(ckpt) if d.isdigit()) == [10, 15]
-    _corrupt_data_files(os.path.join(ckpt, "15"))
-    with pytest.warns(RuntimeWarning, match=r"checkpoint step 15 .* is damaged.*damaged-15"):
+    assert sorted(int(d) for d in os.listdir(ckpt) if d.isdigit()) == [4, 6]
+    _corrupt_data_files(os.path.join(ckpt, "6"))
+    with pytest.warns(RuntimeWarning, match=r"checkpoint step 6 .* is damaged.*damaged-6"):
         summary = Trainer(_cfg(data_cache), wd, progress=False).run()
     assert summary["step"] == STEPS and not summary["preempted"]
-    assert os.path.isdir(os.path.join(ckpt, "damaged-15"))  # kept aside, not deleted
+    assert os.path.isdir(os.path.join(ckpt, "damaged-6"))  # kept aside, not deleted
     reader = Checkpointer(ckpt)
-    assert list(reader.manager.all_steps()) == [10, 20]
+    assert list(reader.manager.all_steps()) == [4, STEPS]
     reader.close()
     ref, got = _losses(straight_run[0]), _losses(wd)
     assert sorted(got) == list(range(1, STEPS + 1))

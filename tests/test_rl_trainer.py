@@ -63,8 +63,16 @@ def _records(workdir) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in recs]
 
 
-def test_interrupted_rl_run_resumes_bit_identically(tmp_path):
-    straight = RLTrainer(small_rl(4), tmp_path / "straight", progress=False).run()
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """A 4-step run straight through -> (workdir, summary): the resume test's reference and the
+    finished run the refusal test reopens with other settings (one run for both)."""
+    wd = tmp_path_factory.mktemp("straight")
+    return wd, RLTrainer(small_rl(4), wd, progress=False).run()
+
+
+def test_interrupted_rl_run_resumes_bit_identically(straight_run, tmp_path):
+    straight_dir, straight = straight_run
     def interrupt_after_2(trainer, step, metrics):  # as a SIGTERM would: finish, save, return
         if step == 2:
             trainer.stop.requested = True
@@ -74,7 +82,7 @@ def test_interrupted_rl_run_resumes_bit_identically(tmp_path):
     assert first["step"] == 2 and first["preempted"]
     resumed = RLTrainer(small_rl(4), tmp_path / "resumed", progress=False).run()
     assert resumed["step"] == 4 and resumed["prompts_seen"] == straight["prompts_seen"] == 16
-    a, b = _records(tmp_path / "straight"), _records(tmp_path / "resumed")
+    a, b = _records(straight_dir), _records(tmp_path / "resumed")
     assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3, 4]
     for ra, rb in zip(a, b):
         assert ra == rb, (ra["step"], {k: (ra.get(k), rb.get(k)) for k in ra if ra.get(k) != rb.get(k)})
@@ -83,19 +91,24 @@ def test_interrupted_rl_run_resumes_bit_identically(tmp_path):
     assert a[4]["rl/kl"] > 0
 
 
-def test_a_finished_run_with_other_settings_is_refused(tmp_path):
-    RLTrainer(small_rl(1), tmp_path, progress=False).run()
-    changed = dataclasses.replace(small_rl(1), rl=dataclasses.replace(
-        small_rl(1).rl, loss=PolicyLossConfig(kl_coef=0.2, entropy_coef=0.01)))
+def test_a_finished_run_with_other_settings_is_refused(straight_run):
+    """The straight run's workdir (finished, 4 steps) reopened with another KL coefficient."""
+    straight_dir, _ = straight_run
+    changed = dataclasses.replace(small_rl(4), rl=dataclasses.replace(
+        small_rl(4).rl, loss=PolicyLossConfig(kl_coef=0.2, entropy_coef=0.01)))
     with pytest.raises(ConfigError, match="rl.loss.kl_coef"):
-        RLTrainer(changed, tmp_path, progress=False).run()
+        RLTrainer(changed, straight_dir, progress=False).run()
 
 
 def test_grpo_experiment_smoke_moe_with_and_without_r3(tmp_path):
     from experiments import grpo
 
+    # one RL step per arm (the preset's 3 add nothing checked here): the evaluations at step 0
+    # and at the final step, the update's routing metrics and the shared SFT stage are all there;
+    # checkpoints and SFT evaluations only at the end (the preset's cadence is every step)
     out = grpo.main(["--preset", "cpu-smoke", "--arms", "moe_grpo_r3,moe_grpo",
-                     "--workdir", str(tmp_path)])
+                     "--workdir", str(tmp_path), "--set", "train.steps=1",
+                     "--set", "train.ckpt_every=100", "--set", "train.eval_every=100"])
     assert set(out) == {"moe_grpo_r3", "moe_grpo"}
     report = (tmp_path / "report.md").read_text()
     assert "| moe_grpo |" in report and "| moe_grpo_r3 |" in report and "## Data budget" in report
