@@ -18,13 +18,14 @@ CALLER_ENV = dict(os.environ)  # before the CPU pinning below: what a GPU check 
 
 os.environ["JAX_PLATFORMS"] = "cpu"
 
-# Compile effort. The suite compiles ~1,000 XLA programs and runs most of them a few times, so
-# compiling is most of its time on 2 cores. With jax_disable_most_optimizations (XLA's backend at
+# Compile effort. The suite compiles ~7,500 XLA programs (2026-12-02) and runs most of them a few
+# times, so compiling is most of its time on 2 cores. With jax_disable_most_optimizations (XLA's backend at
 # optimization level 0, LLVM's expensive passes off) a tiny MoE train step compiled ~2x faster (18 vs
 # 33 s on a loaded host) and ran ~2x slower (108 vs 48 ms), side by side in one process (2026-12-02);
-# the HLO program is the same. Tests that judge a TPU program (memory, FLOPs, kernels), or whose time
-# is running rather than compiling, are marked ``optimized`` and compile as users' programs do. Set
-# before jax is imported, so subprocesses that tests start inherit it; a caller's own setting wins.
+# the HLO program is the same. Tests that judge a TPU program (memory, FLOPs, kernels) are marked
+# ``optimized`` and compile as users' programs do (so should a test whose time is running rather
+# than compiling). Set before jax is imported, so subprocesses that tests start inherit it; a
+# caller's own setting wins.
 COMPILE_EFFORT_ENV = "JAX_DISABLE_MOST_OPTIMIZATIONS"
 os.environ.setdefault(COMPILE_EFFORT_ENV, "1")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
