@@ -74,3 +74,23 @@ def documents_np(seg):
 
 def replace(cfg, **kw):
     return dataclasses.replace(cfg, **kw)
+
+
+def gradients_then_sgd(setup, state, batch, steps: int, lr: float) -> dict:
+    """Loss, raw gradients and statistics at ``state`` from one jitted gradient program, then the
+    losses of ``steps`` plain SGD steps run by that same program (tests that only need "the loss
+    falls" compile no optimizer step). ``batch``: global arrays on the setup's mesh."""
+    import dataclasses as dc
+
+    import jax
+
+    from moejax import train
+    grad_fn = jax.jit(train.make_grad_fn(setup, 1))
+    loss, grads, sums = out = jax.device_get(grad_fn(state, batch))
+    losses = [float(loss)]
+    for _ in range(steps):
+        params = jax.tree.map(lambda p, g: p - lr * g, jax.device_get(state.params), out[1])
+        state = dc.replace(state, params=jax.device_put(params, setup.state_shardings.params))
+        out = jax.device_get(grad_fn(state, batch))
+        losses.append(float(out[0]))
+    return dict(loss=loss, grads=grads, sums=sums, losses=losses)

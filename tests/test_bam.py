@@ -27,7 +27,7 @@ from moejax.config import ConfigError, MeshConfig, MoEConfig, VariantConfig
 from moejax.layers.moe_variants import AttentionExperts, cache_kv_heads
 from moejax.mesh import make_mesh
 from moejax.model import Model
-from moejax.testing import TOL_SHARDED_FP32, tiny_config, tiny_model
+from moejax.testing import TOL_SHARDED_FP32, gradients_then_sgd, tiny_config, tiny_model
 
 E, F = 4, 32  # branches = FFN experts = attention experts; FFN width
 B_, S_ = 2, 12  # batch, length
@@ -335,16 +335,8 @@ def run_on(model_cfg, pure, batch, mesh_cfg, ndev, steps=0):
     s = T.setup(cfg, mesh)
     state = train_state(s, pure)
     gb = T.global_batch(mesh, batch)
-    grad_fn = jax.jit(T.make_grad_fn(s, 1))
-    loss, grads, sums = out = jax.device_get(grad_fn(state, gb))
-    losses = [float(loss)]
-    for _ in range(steps):
-        params = jax.tree.map(lambda p, g: p - SGD_LR * g, jax.device_get(state.params), out[1])
-        state = dataclasses.replace(state, params=jax.device_put(params,
-                                                                 s.state_shardings.params))
-        out = jax.device_get(grad_fn(state, gb))
-        losses.append(float(out[0]))
-    return dict(loss=loss, grads=nnx.to_pure_dict(grads), sums=sums, losses=losses)
+    run = gradients_then_sgd(s, state, gb, steps, SGD_LR)
+    return dict(run, grads=nnx.to_pure_dict(run["grads"]))
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from moejax.layers.moe_variants import (CartesianMoE, ChainOfExperts, DSMoE, Fin
                                          HyperGenerator, HyperMoE, dsmoe_from_dense)
 from moejax.mesh import make_mesh
 from moejax.model import Model
-from moejax.testing import TOL_SHARDED_FP32, tiny_config, tiny_model
+from moejax.testing import TOL_SHARDED_FP32, gradients_then_sgd, tiny_config, tiny_model
 
 E, F = 8, 16  # experts per pool, expert width
 LB, LS = 4, 8  # layer-test batch and length
@@ -554,17 +554,8 @@ def run_on(model_cfg, pure, batch, mesh_cfg, ndev, steps=0):
     orig = moe_ep.routed_experts_ep
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(moe_ep, "routed_experts_ep", lambda *a, **k: calls.append(1) or orig(*a, **k))
-        grad_fn = jax.jit(T.make_grad_fn(s, 1))
-        loss, grads, sums = out = jax.device_get(grad_fn(state, gb))
-    losses = [float(loss)]
-    for _ in range(steps):
-        params = jax.tree.map(lambda p, g: p - SGD_LR * g, jax.device_get(state.params), out[1])
-        state = dataclasses.replace(state, params=jax.device_put(params,
-                                                                 s.state_shardings.params))
-        out = jax.device_get(grad_fn(state, gb))
-        losses.append(float(out[0]))
-    return dict(loss=loss, grads=nnx.to_pure_dict(grads), sums=sums, losses=losses,
-                ep=bool(calls))
+        run = gradients_then_sgd(s, state, gb, steps, SGD_LR)
+    return dict(run, grads=nnx.to_pure_dict(run["grads"]), ep=bool(calls))
 
 
 @pytest.fixture(scope="module", params=["coe", "cartesian", "hyper", "finedeep", "dsmoe"])
