@@ -5,7 +5,8 @@ process is pinned to CPU), and are skipped, with the reason printed by ``-ra``, 
 GPU backend. ``-m gpu`` selects only them; ``-m "not gpu"`` leaves them out.
 
 Programs compile with little optimization (jax's ``jax_disable_most_optimizations``: XLA backend
-level 0), except in tests marked ``optimized``: see ``COMPILE_EFFORT_ENV`` below.
+level 0, except in tests marked ``optimized``; XLA:CPU's faster-compiling element-wise emitters): see
+``COMPILE_EFFORT_ENV`` below.
 """
 
 import gc
@@ -19,17 +20,42 @@ CALLER_ENV = dict(os.environ)  # before the CPU pinning below: what a GPU check 
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 # Compile effort. The suite compiles ~7,500 XLA programs (2026-12-02) and runs most of them a few
-# times, so compiling is most of its time on 2 cores. With jax_disable_most_optimizations (XLA's backend at
-# optimization level 0, LLVM's expensive passes off) a tiny MoE train step compiled ~2x faster (18 vs
-# 33 s on a loaded host) and ran ~2x slower (108 vs 48 ms), side by side in one process (2026-12-02);
-# the HLO program is the same. Tests that judge a TPU program (memory, FLOPs, kernels) are marked
-# ``optimized`` and compile as users' programs do (so should a test whose time is running rather
-# than compiling). Set before jax is imported, so subprocesses that tests start inherit it; a
-# caller's own setting wins.
+# times, so compiling is most of its time on 2 cores. Two settings, both on by default:
+# - jax_disable_most_optimizations (XLA's backend at optimization level 0, LLVM's expensive passes
+#   off): a tiny MoE train step compiled ~2x faster (18 vs 33 s on a loaded host) and ran ~2x
+#   slower (108 vs 48 ms), side by side in one process. jax reads it at each compile, so tests
+#   marked ``optimized`` (those that judge a TPU program: memory, FLOPs, kernels) compile at full
+#   effort, as users' programs do.
+# - XLA:CPU's element-wise IR emitters instead of its MLIR fusion emitters
+#   (--xla_cpu_use_fusion_emitters=false): one whole file at a time, fresh compilation caches,
+#   test_moe_model.py 179 -> 121 s, test_balance.py 64 -> 45 s, test_experiments_moe.py 80 -> 66 s
+#   (2026-12-02); a train step runs ~1.4x slower. XLA reads XLA_FLAGS once per process and the flag
+#   touches CPU programs only, so it holds for the whole run (TPU programs are unaffected).
+# The HLO programs are the same. Set before jax is imported, so subprocesses that tests start
+# inherit them; JAX_DISABLE_MOST_OPTIMIZATIONS=0 turns both off, and a caller's own settings win.
 COMPILE_EFFORT_ENV = "JAX_DISABLE_MOST_OPTIMIZATIONS"
 os.environ.setdefault(COMPILE_EFFORT_ENV, "1")
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8").strip()
+LOW_COMPILE_EFFORT = os.environ[COMPILE_EFFORT_ENV].lower() in ("1", "true", "yes", "on", "y", "t")
+CPU_FAST_COMPILE_FLAG = "--xla_cpu_use_fusion_emitters=false"
+
+
+def xla_knows(flag: str) -> bool:
+    """Whether this jaxlib's XLA accepts ``flag`` (newer ones dropped the legacy emitters, and XLA
+    aborts the process on an unknown flag): asked of a fresh interpreter, ~2 s, once per run
+    (pytest-xdist workers inherit the answer in XLA_FLAGS)."""
+    probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], capture_output=True,
+                           env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flag},
+                           timeout=300)
+    return probe.returncode == 0
+
+
+_xla_flags = os.environ.get("XLA_FLAGS", "").split()
+if LOW_COMPILE_EFFORT and not any("xla_cpu_use_fusion_emitters" in f for f in _xla_flags) \
+        and xla_knows(CPU_FAST_COMPILE_FLAG):
+    _xla_flags.append(CPU_FAST_COMPILE_FLAG)
+if not any(f.startswith("--xla_force_host_platform_device_count") for f in _xla_flags):
+    _xla_flags.append("--xla_force_host_platform_device_count=8")
+os.environ["XLA_FLAGS"] = " ".join(_xla_flags)
 
 # No moejax.runtime.tune_host_malloc here (the entry points apply it for long training loops;
 # tests/test_runtime.py checks it in a subprocess): a test process compiles ~1,000 programs, and
@@ -39,8 +65,7 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 if "jax_disable_most_optimizations" in jax.config.values:  # also where jax was imported first
-    jax.config.update("jax_disable_most_optimizations",
-                      os.environ[COMPILE_EFFORT_ENV].lower() in ("1", "true", "yes", "on", "y", "t"))
+    jax.config.update("jax_disable_most_optimizations", LOW_COMPILE_EFFORT)
 assert jax.device_count() == 8, "conftest must run before anything imports jax"
 
 import pytest  # noqa: E402
@@ -63,9 +88,23 @@ def no_gpu_reason() -> str | None:
     return None
 
 
+# Files of the longest wall time (2026-12-02, 2 cores), run first: with tests spread over xdist
+# workers a file at a time (pyproject: -n auto --dist loadfile), starting the long files first keeps
+# one of them from running alone at the end. Only the order depends on this list.
+LONGEST_FIRST = ("test_hybrid.py", "test_rl_trainer.py", "test_aot.py", "test_moe_model.py",
+                 "test_growth.py", "test_experiments_growth.py",
+                 "test_experiment_rl_budget_mixture.py", "test_experiment_mixture.py",
+                 "test_resume.py", "test_experiment_reward_calibration.py",
+                 "test_moe_variants.py", "test_experiment_gated.py", "test_moe_dispatch.py",
+                 "test_rl_wire.py", "test_experiments_rl.py", "test_routers_experiment.py")
+
+
 @pytest.hookimpl(trylast=True)  # after -m/-k deselection: probe only when a gpu test is selected
 def pytest_collection_modifyitems(config, items):
-    """Skip the selected ``gpu`` tests, naming why, when jax has no GPU backend."""
+    """Run the LONGEST_FIRST files first, in that order (the rest keep theirs, after them); skip
+    the selected ``gpu`` tests, naming why, when jax has no GPU backend."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items:
         return
@@ -95,9 +134,28 @@ def pytest_runtest_protocol(item, nextitem):
 
 
 @pytest.fixture(scope="session")
-def data_cache(tmp_path_factory) -> str:
-    """One corpus/token cache for the whole session (built on first use by moejax.data)."""
-    return str(tmp_path_factory.mktemp("moejax-cache"))
+def data_cache(tmp_path_factory, request) -> str:
+    """One corpus/token cache for the whole session (built on first use by moejax.data), shared by
+    xdist workers: moejax.data publishes each cache entry by an atomic rename, so two workers
+    building the same entry at once both succeed and read the same bytes."""
+    root = tmp_path_factory.getbasetemp()
+    if hasattr(request.config, "workerinput"):  # an xdist worker's <basetemp>/popen-gwN
+        root = root.parent
+    path = root / "moejax-cache"
+    path.mkdir(exist_ok=True)
+    return str(path)
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist (absent under -p no:xdist)
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto`` (pyproject's default): one worker per core, at most one per 6 GiB of memory
+    (a worker emulates 8 devices and holds a module's compiled programs: several GiB at peak)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        mem_gib = 12.0
+    return max(1, min(cores or 1, int(mem_gib // 6)))
 
 
 @pytest.fixture(scope="module", autouse=True)

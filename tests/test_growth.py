@@ -132,17 +132,18 @@ def _batch(mesh, seed=1, rows=8, length=16):
 
 
 def assert_adam_close(got, want, lr: float, atol: float, rtol: float):
-    """Parameters after Adam steps agree: every element within 2 lr, and at most 0.1% of each
+    """Parameters after Adam steps agree: every element within 2 lr, and at most 1% of each
     tensor beyond ``atol + rtol |want|``. Adam turns rounding noise in a near-zero gradient into
-    up to ~lr per element (seen: 1-2 of 4096 elements, on an AVX2-only host and at XLA's backend
-    optimization level 0, where sums round differently); a wrong mask, ramp clock or gradient
-    scale moves whole layers, far beyond that share."""
+    up to ~lr per element (seen: 1-5 of 4096 elements, on an AVX2-only host, at XLA's backend
+    optimization level 0 and with XLA:CPU's element-wise emitters, where sums round differently);
+    a wrong mask, ramp clock or gradient scale moves whole layers (the wrong ramp factor: 57% of
+    a tensor beyond), far beyond that share."""
     for x, y in zip(jax.tree.leaves(jax.device_get(got)), jax.tree.leaves(jax.device_get(want)),
                     strict=True):
         x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
         diff = np.abs(x - y)
         beyond = diff > atol + rtol * np.abs(y)
-        assert diff.max() <= 2 * lr and beyond.mean() <= 1e-3, (diff.max(), beyond.sum(), x.shape)
+        assert diff.max() <= 2 * lr and beyond.mean() <= 1e-2, (diff.max(), beyond.sum(), x.shape)
 
 
 # -- G_random + MSG: one grown model per layer layout serves every fade-in test below -------------

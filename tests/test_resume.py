@@ -227,3 +227,41 @@ def _run_two_processes(worker: str, tmp_path, data_cache) -> tuple[str, list[dic
     logs = [p.communicate(timeout=400)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n\n".join(x[-3000:] for x in logs)
     return wd, [json.load(open(f"{out}.{i}.json")) for i in range(2)]
+
+
+def test_small_replicated_arrays_are_saved_whole_and_large_ones_replica_parallel(tmp_path):
+    """moejax.ckpt sets Orbax's replica-parallel threshold: a replicated array under
+    REPLICA_PARALLEL_MIN_BYTES per replica is written whole by one replica (no slice program per
+    device: 64 compiles per save of a tiny model before), a larger one is still cut across the 8
+    replicas (one slice program each), and both read back exactly."""
+    import orbax.checkpoint as ocp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from moejax import ckpt
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("replicas",))
+    replicated = NamedSharding(mesh, P())
+    rows = ckpt.REPLICA_PARALLEL_MIN_BYTES // 1024  # [rows, 256] fp32 = the threshold per replica
+    small = jax.device_put(np.arange(rows * 256 // 8, dtype=np.float32).reshape(-1, 256), replicated)
+    large = jax.device_put(np.arange(rows * 256 * 8, dtype=np.float32).reshape(-1, 256), replicated)
+    slices = []
+
+    def count_slices(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration" and kw.get("fun_name") == "jit(slice)":
+            slices.append(duration)
+
+    checkpointer = ocp.StandardCheckpointer()
+    jax.monitoring.register_event_duration_secs_listener(count_slices)
+    try:
+        checkpointer.save(tmp_path / "small", {"x": small})
+        checkpointer.wait_until_finished()
+        assert len(slices) == 0
+        checkpointer.save(tmp_path / "large", {"x": large})
+        checkpointer.wait_until_finished()
+        assert len(slices) == 8
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count_slices)
+    for name, x in (("small", small), ("large", large)):
+        back = checkpointer.restore(tmp_path / name, {"x": jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                                                sharding=replicated)})
+        np.testing.assert_array_equal(np.asarray(back["x"]), np.asarray(x))
