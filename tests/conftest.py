@@ -19,7 +19,7 @@ CALLER_ENV = dict(os.environ)  # before the CPU pinning below: what a GPU check 
 
 os.environ["JAX_PLATFORMS"] = "cpu"
 
-# Compile effort. The suite compiles ~7,500 XLA programs (2026-12-02) and runs most of them a few
+# Compile effort. The suite compiles ~5,900 XLA programs (2026-12-02) and runs most of them a few
 # times, so compiling is most of its time on 2 cores. Two settings, both on by default:
 # - jax_disable_most_optimizations (XLA's backend at optimization level 0, LLVM's expensive passes
 #   off): a tiny MoE train step compiled ~2x faster (18 vs 33 s on a loaded host) and ran ~2x
