@@ -33,7 +33,8 @@ ITEMS = ("state", "data", "meta", "extra")
 # device by a slice program compiled per (array shape, device) at the first save. Below this many
 # bytes per replica the cut costs more than the parallel write saves (biases, norms, small
 # matrices; 64 compiled slices per save of a tiny model on 8 CPU devices, measured), so those
-# arrays are written whole by one replica. Larger replicated arrays stay replica-parallel.
+# arrays are written whole by one replica. Larger replicated arrays stay replica-parallel. Orbax's
+# StandardCheckpointHandler takes no handler registry of its own, so this sets the process-wide one.
 REPLICA_PARALLEL_MIN_BYTES = 1 << 20
 ocp.type_handlers.register_type_handler(
     jax.Array, ocp.type_handlers.ArrayHandler(

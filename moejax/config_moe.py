@@ -158,7 +158,7 @@ class VariantConfig:
     (straight-through gradient); top_k is unused (the count varies per token).
     'bam' (BAM, 8.9): the FFN is a plain top-k MoE (one expert per dense branch) and, with
     ``bam_attention`` 'full' or 'kv_shared', every block's attention is a soft mixture of
-    num_experts attention experts (``moe_variants.AttentionExperts``; 'none' = FFN-only BTX);
+    num_experts attention experts (``attention_experts.AttentionExperts``; 'none' = FFN-only BTX);
     ``moejax.bam.branch_and_mix`` builds it from N dense branches.
     """
 

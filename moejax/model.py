@@ -35,8 +35,8 @@ from moejax.layers.embed import Embed, LMHead
 from moejax.layers.mlp import MLP
 from moejax.layers.mtp import MTP, MTP_KEY
 from moejax.layers.mtp import block_config as mtp_block_config
-from moejax.layers.moe_variants import (AttentionExperts, cache_kv_heads, make_moe,
-                                         make_shared_cell)
+from moejax.layers.attention_experts import AttentionExperts, cache_kv_heads
+from moejax.layers.moe_variants import make_moe, make_shared_cell
 from moejax.layers.norms import make_block_norm
 from moejax.mesh import constrain
 

@@ -5,8 +5,8 @@ process is pinned to CPU), and are skipped, with the reason printed by ``-ra``, 
 GPU backend. ``-m gpu`` selects only them; ``-m "not gpu"`` leaves them out.
 
 Programs compile with little optimization (jax's ``jax_disable_most_optimizations``: XLA backend
-level 0, except in tests marked ``optimized``; XLA:CPU's faster-compiling element-wise emitters): see
-``COMPILE_EFFORT_ENV`` below.
+level 0, except in tests marked ``optimized``; XLA:CPU's faster-compiling element-wise emitters):
+see ``COMPILE_EFFORT_ENV`` below.
 """
 
 import gc
@@ -41,8 +41,7 @@ CPU_FAST_COMPILE_FLAG = "--xla_cpu_use_fusion_emitters=false"
 
 def xla_knows(flag: str) -> bool:
     """Whether this jaxlib's XLA accepts ``flag`` (newer ones dropped the legacy emitters, and XLA
-    aborts the process on an unknown flag): asked of a fresh interpreter, ~2 s, once per run
-    (pytest-xdist workers inherit the answer in XLA_FLAGS)."""
+    aborts the process on an unknown flag): asked of a fresh interpreter, ~2 s, once per run."""
     probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], capture_output=True,
                            env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flag},
                            timeout=300)
@@ -50,9 +49,11 @@ def xla_knows(flag: str) -> bool:
 
 
 _xla_flags = os.environ.get("XLA_FLAGS", "").split()
-if LOW_COMPILE_EFFORT and not any("xla_cpu_use_fusion_emitters" in f for f in _xla_flags) \
-        and xla_knows(CPU_FAST_COMPILE_FLAG):
-    _xla_flags.append(CPU_FAST_COMPILE_FLAG)
+if LOW_COMPILE_EFFORT and not any("xla_cpu_use_fusion_emitters" in f for f in _xla_flags):
+    # the answer is kept for xdist workers (they inherit this environment): a "no" as well
+    if os.environ.setdefault("MOEJAX_TEST_XLA_CPU_LEGACY_EMITTERS", str(
+            int(xla_knows(CPU_FAST_COMPILE_FLAG)))) == "1":
+        _xla_flags.append(CPU_FAST_COMPILE_FLAG)
 if not any(f.startswith("--xla_force_host_platform_device_count") for f in _xla_flags):
     _xla_flags.append("--xla_force_host_platform_device_count=8")
 os.environ["XLA_FLAGS"] = " ".join(_xla_flags)
@@ -91,12 +92,12 @@ def no_gpu_reason() -> str | None:
 # Files of the longest wall time (2026-12-02, 2 cores), run first: with tests spread over xdist
 # workers a file at a time (pyproject: -n auto --dist loadfile), starting the long files first keeps
 # one of them from running alone at the end. Only the order depends on this list.
-LONGEST_FIRST = ("test_hybrid.py", "test_rl_trainer.py", "test_aot.py", "test_moe_model.py",
-                 "test_growth.py", "test_experiments_growth.py",
-                 "test_experiment_rl_budget_mixture.py", "test_experiment_mixture.py",
-                 "test_resume.py", "test_experiment_reward_calibration.py",
-                 "test_moe_variants.py", "test_experiment_gated.py", "test_moe_dispatch.py",
-                 "test_rl_wire.py", "test_experiments_rl.py", "test_routers_experiment.py")
+LONGEST_FIRST = ("test_rl_trainer.py", "test_aot.py", "test_experiment_rl_budget_mixture.py",
+                 "test_hybrid.py", "test_resume.py", "test_moe_model.py",
+                 "test_experiment_mixture.py", "test_moe_variants.py", "test_growth.py",
+                 "test_experiment_reward_calibration.py", "test_experiment_gated.py",
+                 "test_experiments_growth.py", "test_experiments_rl.py", "test_rl_wire.py",
+                 "test_moe_dispatch.py", "test_routers_experiment.py")
 
 
 @pytest.hookimpl(trylast=True)  # after -m/-k deselection: probe only when a gpu test is selected

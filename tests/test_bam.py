@@ -1,5 +1,5 @@
-"""BAM (architecture.md 8.9; moejax.bam, moe_variants.AttentionExperts) and the loose ends of the
-MoE variants (issue #18): the soft mixture of attention experts against a float64 per-expert loop,
+"""BAM (architecture.md 8.9; moejax.bam, attention_experts.AttentionExperts) and the loose ends of
+the MoE variants (issue #18): the soft mixture of attention experts against a float64 per-expert loop,
 the parallel block against its formula, branch-and-mix of identical branches == the seed, cached
 decoding == the full forward, the sharded model == one device (loss, counts and raw gradients), a
 tiny BAM model trains; DSMoE's sparsity loss through one train step's gradient; ``num_params`` of
@@ -24,7 +24,7 @@ from moejax import config as C
 from moejax import config_moe
 from moejax import train as T
 from moejax.config import ConfigError, MeshConfig, MoEConfig, VariantConfig
-from moejax.layers.moe_variants import AttentionExperts, cache_kv_heads
+from moejax.layers.attention_experts import AttentionExperts, cache_kv_heads
 from moejax.mesh import make_mesh
 from moejax.model import Model
 from moejax.testing import TOL_SHARDED_FP32, gradients_then_sgd, tiny_config, tiny_model
