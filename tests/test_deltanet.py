@@ -343,8 +343,11 @@ def test_sharded_over_heads_equals_one_device(layers):
     np.testing.assert_allclose(got_y, want_y, *TOL_SHARDED_FP32)
     flat_want = jax.tree.leaves_with_path(want_g)
     for (path, w), g in zip(flat_want, jax.tree.leaves(got_g)):
-        assert np.abs(w).max() > 0, path
-        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=str(path))
+        scale = np.abs(w).max()
+        assert scale > 0, path
+        # float32 sums over 160 positions in another order: the error scales with the tensor's
+        # largest entries, not each entry (AVX-512 hosts: 2e-5 on an entry of 0.07 beside 17)
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * scale, err_msg=str(path))
 
 
 @pytest.mark.parametrize("field,value,needle", [
