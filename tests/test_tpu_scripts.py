@@ -201,9 +201,10 @@ def test_worker_command_passes_env_args_and_exit_status_and_logs(worker_home):
 def test_stop_sends_sigterm_so_the_job_saves_and_its_log_is_complete(worker_home):
     proc = worker_shell(worker_home, "wait", "0")
     pid_file = worker_home / "moejax-logs" / "moe-pod" / "s0-w3.pid"
-    for _ in range(100):
-        if pid_file.exists() and "worker 3" in (pid_file.parent / "s0-w3.log").read_text():
-            break
+    log_file = pid_file.parent / "s0-w3.log"
+    deadline = time.monotonic() + 60  # a loaded CI host: the pid file can come before the log
+    while not (pid_file.exists() and log_file.exists() and "worker 3" in log_file.read_text()):
+        assert time.monotonic() < deadline and proc.poll() is None, "the job never started"
         time.sleep(0.1)
     stop = lib("remote_stop moe-pod 20")
     subprocess.run(["bash", "-c", stop.stdout], env={**os.environ, "HOME": str(worker_home)},
