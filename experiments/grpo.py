@@ -218,7 +218,7 @@ def budget(configs, workdirs) -> str:
     for arm, cfg in configs.items():
         s = experiment.finished(workdirs[arm]) or {}
         seen = int(s.get("prompts_seen", cfg.train.steps * cfg.rl.prompts_per_step))
-        from moejax.rl.trainer import RL_STREAM_OFFSET
+        from moejax.rl.collect import RL_STREAM_OFFSET
         prompts = {tasks_lib.stream_item(cfg.rl.tasks, None, i, RL_STREAM_OFFSET).prompt
                    for i in range(min(seen, 200_000))} if not cfg.rl.task_file else set()
         lines.append(f"| {arm} | {seen:,} | {len(prompts):,} | {seen * cfg.rl.num_generations:,} "

@@ -14,6 +14,7 @@ restored. A checkpoint whose saved shapes differ from the model is a config mism
 
 from __future__ import annotations
 
+import logging
 import warnings
 from typing import Any
 
@@ -36,9 +37,23 @@ ITEMS = ("state", "data", "meta", "extra")
 # arrays are written whole by one replica. Larger replicated arrays stay replica-parallel. Orbax's
 # StandardCheckpointHandler takes no handler registry of its own, so this sets the process-wide one.
 REPLICA_PARALLEL_MIN_BYTES = 1 << 20
-ocp.type_handlers.register_type_handler(
-    jax.Array, ocp.type_handlers.ArrayHandler(
-        min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES), override=True)
+
+
+def _register_array_handler() -> None:
+    """The override is the point: Orbax's "overriding jax.Array" warning is kept off users'
+    consoles (it printed on every import of this module)."""
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.ArrayHandler(
+                min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES), override=True)
+    finally:
+        absl_logger.setLevel(level)
+
+
+_register_array_handler()
 
 
 class CheckpointMismatchError(ValueError):

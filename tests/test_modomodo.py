@@ -15,7 +15,7 @@ from moejax.config import ConfigError
 from moejax.mixing import modomodo
 from moejax.rl import tasks
 from moejax.rl.config import BudgetConfig, RLConfig
-from moejax.rl.trainer import RLTrainer
+from moejax.rl.collect import RolloutCollector
 
 
 def _dirichlet(k: int, n: int, seed: int) -> np.ndarray:
@@ -114,7 +114,7 @@ def test_pilot_mixtures_are_seeded_dirichlet_draws_on_the_simplex():
 
 
 def _drawer(**rl) -> types.SimpleNamespace:
-    """What RLTrainer._items reads (its prompt-drawing region, without building a trainer)."""
+    """What RolloutCollector.items reads (its prompt-drawing region, without building a trainer)."""
     return types.SimpleNamespace(cfg=types.SimpleNamespace(rl=RLConfig(**rl)), file_items=None,
                                  methods={})
 
@@ -127,7 +127,7 @@ def test_family_weights_draw_families_at_their_frequencies():
     task_cfg = tasks.TaskConfig(families=fams, digits=(1, 2))
     w = (2.0, 1.0, 1.0, 0.0)
     t = _drawer(tasks=task_cfg, family_weights=w)
-    items = RLTrainer._items(t, 0, 4000)
+    items = RolloutCollector.items(t, 0, 4000)
     n = len(items)
     for f, wf in zip(fams, w):
         p = wf / sum(w)
@@ -135,15 +135,15 @@ def test_family_weights_draw_families_at_their_frequencies():
         assert abs(got - p) <= 4 * np.sqrt(p * (1 - p) / n) + 1e-12, (f, got, p)
     adds = [it.tier for it in items if it.family == "add"]
     assert abs(adds.count("add-d1") / len(adds) - 0.5) < 4 * np.sqrt(0.25 / len(adds))
-    assert RLTrainer._items(t, 1234, 5) == items[1234:1239]
+    assert RolloutCollector.items(t, 1234, 5) == items[1234:1239]
     plain = _drawer(tasks=task_cfg)
-    assert RLTrainer._items(plain, 0, 6) == [
+    assert RolloutCollector.items(plain, 0, 6) == [
         tasks.train_item(task_cfg, (1 << 40) + i) for i in range(6)]
 
 
 def test_prompt_pool_cycles_the_first_items():
     t = _drawer(tasks=tasks.TaskConfig(families=("add", "sub")), prompt_pool=3)
-    items = RLTrainer._items(t, 0, 7)
+    items = RolloutCollector.items(t, 0, 7)
     assert items[3:6] == items[:3] and items[6] == items[0]
     assert len({it.prompt for it in items}) == 3
     assert [tasks.pool_index(i, 0) for i in (0, 5)] == [0, 5]

@@ -213,7 +213,7 @@ def test_a_gs_workdir_holds_the_whole_run_and_resumes(gcs, data_cache, tmp_path)
     second = pretrain.main([*common, "--workdir", uri, "--set", "train.steps=6"])  # resumes at 3
     assert second["baseline"]["step"] == 6
     # the same two invocations on a local disk: train.steps sets the cosine schedule's length, so
-    # the first 3 steps ran a program other than a straight 6-step run's (its bits differ on AVX-512)
+    # the first 3 steps ran another program than a straight 6-step run's (bits differ on AVX-512)
     local = str(tmp_path / "local")
     for steps in (3, 6):
         pretrain.main([*common, "--workdir", local, "--set", f"train.steps={steps}"])
