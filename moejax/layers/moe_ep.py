@@ -94,14 +94,14 @@ def _local_experts(recv, recv_lid, w_gate, w_up, w_down, *, gmm_impl, dtype):
 
 
 def _dropless_padded(x, experts, weights, w_gate, w_up, w_down, *, E, ep, B, gmm_impl, dtype):
-    """Per device: x [Tl,D], experts/weights [Tl,S], local w_* [El,...] -> (y, dropped, counts [E])."""
+    """Per device: x [Tl,D], experts/weights [Tl,S] (A = Tl*S assignments), local w_* [El,...]
+    -> (y, dropped, counts [E])."""
     Tl, S = experts.shape
     D = x.shape[1]
     p = md.sort_plan(experts, E)
-    A = Tl * S
     src, lid, back, kept, _, _ = _exchange_plan(p, E, ep, B)
     tok = jnp.where(p.sorted_key < E, p.order // S, Tl)  # [A] source token per sorted position
-    xs = md._pad_row(md._pad_row(x.astype(dtype))[tok])  # [A+1,D]; row A is the zero pad
+    xs = md._pad_row(md._pad_row(x.astype(dtype))[tok])  # [Tl*S+1,D]; the last row is the zero pad
     send = xs[src]  # [ep,B,D]: chunk j goes to the device owning experts [j*El, (j+1)*El)
     recv = jax.lax.all_to_all(send, AXIS, 0, 0)  # [ep,B,D]: recv[s] came from source s
     recv_lid = jax.lax.all_to_all(lid, AXIS, 0, 0)  # [ep,B]
