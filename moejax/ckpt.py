@@ -41,7 +41,7 @@ REPLICA_PARALLEL_MIN_BYTES = 1 << 20
 
 def _register_array_handler() -> None:
     """The override is the point: Orbax's "overriding jax.Array" warning is kept off users'
-    consoles (it printed on every import of this module)."""
+    consoles (it printed once in every process that imported this module)."""
     absl_logger = logging.getLogger("absl")
     level = absl_logger.level
     absl_logger.setLevel(logging.ERROR)

@@ -5,8 +5,9 @@ dynamic sampling or the online difficulty filter. The RL trainer (``moejax.rl.tr
 loop, the updates and the checkpoints; this owns what one step trains on.
 
 The method switches' JSON state (``methods``: success buffer, SEC Q-table and family cursors,
-calibration buffer) lives here, where prompts are drawn; the trainer saves and restores it. Random
-draws are keyed by (``train.seed``, step, a salt), so a resumed run draws the same prompts.
+calibration buffer) lives here, where prompts are drawn; the trainer saves and restores it. The
+methods' host-side draws are keyed by (``train.seed``, step, a salt) and the sampler's key is folded
+from the saved train-state rng and the step, so a resumed run draws the same prompts and completions.
 """
 
 from __future__ import annotations
