@@ -1,6 +1,5 @@
 """The data budget (tokens seen, passes per domain) against rows actually drawn by the iterator."""
 
-
 import numpy as np
 import pytest
 

@@ -7,7 +7,6 @@ KV-cached against the single-device full forward.
 Compile budget: one small jit per layer variant; the model-level variants share one base model
 (params copied into abstract variants, never re-initialised) and each costs 4 compiles."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np

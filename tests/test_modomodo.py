@@ -114,7 +114,7 @@ def test_pilot_mixtures_are_seeded_dirichlet_draws_on_the_simplex():
 
 
 def _drawer(**rl) -> types.SimpleNamespace:
-    """What RolloutCollector.items reads (its prompt-drawing region, without building a trainer)."""
+    """What RolloutCollector.items reads (its prompt-drawing region, without an engine or model)."""
     return types.SimpleNamespace(cfg=types.SimpleNamespace(rl=RLConfig(**rl)), file_items=None,
                                  methods={})
 

@@ -229,6 +229,18 @@ def _run_two_processes(worker: str, tmp_path, data_cache) -> tuple[str, list[dic
     return wd, [json.load(open(f"{out}.{i}.json")) for i in range(2)]
 
 
+def test_importing_ckpt_prints_no_orbax_override_warning_and_keeps_the_absl_level():
+    """The jax.Array handler override is intended, so Orbax's warning about it is kept off the
+    console, while the caller's absl logger level (INFO here) is left as it was."""
+    code = ("import logging; logging.getLogger('absl').setLevel(logging.INFO); "
+            "import moejax.ckpt; print(logging.getLogger('absl').level)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr
+    assert "overriding" not in out.stderr.lower(), out.stderr
+    assert out.stdout.split()[-1] == "20"  # logging.INFO, as the caller set it
+
+
 def test_small_replicated_arrays_are_saved_whole_and_large_ones_replica_parallel(tmp_path):
     """moejax.ckpt sets Orbax's replica-parallel threshold: a replicated array under
     REPLICA_PARALLEL_MIN_BYTES per replica is written whole by one replica (no slice program per
